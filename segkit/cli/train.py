@@ -1,0 +1,40 @@
+"""`python train.py <overrides>`: compose conf/train.yaml with Hydra and train."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from segkit.config import register_configs
+from segkit.engine.trainer import fit
+from segkit.errors import SegkitError, one_line
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger("segkit")
+register_configs()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Returns the best monitored metric, which Hydra sweepers (Optuna) optimise."""
+    hydra_cfg = HydraConfig.get()
+    try:
+        summary = fit(cfg, hydra_cfg.runtime.output_dir)
+    except (SegkitError, OmegaConfBaseException) as error:
+        message = one_line(error) if isinstance(error, SegkitError) else str(error).splitlines()[0]
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # let the sweep record this job as failed and go on
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    return summary["best_score"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Structured-config schemas and the checks Hydra's types cannot express.
+
+The schemas are registered in Hydra's ConfigStore; `conf/train.yaml` and the dataset files
+list them in their defaults, so a misspelt key or a wrong type fails at composition with the
+key named. `validate_config` then checks values that depend on each other, before any data
+is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from segkit.errors import ConfigError, SegkitError
+
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: int | None = None  # when set, training stops after this many optimizer steps
+    batch_size: int = 8
+    val_batch_size: int | None = None  # defaults to batch_size
+    num_workers: int = 2
+    accelerator: str = "auto"  # auto | cpu | cuda
+    precision: str = "32"  # 32 | 16-mixed | bf16-mixed
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    val_every_n_epochs: int = 1
+    log_every_n_steps: int = 10
+    monitor: str = "val/miou"  # higher is better
+    early_stopping_patience: int | None = None  # in validations without improvement
+    resume: str | None = None  # auto | path to a checkpoint
+    stop_after_steps: int | None = None  # stop early as if interrupted (time-boxed jobs); resume continues
+    seed: int = 42
+    deterministic: bool = False
+    compile: bool = False
+    channels_last: bool = True
+    save_checkpoints: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet18"  # any timm model name that supports features_only
+    pretrained: bool = False
+    weights: str | None = None  # local weights file used when pretrained=true (no download)
+    output_stride: int | None = None  # 8 or 16 for dilated encoders; null = architecture default
+    freeze: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    """Fields every dataset has; readers add their own in their schema."""
+
+    _target_: str = "???"
+    name: str = "???"
+    num_classes: int = "???"  # type: ignore[assignment]
+    class_names: list[str] | None = None
+    ignore_index: int = 255
+    image_size: list[int] = field(default_factory=lambda: [256, 256])  # every sample is letterboxed to H, W
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class SyntheticDatasetConfig(DatasetConfig):
+    _target_: str = "segkit.data.SyntheticShapes"
+    name: str = "synthetic"
+    num_classes: int = 4
+    train_size: int = 256
+    val_size: int = 64
+    max_shapes: int = 4
+    seed: int = 0
+
+
+@dataclass
+class FolderDatasetConfig(DatasetConfig):
+    _target_: str = "segkit.data.FolderDataset"
+    root: str = "???"
+    image_dir: str = "images/{split}"  # `{split}` is replaced by train / val / test
+    mask_dir: str = "masks/{split}"
+    remap: dict[int, int] = field(default_factory=dict)  # mask value -> class id (or ignore_index)
+
+
+@dataclass
+class TrainConfig:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    dataset: Any = None
+    model: Any = None
+    loss: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    augmentation: Any = None
+    logger: Any = None
+    task_name: str = "train"
+    output_root: str = "outputs"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="dataset", name="synthetic_schema", node=SyntheticDatasetConfig)
+    cs.store(group="dataset", name="folder_schema", node=FolderDatasetConfig)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check values that depend on each other; raise ConfigError naming the key."""
+    trainer, dataset = cfg.trainer, cfg.dataset
+    positive = {
+        "trainer.batch_size": trainer.batch_size,
+        "trainer.max_epochs": trainer.max_epochs,
+        "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "trainer.val_every_n_epochs": trainer.val_every_n_epochs,
+        "trainer.log_every_n_steps": trainer.log_every_n_steps,
+        "dataset.num_classes": dataset.num_classes,
+        "optimizer.lr": cfg.optimizer.lr,
+    }
+    for key in ("trainer.max_steps", "trainer.val_batch_size", "trainer.stop_after_steps"):
+        positive[key] = _select(cfg, key)
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(key, f"must be > 0, got {value}")
+    if trainer.num_workers < 0:
+        raise ConfigError("trainer.num_workers", f"must be >= 0, got {trainer.num_workers}")
+    if trainer.precision not in PRECISIONS:
+        raise ConfigError("trainer.precision", f"must be one of {', '.join(PRECISIONS)}; got {trainer.precision!r}")
+    if trainer.accelerator not in ("auto", "cpu", "cuda"):
+        raise ConfigError("trainer.accelerator", f"must be auto, cpu or cuda; got {trainer.accelerator!r}")
+    if 0 <= dataset.ignore_index < dataset.num_classes:
+        raise ConfigError(
+            "dataset.ignore_index",
+            f"{dataset.ignore_index} is a real class id (num_classes={dataset.num_classes}); "
+            "use a value outside [0, num_classes), e.g. 255",
+        )
+    names = dataset.class_names
+    if names is not None and len(names) != dataset.num_classes:
+        raise ConfigError(
+            "dataset.class_names", f"has {len(names)} names but dataset.num_classes={dataset.num_classes}"
+        )
+    if len(dataset.image_size) != 2 or min(dataset.image_size) <= 0:
+        raise ConfigError("dataset.image_size", f"must be [height, width] > 0, got {list(dataset.image_size)}")
+    model_classes = _select(cfg, "model.num_classes")
+    if model_classes is not None and model_classes != dataset.num_classes:
+        raise ConfigError(
+            "model.num_classes", f"{model_classes} does not match dataset.num_classes={dataset.num_classes}"
+        )
+    crop = _select(cfg, "augmentation.crop_size")
+    if crop is not None:
+        if len(crop) != 2 or min(crop) <= 0:
+            raise ConfigError("augmentation.crop_size", f"must be [height, width] > 0, got {list(crop)}")
+        if crop[0] > dataset.image_size[0] or crop[1] > dataset.image_size[1]:
+            raise ConfigError(
+                "augmentation.crop_size",
+                f"{list(crop)} is larger than dataset.image_size {list(dataset.image_size)}; "
+                "lower the crop or raise the image size",
+            )
+    if trainer.resume not in (None, "auto") and not str(trainer.resume).endswith(".pt"):
+        raise ConfigError("trainer.resume", f"must be auto or a path to a .pt checkpoint, got {trainer.resume!r}")
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if node is None or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def build(node: Any, key: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with failures reported as one line naming the config key."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, SegkitError):
+            raise cause from None
+        text = str(cause) if cause is not None else str(error)
+        raise ConfigError(key, text.splitlines()[0] if text else type(error).__name__) from None

@@ -1,0 +1,45 @@
+"""Decode image and mask files into tensors, with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from segkit.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Decode an image file to uint8 RGB, shape (3, H, W), with torchvision's native decoders."""
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        pass  # formats torchvision.io cannot decode (TIFF, 16-bit PNG) go through Pillow
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: cannot read image ({error})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_mask(path: Path) -> torch.Tensor:
+    """Read a single-channel label mask (8/16-bit, palette PNGs as indices) to int64 (H, W)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+                raise DataError(
+                    f"{path}: mask has mode {img.mode}, expected single-channel class ids "
+                    "(an RGB mask needs a color table)"
+                )
+            array = np.asarray(img)
+    except DataError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: cannot read mask ({error})") from None
+    return torch.from_numpy(array.astype(np.int64))

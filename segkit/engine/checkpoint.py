@@ -1,0 +1,62 @@
+"""Checkpoints written atomically and read without unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segkit.errors import CheckpointError
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`.
+
+    A crash or a full disk at any moment leaves the previous file at `path` intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error}); "
+                              "the previous checkpoint is unchanged") from None
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused, it holds objects other than tensors and plain values ({str(error).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(error).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a segkit checkpoint (no 'model' entry)")
+    return state
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,426 @@
+"""The training loop: plain PyTorch, one class, read top to bottom.
+
+`fit(cfg, output_dir)` builds every part from the composed config, trains with per-iteration
+LR steps, validates with a confusion matrix on the device, keeps `last.pt` / `best.pt`, and
+writes the run record (`epochs.csv`, `metrics.json`). Inside the step loop nothing is read
+back to the host except every `trainer.log_every_n_steps` steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from segkit.augment import JointAugment
+from segkit.config import build, validate_config
+from segkit.data.loader import build_dataset, build_loader
+from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from segkit.engine.progress import Progress
+from segkit.errors import ConfigError
+from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
+from segkit.metrics import SegmentationMetrics
+from segkit.models import Segmenter
+from segkit.tracking import Trackers, flatten
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+
+
+def fit(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Train as configured; return the run summary (also written to `metrics.json`)."""
+    validate_config(cfg)
+    return Trainer(cfg, Path(output_dir)).fit()
+
+
+def select_device(accelerator: str) -> torch.device:
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator", "cuda requested but no CUDA device is available")
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
+        self.cfg = cfg
+        self.tcfg = cfg.trainer
+        self.output_dir = output_dir
+        self.checkpoint_dir = output_dir / "checkpoints"
+        self.device = select_device(self.tcfg.accelerator)
+        seed_everything(self.tcfg.seed, self.tcfg.deterministic)
+
+        # Everything that can fail on a config value is built before any data is read.
+        self.model: Segmenter = build(cfg.model, "model").to(self.device)
+        if self.tcfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if self.tcfg.compile else self.model
+        self.augment: JointAugment = build(cfg.augmentation, "augmentation").to(self.device)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.autocast_dtype = AUTOCAST_DTYPES[self.tcfg.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tcfg.precision == "16-mixed")
+        self.trackers = Trackers(
+            {name: build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items() if node is not None}
+        )
+
+        self.train_set = build_dataset(cfg.dataset, "train")
+        self.val_set = build_dataset(cfg.dataset, "val")
+        pin = self.device.type == "cuda"
+        workers = self.tcfg.num_workers
+        self.train_loader = build_loader(
+            self.train_set, batch_size=self.tcfg.batch_size, num_workers=workers, train=True,
+            seed=self.tcfg.seed, pin_memory=pin,
+        )
+        self.val_loader = build_loader(
+            self.val_set, batch_size=self.tcfg.val_batch_size or self.tcfg.batch_size, num_workers=workers,
+            train=False, seed=self.tcfg.seed, pin_memory=pin,
+        )
+        if len(self.train_loader) == 0:
+            raise ConfigError(
+                "trainer.batch_size",
+                f"{self.tcfg.batch_size} is larger than the training set ({len(self.train_set)} samples)",
+            )
+        self.loss_fn = self._build_loss().to(self.device)
+
+        accumulate = self.tcfg.accumulate_grad_batches
+        self.steps_per_epoch = max(1, len(self.train_loader) // accumulate)
+        self.total_steps = self.tcfg.max_steps or self.tcfg.max_epochs * self.steps_per_epoch
+        self.scheduler = build(cfg.scheduler, "scheduler")(self.optimizer, total_steps=self.total_steps)
+        self.metrics = SegmentationMetrics(
+            self.train_set.num_classes, self.train_set.ignore_index, self.train_set.class_names, self.device
+        )
+
+        # Progress state: everything needed to continue exactly where a checkpoint left off.
+        self.epoch = 0
+        self.global_step = 0
+        self.batches_done_in_epoch = 0
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.validations_without_improvement = 0
+        self.history: list[dict[str, Any]] = []
+        self._resume()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _build_loss(self) -> torch.nn.Module:
+        loss_cfg = OmegaConf.to_container(self.cfg.loss, resolve=True)
+        if needs_class_weights(loss_cfg):
+            weights = median_frequency_weights(class_pixel_counts(self.train_set))
+            log.info("class_weights: auto -> %s", weights)
+            loss_cfg = fill_class_weights(loss_cfg, weights)
+        return build(loss_cfg, "loss")
+
+    def _resume(self) -> None:
+        resume = self.tcfg.resume
+        if resume is None:
+            return
+        path = self.checkpoint_dir / "last.pt" if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.is_file():
+            log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
+            return
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        progress = state["progress"]
+        self.epoch = progress["epoch"]
+        self.global_step = progress["global_step"]
+        self.batches_done_in_epoch = progress["batches_done_in_epoch"]
+        self.best_score = progress["best_score"]
+        self.best_epoch = progress["best_epoch"]
+        self.validations_without_improvement = progress["validations_without_improvement"]
+        self.history = list(state.get("history", []))
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict[str, Any]:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        params = flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        self.trackers.start(self.output_dir, params, {"device": str(self.device)})
+        log.info(
+            "training %s on %s (%d train / %d val images) for %d steps on %s",
+            type(self.model.net).__name__, self.train_set.name, len(self.train_set), len(self.val_set),
+            self.total_steps, self.device,
+        )
+        status = "FAILED"
+        try:
+            stopped = self._loop()
+            status = "KILLED" if stopped else "FINISHED"
+        finally:
+            self.trackers.finish(status)
+        summary = self._write_summary(status)
+        self.trackers.log_artifact(self.output_dir / "metrics.json")
+        return summary
+
+    def _loop(self) -> bool:
+        """Returns True when stopped early by `stop_after_steps`."""
+        while not self._done():
+            finished_epoch = self._train_epoch()
+            if not finished_epoch:
+                self._save("last.pt")
+                log.info("stopped at step %d; continue with trainer.resume=%s",
+                         self.global_step, self.checkpoint_dir / "last.pt")
+                return True
+            epoch_record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
+            epoch_record.update(self._last_train_stats)
+            if (self.epoch + 1) % self.tcfg.val_every_n_epochs == 0 or self._done(next_epoch=True):
+                epoch_record.update(self._validate_and_track())
+            self.history.append(epoch_record)
+            self._append_csv(epoch_record)
+            self.epoch += 1
+            self.batches_done_in_epoch = 0
+            self._save("last.pt")
+            if self._early_stop():
+                log.info("early stopping: %s did not improve for %d validations",
+                         self.tcfg.monitor, self.validations_without_improvement)
+                break
+        return False
+
+    def _done(self, next_epoch: bool = False) -> bool:
+        epoch = self.epoch + 1 if next_epoch else self.epoch
+        return self.global_step >= self.total_steps or epoch >= self.tcfg.max_epochs
+
+    def _early_stop(self) -> bool:
+        patience = self.tcfg.early_stopping_patience
+        return patience is not None and self.validations_without_improvement >= patience
+
+    # ------------------------------------------------------------------ training
+    def _train_epoch(self) -> bool:
+        """One pass over the training set (or the rest of it after a resume). False if stopped early."""
+        self.model.train()
+        sampler = self.train_loader.sampler
+        batch_size, accumulate = self.tcfg.batch_size, self.tcfg.accumulate_grad_batches
+        sampler.set_epoch(self.epoch, start=self.batches_done_in_epoch * batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        loss_count = 0
+        window_start, window_images = time.perf_counter(), 0
+        progress = Progress(len(self.train_loader), f"epoch {self.epoch}", enabled=self.tcfg.progress_bar)
+        progress.advance(self.batches_done_in_epoch)
+        stats = {"lr": self.optimizer.param_groups[0]["lr"]}
+        for images, masks in self.train_loader:
+            loss = self._train_batch(images, masks, accumulate)
+            loss_sum += loss
+            loss_count += 1
+            window_images += images.shape[0]
+            self.batches_done_in_epoch += 1
+            progress.advance(1)
+            if self.batches_done_in_epoch % accumulate:
+                continue
+            self._optimizer_step()
+            if self.global_step % self.tcfg.log_every_n_steps == 0:
+                elapsed = time.perf_counter() - window_start  # one host sync per logging window
+                stats = {
+                    "train/loss": float(loss_sum / loss_count),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "train/images_per_s": window_images / max(elapsed, 1e-9),
+                }
+                self.trackers.log_metrics(stats, self.global_step)
+                progress.show(stats)
+                window_start, window_images = time.perf_counter(), 0
+            stop_at = self.tcfg.stop_after_steps
+            if self.global_step >= self.total_steps:
+                break
+            if stop_at is not None and self.global_step >= stop_at:
+                progress.close()
+                return False
+        progress.close()
+        if loss_count:
+            stats["train/loss"] = float(loss_sum / loss_count)
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        self._last_train_stats = stats
+        return True
+
+    def _train_batch(self, images: torch.Tensor, masks: torch.Tensor, accumulate: int) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).float().div_(255)
+        masks = masks.to(self.device, non_blocking=True)
+        images, masks = self.augment(images, masks)
+        if self.tcfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            logits = self.forward(images)
+        loss = self.loss_fn(logits.float(), masks)
+        self.scaler.scale(loss / accumulate).backward()
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        if self.tcfg.gradient_clip_val is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.gradient_clip_val)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_step += 1
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        self.model.eval()
+        self.metrics.reset()
+        for images, masks in self.val_loader:
+            images = images.to(self.device, non_blocking=True).float().div_(255)
+            masks = masks.to(self.device, non_blocking=True)
+            if self.tcfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                logits = self.forward(images)
+            self.metrics.update(logits, masks)
+        return self.metrics.compute()
+
+    def _validate_and_track(self) -> dict[str, Any]:
+        result = self.validate()
+        record = {
+            "val/miou": result["miou"],
+            "val/mdice": result["mdice"],
+            "val/pixel_acc": result["pixel_acc"],
+            **{f"val/iou_{name}": value for name, value in result["per_class_iou"].items()},
+        }
+        self.trackers.log_metrics(record, self.global_step)
+        score = record.get(self.tcfg.monitor)
+        if score is None:
+            raise ConfigError("trainer.monitor", f"{self.tcfg.monitor!r} is not one of {', '.join(record)}")
+        self.last_validation = result
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, self.epoch
+            self.validations_without_improvement = 0
+            self.best_validation = result
+            self._save("best.pt")
+        else:
+            self.validations_without_improvement += 1
+        return record
+
+    # ------------------------------------------------------------------ outputs
+    def _save(self, name: str) -> None:
+        if not self.tcfg.save_checkpoints:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": {
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "batches_done_in_epoch": self.batches_done_in_epoch,
+                "best_score": self.best_score,
+                "best_epoch": self.best_epoch,
+                "validations_without_improvement": self.validations_without_improvement,
+            },
+            "history": self.history,
+            "rng": get_rng_state(),
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
+        save_checkpoint(state, self.checkpoint_dir / name)
+
+    def _append_csv(self, record: dict[str, Any]) -> None:
+        path = self.output_dir / "epochs.csv"
+        fields = list(record)
+        new = not path.exists()
+        if not new:
+            with open(path, newline="") as handle:
+                header = next(csv.reader(handle), [])
+            fields = header + [k for k in record if k not in header]
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(record)
+
+    def _write_summary(self, status: str) -> dict[str, Any]:
+        best = getattr(self, "best_validation", None)
+        summary = {
+            "status": status,
+            "monitor": self.tcfg.monitor,
+            "best_score": None if self.best_score == -math.inf else self.best_score,
+            "best_epoch": self.best_epoch,
+            "epochs": self.epoch,
+            "steps": self.global_step,
+            "best": _without_confusion(best),
+            "final": _without_confusion(getattr(self, "last_validation", None)),
+            "class_names": self.train_set.class_names,
+        }
+        (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        if best is not None:
+            log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
+        return summary
+
+
+def build_optimizer(optimizer_cfg: DictConfig, model: Segmenter) -> torch.optim.Optimizer:
+    """Instantiate the partial optimizer with two groups: encoder at lr, the rest at lr * head_lr_mult."""
+    settings = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    head_lr_mult = float(settings.pop("head_lr_mult", 1.0))
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    encoder_params = [p for p in trainable if id(p) in encoder_ids]
+    head_params = [p for p in trainable if id(p) not in encoder_ids]
+    lr = settings["lr"]
+    groups = [{"params": encoder_params, "lr": lr}, {"params": head_params, "lr": lr * head_lr_mult}]
+    try:
+        return build(settings, "optimizer")([g for g in groups if g["params"]])
+    except (ValueError, TypeError) as error:
+        raise ConfigError("optimizer", str(error).splitlines()[0]) from None
+
+
+def class_pixel_counts(dataset) -> torch.Tensor:
+    """Pixels per class over the whole split (ignore excluded), for median-frequency weights."""
+    counts = torch.zeros(dataset.num_classes, dtype=torch.int64)
+    for index in range(len(dataset)):
+        mask = dataset[index][1]
+        valid = mask[mask != dataset.ignore_index]
+        counts += torch.bincount(valid, minlength=dataset.num_classes)[: dataset.num_classes]
+    return counts
+
+
+def get_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _without_confusion(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if k != "confusion_matrix"}

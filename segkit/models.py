@@ -1,0 +1,221 @@
+"""Build a segmentation network from the config and wrap it so it takes images in [0, 1].
+
+Architectures come from segmentation-models-pytorch with timm (`tu-`) encoders, FCN and
+LR-ASPP heads from torchvision on the same timm encoders, and torchvision's complete
+segmentation builders. The wrapper `Segmenter` owns normalisation, padding to the encoder's
+stride and resizing logits to the input, so training, prediction and export see one model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.segmentation.fcn import FCNHead
+from torchvision.models.segmentation.lraspp import LRASPPHead
+
+from segkit.errors import ConfigError
+
+SMP_ARCHS = {
+    "deeplabv3": "DeepLabV3",
+    "deeplabv3plus": "DeepLabV3Plus",
+    "unet": "Unet",
+    "unetplusplus": "UnetPlusPlus",
+    "fpn": "FPN",
+    "pspnet": "PSPNet",
+    "segformer": "Segformer",
+    "upernet": "UPerNet",
+}
+HEAD_ARCHS = ("fcn", "lraspp")
+TORCHVISION_ARCHS = (
+    "fcn_resnet50",
+    "fcn_resnet101",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large",
+)
+ARCHS = (*SMP_ARCHS, *HEAD_ARCHS, *TORCHVISION_ARCHS)
+DILATABLE = ("deeplabv3", "deeplabv3plus", "fcn", "lraspp")  # architectures that take output_stride
+
+
+class Segmenter(nn.Module):
+    """images (B, 3, H, W) float in [0, 1] -> logits (B, num_classes, H, W), any H and W."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        encoder: nn.Module,
+        *,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        stride: int = 32,
+        freeze_encoder: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.encoder = encoder  # the same module as inside net: used for freezing and lr groups
+        self.num_classes = num_classes
+        self.stride = stride
+        self.freeze_encoder = freeze_encoder
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        if freeze_encoder:
+            encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Segmenter:
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics too
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        x = (images - self.mean) / self.std
+        pad_h, pad_w = -height % self.stride, -width % self.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))  # 0 after normalisation = the mean colour
+        out = self.net(x)
+        if isinstance(out, Mapping):  # torchvision models return {"out": ..., "aux": ...}
+            out = out["out"]
+        if out.shape[-2:] != x.shape[-2:]:
+            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return out[..., :height, :width]
+
+
+class EncoderHead(nn.Module):
+    """A timm encoder (through smp) with torchvision's FCN or LR-ASPP head."""
+
+    def __init__(self, encoder: nn.Module, arch: str, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        channels = encoder.out_channels
+        self.arch = arch
+        if arch == "fcn":
+            self.head = FCNHead(channels[-1], num_classes)
+        else:
+            self.head = LRASPPHead(channels[-3], channels[-1], num_classes, inter_channels=128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        if self.arch == "fcn":
+            return self.head(features[-1])
+        return self.head({"low": features[-3], "high": features[-1]})
+
+
+def build_model(
+    *,
+    arch: str,
+    backbone: Mapping[str, Any],
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    options: Mapping[str, Any] | None = None,
+) -> Segmenter:
+    """Assemble `arch` on `backbone` (the config's backbone node) for `num_classes` classes."""
+    options = dict(options or {})
+    if arch not in ARCHS:
+        raise ConfigError("model.arch", f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    name, output_stride = backbone["name"], backbone.get("output_stride")
+    if output_stride is not None and output_stride not in (8, 16, 32):
+        raise ConfigError("backbone.output_stride", f"must be 8, 16 or 32, got {output_stride}")
+    if output_stride not in (None, 32) and arch not in DILATABLE:
+        raise ConfigError("backbone.output_stride", f"{arch} does not use output_stride; set it to null")
+
+    pretrained, weights_file = bool(backbone.get("pretrained")), backbone.get("weights")
+    download = pretrained and not weights_file
+    if arch in TORCHVISION_ARCHS:
+        net, encoder = _torchvision_model(arch, num_classes, download, options)
+    else:
+        net, encoder = _timm_model(arch, name, output_stride, num_classes, options, download)
+    if pretrained and weights_file:
+        load_encoder_weights(encoder, name, weights_file)
+    return Segmenter(
+        net, encoder, num_classes=num_classes, mean=mean, std=std, freeze_encoder=bool(backbone.get("freeze"))
+    )
+
+
+def _timm_model(
+    arch: str, name: str, output_stride: int | None, num_classes: int, options: dict[str, Any], download: bool
+) -> tuple[nn.Module, nn.Module]:
+    weights = "imagenet" if download else None
+    try:
+        if arch in HEAD_ARCHS:
+            encoder = smp.encoders.get_encoder(f"tu-{name}", weights=weights, output_stride=output_stride or 32)
+            return EncoderHead(encoder, arch, num_classes), encoder
+        if output_stride is not None:
+            options["encoder_output_stride"] = output_stride
+        net = smp.create_model(
+            SMP_ARCHS[arch], encoder_name=f"tu-{name}", encoder_weights=weights, classes=num_classes, **options
+        )
+    except (RuntimeError, ValueError, TypeError, KeyError, AssertionError, OSError) as error:
+        if download and not isinstance(error, (TypeError, KeyError, AssertionError)):
+            raise _offline_error(name, error) from None
+        raise _explain_build_error(arch, name, output_stride, error) from None
+    return net, net.encoder
+
+
+def _offline_error(name: str, error: Exception) -> ConfigError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ConfigError(
+        "backbone.pretrained",
+        f"downloading ImageNet weights for {name} failed ({reason}); offline, pass "
+        "backbone.weights=/path/to/weights (.pth/.safetensors) or set backbone.pretrained=false",
+    )
+
+
+def _explain_build_error(arch: str, name: str, output_stride: int | None, error: Exception) -> ConfigError:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "Unknown model" in text or "Invalid model" in text:
+        return ConfigError("backbone.name", f"{name!r} is not a timm model ({text})")
+    if "output_stride" in text or "dilation" in text.lower():
+        return ConfigError("backbone.output_stride", f"{name} cannot run {arch} at output_stride {output_stride} ({text})")
+    if "unexpected keyword" in text:
+        return ConfigError("model.options", f"{arch}: {text}")
+    return ConfigError("model", f"{arch} cannot be built on backbone {name}: {text}")
+
+
+def _torchvision_model(
+    arch: str, num_classes: int, download: bool, options: dict[str, Any]
+) -> tuple[nn.Module, nn.Module]:
+    builder = getattr(torchvision.models.segmentation, arch)
+    try:
+        net = builder(
+            weights=None, weights_backbone="DEFAULT" if download else None, num_classes=num_classes, **options
+        )
+    except OSError as error:  # urllib errors are OSErrors: offline
+        raise _offline_error(arch, error) from None
+    except TypeError as error:
+        raise ConfigError("model.options", f"{arch}: {error}") from None
+    return net, net.backbone
+
+
+def load_encoder_weights(encoder: nn.Module, name: str, weights: str) -> None:
+    """Load a local ImageNet checkpoint (timm/torchvision state dict) into the encoder."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError("backbone.weights", f"{path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line report
+        raise ConfigError("backbone.weights", f"{path}: cannot read weights ({error})") from None
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    target = getattr(encoder, "model", encoder)  # smp's timm wrapper keeps the timm model in .model
+    own = target.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ConfigError("backbone.weights", f"{path}: no tensor matches the {name} encoder (wrong model?)")
+    target.load_state_dict(matched, strict=False)

@@ -1,0 +1,62 @@
+"""Learning-rate schedules stepped once per optimizer step, with an optional linear warmup.
+
+Built from torch.optim.lr_scheduler parts so their state saves and resumes with torch's own code.
+The config gives the shape (`_partial_: true`); the trainer supplies the optimizer and total steps.
+"""
+
+from __future__ import annotations
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import (
+    CosineAnnealingLR,
+    LinearLR,
+    LRScheduler,
+    PolynomialLR,
+    SequentialLR,
+    StepLR,
+)
+
+
+def _with_warmup(
+    optimizer: Optimizer, main: LRScheduler, warmup_steps: int, warmup_start_factor: float
+) -> LRScheduler:
+    if warmup_steps <= 0:
+        return main
+    warmup = LinearLR(optimizer, start_factor=warmup_start_factor, total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
+
+
+def poly(
+    optimizer: Optimizer,
+    total_steps: int,
+    power: float = 0.9,
+    warmup_steps: int = 0,
+    warmup_start_factor: float = 0.001,
+) -> LRScheduler:
+    """lr = base_lr * (1 - step / total)^power after the warmup (DeepLab's schedule)."""
+    main = PolynomialLR(optimizer, total_iters=max(1, total_steps - warmup_steps), power=power)
+    return _with_warmup(optimizer, main, warmup_steps, warmup_start_factor)
+
+
+def cosine(
+    optimizer: Optimizer,
+    total_steps: int,
+    min_lr: float = 0.0,
+    warmup_steps: int = 0,
+    warmup_start_factor: float = 0.001,
+) -> LRScheduler:
+    main = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_lr)
+    return _with_warmup(optimizer, main, warmup_steps, warmup_start_factor)
+
+
+def step(
+    optimizer: Optimizer,
+    total_steps: int,
+    step_size: int = 1000,
+    gamma: float = 0.1,
+    warmup_steps: int = 0,
+    warmup_start_factor: float = 0.001,
+) -> LRScheduler:
+    """lr *= gamma every `step_size` optimizer steps."""
+    del total_steps  # a step schedule does not depend on the run length
+    return _with_warmup(optimizer, StepLR(optimizer, step_size=step_size, gamma=gamma), warmup_steps, warmup_start_factor)
