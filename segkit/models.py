@@ -145,7 +145,7 @@ def build_model(
 def _timm_model(
     arch: str, name: str, output_stride: int | None, num_classes: int, options: dict[str, Any], download: bool
 ) -> tuple[nn.Module, nn.Module]:
-    weights = "imagenet" if download else None
+    weights = True if download else None  # smp's `tu-` encoders take True for timm's default weights
     try:
         if arch in HEAD_ARCHS:
             encoder = smp.encoders.get_encoder(f"tu-{name}", weights=weights, output_stride=output_stride or 32)

@@ -33,6 +33,10 @@ def main(cfg: DictConfig) -> float | None:
             raise  # let the sweep record this job as failed and go on
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    if str(summary.get("stop_reason") or "").startswith("SIG"):
+        print(f"error: interrupted by {summary['stop_reason']} at step {summary['steps']}; resume with "
+              f"hydra.run.dir={hydra_cfg.runtime.output_dir} trainer.resume=auto", file=sys.stderr)
+        sys.exit(130)
     return summary["best_score"]
 
 

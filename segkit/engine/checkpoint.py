@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import zipfile
@@ -12,11 +13,19 @@ import torch
 
 from segkit.errors import CheckpointError
 
+log = logging.getLogger(__name__)
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
 
-    A crash or a full disk at any moment leaves the previous file at `path` intact.
+    A crash or a full disk at any moment leaves the previous file at `path` intact. With
+    `keep_previous`, the file being replaced stays as `<name>.prev.pt`, a fallback should
+    `path` ever be damaged later.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -25,6 +34,8 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous and path.is_file():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
@@ -48,6 +59,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a segkit checkpoint (no 'model' entry)")
     return state
+
+
+def load_latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """last.pt, or last.prev.pt with a warning when last.pt is missing or damaged; None if neither."""
+    last = directory / "last.pt"
+    for path in (last, previous_path(last)):
+        if not path.is_file():
+            continue
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as error:
+            log.warning("%s; trying the previous checkpoint", error)
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:

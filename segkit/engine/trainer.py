@@ -13,8 +13,10 @@ import json
 import logging
 import math
 import random
+import signal
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from segkit.augment import JointAugment
 from segkit.config import build, validate_config
 from segkit.data.loader import build_dataset, build_loader
-from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from segkit.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from segkit.engine.progress import Progress
-from segkit.errors import ConfigError
+from segkit.errors import ConfigError, SegkitError
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics
 from segkit.models import Segmenter
@@ -42,6 +44,27 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train as configured; return the run summary (also written to `metrics.json`)."""
     validate_config(cfg)
     return Trainer(cfg, Path(output_dir)).fit()
+
+
+class TrainingDiverged(SegkitError):
+    """The loss stayed non-finite for trainer.max_bad_steps steps."""
+
+
+@contextmanager
+def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
+    """Route SIGINT/SIGTERM to a graceful stop while training (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+    previous = {sig: signal.signal(sig, lambda num, _frame: request_stop(names[num])) for sig in names}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def select_device(accelerator: str) -> torch.device:
@@ -69,17 +92,19 @@ class Trainer:
         self.output_dir = output_dir
         self.checkpoint_dir = output_dir / "checkpoints"
         self.device = select_device(self.tcfg.accelerator)
+        channels_last = self.tcfg.channels_last
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         seed_everything(self.tcfg.seed, self.tcfg.deterministic)
 
         # Everything that can fail on a config value is built before any data is read.
         self.model: Segmenter = build(cfg.model, "model").to(self.device)
-        if self.tcfg.channels_last:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if self.tcfg.compile else self.model
         self.augment: JointAugment = build(cfg.augmentation, "augmentation").to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.autocast_dtype = AUTOCAST_DTYPES[self.tcfg.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tcfg.precision == "16-mixed")
+        self.scaler = build_grad_scaler(self.device, self.tcfg.precision)
         self.trackers = Trackers(
             {name: build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items() if node is not None}
         )
@@ -119,6 +144,9 @@ class Trainer:
         self.best_epoch = -1
         self.validations_without_improvement = 0
         self.history: list[dict[str, Any]] = []
+        self.bad_steps_in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_steps_total = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.stop_reason: str | None = None  # set by SIGINT/SIGTERM or stop_after_steps
         self._resume()
 
     # ------------------------------------------------------------------ setup helpers
@@ -134,11 +162,15 @@ class Trainer:
         resume = self.tcfg.resume
         if resume is None:
             return
-        path = self.checkpoint_dir / "last.pt" if resume == "auto" else Path(resume)
-        if resume == "auto" and not path.is_file():
-            log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
-            return
-        state = load_checkpoint(path)
+        if resume == "auto":
+            found = load_latest_checkpoint(self.checkpoint_dir)
+            if found is None:
+                log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
+                return
+            path, state = found
+        else:
+            path = Path(resume)
+            state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -167,10 +199,11 @@ class Trainer:
         )
         status = "FAILED"
         try:
-            stopped = self._loop()
-            status = "KILLED" if stopped else "FINISHED"
+            with stop_on_signals(self._request_stop):
+                stopped = self._loop()
+            status = "STOPPED" if stopped else "FINISHED"
         finally:
-            self.trackers.finish(status)
+            self.trackers.finish({"STOPPED": "KILLED"}.get(status, status))
         summary = self._write_summary(status)
         self.trackers.log_artifact(self.output_dir / "metrics.json")
         return summary
@@ -181,8 +214,8 @@ class Trainer:
             finished_epoch = self._train_epoch()
             if not finished_epoch:
                 self._save("last.pt")
-                log.info("stopped at step %d; continue with trainer.resume=%s",
-                         self.global_step, self.checkpoint_dir / "last.pt")
+                log.warning("stopped (%s) at step %d; continue with trainer.resume=%s",
+                            self.stop_reason, self.global_step, self.checkpoint_dir / "last.pt")
                 return True
             epoch_record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
             epoch_record.update(self._last_train_stats)
@@ -198,6 +231,12 @@ class Trainer:
                          self.tcfg.monitor, self.validations_without_improvement)
                 break
         return False
+
+    def _request_stop(self, reason: str) -> None:
+        if self.stop_reason is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        log.warning("%s received: stopping after the current step", reason)
+        self.stop_reason = reason
 
     def _done(self, next_epoch: bool = False) -> bool:
         epoch = self.epoch + 1 if next_epoch else self.epoch
@@ -215,15 +254,18 @@ class Trainer:
         batch_size, accumulate = self.tcfg.batch_size, self.tcfg.accumulate_grad_batches
         sampler.set_epoch(self.epoch, start=self.batches_done_in_epoch * batch_size)
         loss_sum = torch.zeros((), device=self.device)
-        loss_count = 0
+        loss_count = torch.zeros((), device=self.device)
         window_start, window_images = time.perf_counter(), 0
         progress = Progress(len(self.train_loader), f"epoch {self.epoch}", enabled=self.tcfg.progress_bar)
         progress.advance(self.batches_done_in_epoch)
         stats = {"lr": self.optimizer.param_groups[0]["lr"]}
         for images, masks in self.train_loader:
             loss = self._train_batch(images, masks, accumulate)
-            loss_sum += loss
-            loss_count += 1
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0)
+            loss_count += finite
+            self.bad_steps_in_a_row = (self.bad_steps_in_a_row + 1) * ~finite  # stays on the device
+            self.bad_steps_total += ~finite
             window_images += images.shape[0]
             self.batches_done_in_epoch += 1
             progress.advance(1)
@@ -233,31 +275,46 @@ class Trainer:
             if self.global_step % self.tcfg.log_every_n_steps == 0:
                 elapsed = time.perf_counter() - window_start  # one host sync per logging window
                 stats = {
-                    "train/loss": float(loss_sum / loss_count),
+                    "train/loss": float(loss_sum / loss_count.clamp_min(1)),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "train/images_per_s": window_images / max(elapsed, 1e-9),
+                    "train/bad_steps": int(self.bad_steps_total),
                 }
+                self._check_bad_steps()
                 self.trackers.log_metrics(stats, self.global_step)
                 progress.show(stats)
                 window_start, window_images = time.perf_counter(), 0
-            stop_at = self.tcfg.stop_after_steps
             if self.global_step >= self.total_steps:
                 break
-            if stop_at is not None and self.global_step >= stop_at:
+            if self.stop_reason is None and self.tcfg.stop_after_steps == self.global_step:
+                self.stop_reason = f"trainer.stop_after_steps={self.global_step}"
+            if self.stop_reason is not None:
                 progress.close()
                 return False
         progress.close()
-        if loss_count:
-            stats["train/loss"] = float(loss_sum / loss_count)
+        self._check_bad_steps()
+        stats["train/loss"] = float(loss_sum / loss_count.clamp_min(1))
+        stats["train/bad_steps"] = int(self.bad_steps_total)
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self._last_train_stats = stats
         return True
+
+    def _check_bad_steps(self) -> None:
+        """Read the device-side counter (at logging points only) and stop a diverged run."""
+        in_a_row = int(self.bad_steps_in_a_row)
+        if in_a_row >= self.tcfg.max_bad_steps:
+            last = self.checkpoint_dir / "last.pt"
+            raise TrainingDiverged(
+                f"loss was NaN/Inf for {in_a_row} steps in a row up to step {self.global_step} "
+                f"(trainer.max_bad_steps={self.tcfg.max_bad_steps}); last good checkpoint: "
+                f"{last if last.is_file() else 'none yet'}; try a lower optimizer.lr or trainer.gradient_clip_val"
+            )
 
     def _train_batch(self, images: torch.Tensor, masks: torch.Tensor, accumulate: int) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float().div_(255)
         masks = masks.to(self.device, non_blocking=True)
         images, masks = self.augment(images, masks)
-        if self.tcfg.channels_last:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             logits = self.forward(images)
@@ -288,7 +345,7 @@ class Trainer:
         for images, masks in self.val_loader:
             images = images.to(self.device, non_blocking=True).float().div_(255)
             masks = masks.to(self.device, non_blocking=True)
-            if self.tcfg.channels_last:
+            if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 logits = self.forward(images)
@@ -338,7 +395,7 @@ class Trainer:
             "rng": get_rng_state(),
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         }
-        save_checkpoint(state, self.checkpoint_dir / name)
+        save_checkpoint(state, self.checkpoint_dir / name, keep_previous=name == "last.pt")
 
     def _append_csv(self, record: dict[str, Any]) -> None:
         path = self.output_dir / "epochs.csv"
@@ -358,6 +415,8 @@ class Trainer:
         best = getattr(self, "best_validation", None)
         summary = {
             "status": status,
+            "stop_reason": self.stop_reason,
+            "bad_steps": int(self.bad_steps_total),
             "monitor": self.tcfg.monitor,
             "best_score": None if self.best_score == -math.inf else self.best_score,
             "best_epoch": self.best_epoch,
@@ -371,6 +430,14 @@ class Trainer:
         if best is not None:
             log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
         return summary
+
+
+def build_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling. Every precision gets GradScaler's on-device skip of non-finite
+    steps (no host sync with fused optimizers); outside fp16 the scale starts at 1 and never grows."""
+    if precision == "16-mixed":
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
 
 
 def build_optimizer(optimizer_cfg: DictConfig, model: Segmenter) -> torch.optim.Optimizer:

@@ -1,0 +1,117 @@
+"""Failures cost minutes, not the run: kills, signals, corrupt files, NaNs, full disks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from segkit.engine import checkpoint as checkpoint_module
+from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from segkit.engine.trainer import TrainingDiverged, fit
+from segkit.errors import CheckpointError
+
+from ..conftest import ROOT, TINY
+
+SLOW = ["trainer.max_epochs=5", "dataset.train_size=24", "trainer.deterministic=true", "augmentation=default"]
+
+
+def cli(*overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *TINY, *overrides]
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(compose_cfg, tmp_path):
+    straight = fit(compose_cfg(SLOW), tmp_path / "straight")
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    last = run_dir / "checkpoints" / "last.pt"
+    for delay in (0.05, 0.4):  # after a checkpoint appears: inside the next steps, validation or write
+        seen = last.stat().st_mtime_ns if last.exists() else None
+        proc = subprocess.Popen(cli(*SLOW, f"hydra.run.dir={run_dir}", "trainer.resume=auto"), cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and (not last.exists() or last.stat().st_mtime_ns == seen):
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    resumed = subprocess.run(cli(*SLOW, f"hydra.run.dir={run_dir}", "trainer.resume=auto"), cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "straight/checkpoints/last.pt")
+    b = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert b["progress"]["global_step"] == straight["steps"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert b["history"][-1]["val/miou"] == a["history"][-1]["val/miou"]
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_a_resume_hint(tmp_path):
+    proc = subprocess.Popen(cli("trainer.max_epochs=200", f"hydra.run.dir={tmp_path}"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "SIGTERM" in stderr and "trainer.resume=auto" in stderr
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert 0 < state["progress"]["global_step"] < 200 * 4
+
+
+def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(compose_cfg, tmp_path, caplog):
+    fit(compose_cfg(["trainer.max_epochs=2"]), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(last)
+    summary = fit(compose_cfg(["trainer.max_epochs=3", "trainer.resume=auto"]), tmp_path)
+    assert "trying the previous checkpoint" in caplog.text
+    assert summary["epochs"] == 3  # resumed from epoch 1 (last.prev.pt), then trained 2 more
+
+
+def test_checkpoint_with_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": os.system}, path)  # noqa: S605 - never called, only pickled
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+
+
+def test_full_disk_keeps_previous_checkpoint_and_names_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}}, path)
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=r"last\.pt: cannot write checkpoint \(No space left on device\)"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_nan_loss_skips_steps_and_stops_after_max_bad_steps(compose_cfg, tmp_path):
+    cfg = compose_cfg(["loss=ce", "loss._target_=tests.faults.helpers.NaNLoss",
+                       "+loss.start=4", "trainer.max_epochs=5", "trainer.max_bad_steps=3"])
+    with pytest.raises(TrainingDiverged, match=r"NaN/Inf for \d+ steps in a row up to step \d+.*last\.pt"):
+        fit(cfg, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")  # written after the good first epoch
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_isolated_nan_step_is_skipped_without_touching_weights(compose_cfg, tmp_path):
+    cfg = compose_cfg(["loss=ce", "loss._target_=tests.faults.helpers.NaNLoss",
+                       "+loss.start=0", "trainer.max_steps=2", "trainer.max_bad_steps=100",
+                       "trainer.save_checkpoints=true"])
+    summary = fit(cfg, tmp_path)
+    assert summary["bad_steps"] == 2
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

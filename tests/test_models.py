@@ -1,0 +1,53 @@
+"""Model assembly: pretrained weights offline, local weights files, freezing, any input size."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from segkit.config import build
+from segkit.engine.trainer import build_optimizer
+from segkit.errors import ConfigError
+
+
+def test_pretrained_without_network_fails_with_a_clear_message(compose_cfg):
+    cfg = compose_cfg(["model=fpn", "backbone.pretrained=true"])
+    with pytest.raises(ConfigError, match=r"^backbone.pretrained: .*backbone.weights="):
+        build(cfg.model, "model")
+
+
+def test_pretrained_loads_a_local_timm_weights_file(compose_cfg, tmp_path):
+    reference = timm.create_model("test_resnet", pretrained=False)
+    torch.nn.init.constant_(reference.conv1[0].weight, 0.123)
+    path = tmp_path / "test_resnet.pth"
+    torch.save(reference.state_dict(), path)
+    cfg = compose_cfg(["model=fpn", "backbone.pretrained=true", f"backbone.weights={path}"])
+    model = build(cfg.model, "model")
+    stem = model.encoder.model.conv1[0].weight
+    assert torch.all(stem == 0.123)
+
+
+def test_weights_file_for_another_model_is_rejected(compose_cfg, tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"unrelated.weight": torch.zeros(3)}, path)
+    cfg = compose_cfg(["model=fpn", "backbone.pretrained=true", f"backbone.weights={path}"])
+    with pytest.raises(ConfigError, match="no tensor matches"):
+        build(cfg.model, "model")
+
+
+def test_freeze_backbone_keeps_encoder_fixed(compose_cfg):
+    cfg = compose_cfg(["model=deeplabv3plus", "backbone.freeze=true"])
+    model = build(cfg.model, "model").train()
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert not model.encoder.training  # BatchNorm statistics frozen too
+    optimizer = build_optimizer(cfg.optimizer, model)
+    assert len(optimizer.param_groups) == 1  # only the head is optimised
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_output_stride_is_applied(compose_cfg, stride):
+    cfg = compose_cfg(["model=deeplabv3", f"backbone.output_stride={stride}"])
+    model = build(cfg.model, "model").eval()
+    features = model.encoder(torch.rand(1, 3, 64, 64))
+    assert features[-1].shape[-1] == 64 // stride
