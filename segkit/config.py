@@ -38,10 +38,11 @@ class TrainerConfig:
     early_stopping_patience: int | None = None  # in validations without improvement
     resume: str | None = None  # auto | path to a checkpoint
     stop_after_steps: int | None = None  # stop early as if interrupted (time-boxed jobs); resume continues
+    max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     seed: int = 42
     deterministic: bool = False
     compile: bool = False
-    channels_last: bool = True
+    channels_last: bool | None = None  # null = on for CUDA (tensor cores), off on CPU (slower there)
     save_checkpoints: bool = True
     progress_bar: bool = True
 
@@ -105,10 +106,23 @@ class TrainConfig:
 
 
 def register_configs() -> None:
+    # Reader schemas live next to their readers (they extend the dataclasses above with the
+    # reader's own keys and the base-class options); imported here, after this module is loaded.
+    from segkit.data.checks import CheckDataConfig
+    from segkit.data.cityscapes import CityscapesSchema
+    from segkit.data.coco import CocoSchema
+    from segkit.data.folder import FolderSchema
+    from segkit.data.synthetic import SyntheticSchema
+    from segkit.data.voc import VocSchema
+
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="dataset", name="synthetic_schema", node=SyntheticDatasetConfig)
-    cs.store(group="dataset", name="folder_schema", node=FolderDatasetConfig)
+    cs.store(name="check_data_schema", node=CheckDataConfig)
+    for name, schema in (
+        ("synthetic", SyntheticSchema), ("folder", FolderSchema), ("voc", VocSchema),
+        ("cityscapes", CityscapesSchema), ("coco", CocoSchema),
+    ):
+        cs.store(group="dataset", name=f"{name}_schema", node=schema)
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -13,6 +13,7 @@ from segkit.errors import ConfigError
 from segkit.models import Segmenter
 
 from .conftest import CONF_DIR, write_folder_dataset
+from .test_data_formats import LAYOUTS
 
 
 def options(group: str) -> list[str]:
@@ -104,6 +105,9 @@ def test_every_dataset_builds(compose_cfg, option, tmp_path):
         overrides += [f"dataset.root={tmp_path}", "dataset.image_size=[32,32]"]
         if option == "folder":
             overrides.append("dataset.num_classes=3")
+    elif option in LAYOUTS:  # voc, cityscapes, coco
+        writer, extra = LAYOUTS[option]
+        overrides = [f"dataset={option}", *extra(writer(tmp_path / option)), "dataset.image_size=[32,32]"]
     cfg = compose_cfg(overrides, tiny=option == "synthetic")
     validate_config(cfg)
     dataset = build_dataset(cfg.dataset, "train")

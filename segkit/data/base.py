@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +13,18 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from segkit.errors import DataError
+from segkit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass
+class DatasetOptions:
+    """Schema fields of the options this base class implements; every reader's schema mixes them in."""
+
+    on_error: str = "raise"  # raise | skip: replace a sample that fails to read by the next readable one
+    cache: bool = False  # keep decoded samples in memory (each DataLoader worker holds its own copy)
 
 
 class SegmentationDataset(Dataset):
@@ -20,6 +34,14 @@ class SegmentationDataset(Dataset):
     names, for error messages). This class letterboxes every sample to `image_size` so that
     any batch can be stacked, and checks the mask values so a wrong `num_classes` or a missing
     remap is reported with its file at the first bad sample, inside the worker that read it.
+
+    `on_error="skip"` replaces a sample that fails (any DataError: unreadable file, size
+    mismatch, bad mask values) by the next readable index, logs a warning naming the file and
+    counts it in `skipped`; readers also keep going past layout problems (`layout_problems`).
+    `cache=True` keeps each letterboxed sample in memory after its first read. DataLoader
+    workers are separate processes, so each worker fills its own cache (persistent workers
+    keep it across epochs): memory grows to about num_workers x the split's decoded size, and
+    a skip count is per process too.
     """
 
     def __init__(
@@ -33,7 +55,11 @@ class SegmentationDataset(Dataset):
         class_names: Sequence[str] | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        on_error: str = "raise",
+        cache: bool = False,
     ) -> None:
+        if on_error not in ON_ERROR:
+            raise ConfigError("dataset.on_error", f"must be raise or skip, got {on_error!r}")
         self.split = split
         self.name = name
         self.num_classes = num_classes
@@ -42,6 +68,12 @@ class SegmentationDataset(Dataset):
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.mean = list(mean)
         self.std = list(std)
+        self.on_error = on_error
+        self.skipped: dict[int, str] = {}  # index -> why it was replaced (this process only)
+        self.layout_problems: list[str] = []  # filled by readers that scan files; see report_layout
+        self.unused_files: list[str] = []  # e.g. masks without an image: reported by checks, not fatal
+        self.colors: list[list[int]] | None = None  # RGB per class when the data set defines them
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -49,14 +81,52 @@ class SegmentationDataset(Dataset):
     def describe(self, index: int) -> str:
         return f"{self.name}[{self.split}][{index}]"
 
+    def sample_files(self, index: int) -> dict[str, Path]:
+        """The files behind a sample ({"image": ..., "mask": ...}) for checks; empty if generated."""
+        return {}
+
+    def report_layout(self, problems: Sequence[str]) -> None:
+        """Raise the first layout problem (on_error=raise) or log them and go on without those files."""
+        self.layout_problems = list(problems)
+        if not problems:
+            return
+        if self.on_error == "raise":
+            more = f" (+{len(problems) - 1} more; segkit-check-data lists them)" if len(problems) > 1 else ""
+            raise DataError(problems[0] + more)
+        for problem in problems:
+            log.warning("dataset.on_error=skip: leaving out %s", problem)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.on_error == "raise":
+            return self._load(index)
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            if candidate in self.skipped:
+                continue
+            try:
+                return self._load(candidate)
+            except DataError as error:
+                self.skipped[candidate] = str(error)
+                log.warning("dataset.on_error=skip: skipped %s (%d skipped so far in this process)",
+                            error, len(self.skipped))
+        raise DataError(f"{self.name}[{self.split}]: all {len(self)} samples failed to read")
+
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is not None and index in self._cache:
+            image, mask = self._cache[index]
+            return image, mask.long()
         image, mask = self.read(index)
         if image.shape[-2:] != mask.shape:
             raise DataError(
                 f"{self.describe(index)}: image size {tuple(image.shape[-2:])} != mask size {tuple(mask.shape)}"
             )
         self.check_mask_values(mask, index)
-        return letterbox(image, mask, self.image_size, self.ignore_index)
+        image, mask = letterbox(image, mask, self.image_size, self.ignore_index)
+        if self._cache is not None:
+            # uint8 masks (when every id fits) keep the cache at 4 bytes per pixel instead of 11.
+            small = mask.to(torch.uint8) if max(self.num_classes - 1, self.ignore_index) <= 255 else mask
+            self._cache[index] = (image, small)
+        return image, mask
 
     def check_mask_values(self, mask: torch.Tensor, index: int) -> None:
         bad = (mask < 0) | ((mask >= self.num_classes) & (mask != self.ignore_index))

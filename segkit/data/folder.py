@@ -1,18 +1,42 @@
-"""Images and masks in two directories, matched by file stem (`img1.jpg` <-> `img1.png`)."""
+"""Images and masks in two directories, matched by file stem (`img1.jpg` <-> `img1.png`).
+
+Options on top of the two directories:
+- `split_file`: a list of stems per split (e.g. `splits/{split}.txt` or `splits/fold{fold}/{split}.txt`,
+  written by `segkit-split`), when one directory holds every split.
+- `dataset.json` in the root: `{"class_names": [...], "colors": [[r, g, b], ...]}`, used where the
+  config leaves `class_names` / `colors` unset.
+- `colors`: colour table for RGB masks (colour i -> class i, `ignore_colors` -> ignore_index).
+  Single-channel masks (8/16-bit PNG or TIFF) and palette PNGs are read as class ids as they are.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from segkit.data.base import SegmentationDataset
-from segkit.data.io import IMAGE_SUFFIXES, read_image, read_mask
-from segkit.errors import DataError
+from segkit.config import FolderDatasetConfig
+from segkit.data.base import DatasetOptions
+from segkit.data.colors import ColorTable, read_color_mask
+from segkit.data.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir
+from segkit.data.splits import read_stem_list
+from segkit.errors import ConfigError, DataError
 
 
-class FolderDataset(SegmentationDataset):
+@dataclass
+class FolderSchema(FolderDatasetConfig, DatasetOptions):
+    split_file: str | None = None  # stems of each split, relative to root; may use {split} and {fold}
+    fold: int | None = None  # fills {fold} in split_file (k-fold lists from segkit-split)
+    dataset_json: str | None = "dataset.json"  # class names/colors file in root, used if present
+    colors: list[list[int]] | None = None  # RGB mask colour of each class id
+    ignore_colors: list[list[int]] = field(default_factory=list)  # RGB colours mapped to ignore_index
+
+
+class FolderDataset(PairedFiles):
     def __init__(
         self,
         *,
@@ -21,52 +45,78 @@ class FolderDataset(SegmentationDataset):
         image_dir: str = "images/{split}",
         mask_dir: str = "masks/{split}",
         remap: Mapping[int, int] | None = None,
-        **common,
+        split_file: str | None = None,
+        fold: int | None = None,
+        dataset_json: str | None = "dataset.json",
+        colors: Sequence[Sequence[int]] | None = None,
+        ignore_colors: Sequence[Sequence[int]] = (),
+        **common: Any,
     ) -> None:
-        super().__init__(split=split, **common)
+        super().__init__(split=split, remap=remap, **common)
         self.root = Path(root).expanduser()
         self.image_dir = self.root / image_dir.format(split=split)
         self.mask_dir = self.root / mask_dir.format(split=split)
-        self.remap = {int(k): int(v) for k, v in (remap or {}).items()}
-        self.pairs = self._match_pairs()
+        info = self._read_dataset_json(dataset_json)
+        if common.get("class_names") is None and info.get("class_names"):
+            self.class_names = list(info["class_names"])
+        colors = colors if colors is not None else info.get("colors")
+        self.colors = [list(map(int, c)) for c in colors] if colors else None
+        if self.colors is not None and len(self.colors) != self.num_classes:
+            raise ConfigError(
+                "dataset.colors", f"has {len(self.colors)} colours but dataset.num_classes={self.num_classes}"
+            )
+        self.color_table = ColorTable(self.colors, self.ignore_index, ignore_colors) if self.colors else None
+        self.split_path = self._split_path(split_file, fold)
+        self._match_pairs()
 
-    def _match_pairs(self) -> list[tuple[Path, Path]]:
-        for directory, key in ((self.image_dir, "image_dir"), (self.mask_dir, "mask_dir")):
-            if not directory.is_dir():
-                raise DataError(f"{directory}: directory not found (check dataset.root and dataset.{key})")
-        images = _files_by_stem(self.image_dir)
-        masks = _files_by_stem(self.mask_dir)
-        missing = sorted(set(images) - set(masks))
-        if missing:
-            raise DataError(f"{images[missing[0]]}: no mask with stem '{missing[0]}' in {self.mask_dir}"
-                            + (f" ({len(missing) - 1} more images without masks)" if len(missing) > 1 else ""))
-        if not images:
-            raise DataError(f"{self.image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        return [(images[stem], masks[stem]) for stem in sorted(images)]
+    def read_mask(self, path: Path) -> torch.Tensor:
+        return read_color_mask(path, self.color_table)
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+    def _read_dataset_json(self, name: str | None) -> dict[str, Any]:
+        path = self.root / name if name else None
+        if path is None or not path.is_file():
+            return {}
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path}: cannot read dataset description ({error})") from None
+        names = info.get("class_names")
+        if names is not None and len(names) != self.num_classes:
+            raise DataError(f"{path}: {len(names)} class_names but dataset.num_classes={self.num_classes}")
+        return info
 
-    def describe(self, index: int) -> str:
-        return str(self.pairs[index][1])
+    def _split_path(self, split_file: str | None, fold: int | None) -> Path | None:
+        if split_file is None:
+            return None
+        if "{fold}" in split_file and fold is None:
+            raise ConfigError("dataset.fold", f"split_file {split_file!r} has {{fold}}; set a fold 0..k-1")
+        path = self.root / split_file.format(split=self.split, fold=fold)
+        if not path.is_file():
+            raise DataError(f"{path}: split list not found (check dataset.split_file and dataset.fold)")
+        return path
 
-    def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_path, mask_path = self.pairs[index]
-        image, mask = read_image(image_path), read_mask(mask_path)
-        if self.remap:
-            remapped = mask.clone()
-            for value, target in self.remap.items():
-                remapped[mask == value] = target
-            mask = remapped
-        return image, mask
-
-
-def _files_by_stem(directory: Path) -> dict[str, Path]:
-    files: dict[str, Path] = {}
-    for path in sorted(directory.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if path.stem in files:
-            raise DataError(f"{path}: duplicate stem '{path.stem}' (also {files[path.stem].name})")
-        files[path.stem] = path
-    return files
+    def _match_pairs(self) -> None:
+        require_dir(self.image_dir, "image_dir")
+        require_dir(self.mask_dir, "mask_dir")
+        images, image_duplicates = files_by_stem(self.image_dir)
+        masks, mask_duplicates = files_by_stem(self.mask_dir)
+        problems = duplicate_problems(image_duplicates) + duplicate_problems(mask_duplicates)
+        duplicated = set(image_duplicates) | set(mask_duplicates)
+        if self.split_path is not None:
+            stems = read_stem_list(self.split_path)
+        else:
+            stems = sorted(images)
+            self.unused_files = [f"{masks[s]}: missing image, mask without '{s}.*' in {self.image_dir}"
+                                 for s in sorted(set(masks) - set(images) - duplicated)]
+        pairs = []
+        for stem in stems:
+            if stem in duplicated:
+                continue
+            if stem not in images:
+                where = masks.get(stem, self.split_path)
+                problems.append(f"{where}: missing image, no '{stem}.*' in {self.image_dir}")
+            elif stem not in masks:
+                problems.append(f"{images[stem]}: missing mask, no '{stem}.*' in {self.mask_dir}")
+            else:
+                pairs.append((images[stem], masks[stem]))
+        self.set_pairs(pairs, problems, self.image_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from segkit.errors import DataError
+
+# torchvision 0.29 announces its decoders' move to torchcodec; they remain the fast path here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

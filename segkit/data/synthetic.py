@@ -8,10 +8,12 @@ using both colour and shape (the background texture borrows the class colours).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from segkit.data.base import SegmentationDataset
+from segkit.config import SyntheticDatasetConfig
+from segkit.data.base import DatasetOptions, SegmentationDataset
 
 # One base colour per class id (class 0 is the background and uses random colours).
 _PALETTE = torch.tensor(
@@ -20,6 +22,11 @@ _PALETTE = torch.tensor(
     dtype=torch.float32,
 )
 _SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+@dataclass
+class SyntheticSchema(SyntheticDatasetConfig, DatasetOptions):
+    """The synthetic fields plus the base-class options (on_error, cache)."""
 
 
 class SyntheticShapes(SegmentationDataset):

@@ -1,0 +1,61 @@
+"""`segkit-check-data <overrides>`: scan every split of a data set and report all problems at once.
+
+Exit status: 0 clean, 1 problems found (each printed as one line naming its file), 2 config error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from segkit.config import register_configs
+from segkit.data.checks import check_split, summary_lines, write_preview, write_weights
+from segkit.errors import ConfigError, SegkitError, one_line
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+register_configs()
+
+
+def run(cfg: DictConfig) -> int:
+    """Print problems and statistics; return the exit status."""
+    dataset = cfg.dataset
+    if 0 <= dataset.ignore_index < dataset.num_classes:
+        raise ConfigError("dataset.ignore_index", f"{dataset.ignore_index} is a real class id "
+                          f"(num_classes={dataset.num_classes}); use a value outside [0, num_classes)")
+    reports = [check_split(dataset, split) for split in cfg.splits]
+    problems = [f"{report.split}: {problem}" for report in reports for problem in report.problems]
+    for line in problems:
+        print(line)
+    for report in reports:
+        print("\n".join(summary_lines(report)))
+    train = next((r for r in reports if r.split == "train" and r.pixel_counts is not None), None)
+    if cfg.write_weights:
+        if train is None:
+            raise ConfigError("write_weights", "needs a readable train split (splits must include train)")
+        weights = write_weights(cfg.write_weights, train)
+        print(f"class weights -> {cfg.write_weights}: {weights}")
+    if cfg.preview:
+        source = train or next((r for r in reports if r.dataset is not None), None)
+        written = write_preview(cfg.preview, source, cfg.preview_count, cfg.preview_size) if source else None
+        print(f"preview -> {written}" if written else "preview: no readable sample to draw")
+    print(f"{len(problems)} problem(s) found" if problems else "no problems found")
+    return 1 if problems else 0
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="check_data", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        status = run(cfg)
+    except (SegkitError, OmegaConfBaseException) as error:
+        message = one_line(error) if isinstance(error, SegkitError) else str(error).splitlines()[0]
+        print(f"error: {message}", file=sys.stderr)
+        status = 2
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""`segkit-init-config ROOT [--name NAME]`: look at a data set and write conf/dataset/<name>.yaml for it.
+
+It recognises the layout (folder, camvid-like, voc, cityscapes, coco), reads a sample of
+masks for the class count, ignore value, remap or colour table, reads image headers for
+the size, writes split lists when everything is in one folder, then builds the new config's
+reader and reads samples through it, so the file it leaves behind trains as it is:
+`python train.py dataset=<name>`. Check the class names it could not know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import stat
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from omegaconf import OmegaConf
+
+from segkit.config import build
+from segkit.data.checks import SplitReport, check_sample, summary_lines
+from segkit.data.cityscapes import CityscapesSchema
+from segkit.data.coco import CocoSchema
+from segkit.data.folder import FolderSchema
+from segkit.data.layout import Layout, detect_layout, image_sizes, label_settings, spread, summarize_masks
+from segkit.data.voc import VocSchema
+from segkit.errors import ConfigError, SegkitError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+SCHEMAS = {"folder": FolderSchema, "voc": VocSchema, "cityscapes": CityscapesSchema, "coco": CocoSchema}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="segkit-init-config", description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="the data set's directory")
+    parser.add_argument("--name", help="config name (default: the directory's name)")
+    parser.add_argument("--out", type=Path, default=CONFIG_DIR / "dataset", help="where the YAML goes")
+    parser.add_argument("--splits-dir", type=Path, help="list files for a single-folder data set "
+                        "(default: <root>/splits, or ./splits/<name> when the root is read-only)")
+    parser.add_argument("--val-ratio", type=float, default=0.2, help="validation share when splitting")
+    parser.add_argument("--sample", type=int, default=200, help="masks/images read for statistics")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing config")
+    return parser.parse_args(argv)
+
+
+def config_name(text: str) -> str:
+    name = re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")
+    return name or "dataset"
+
+
+def propose(layout: Layout, args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The dataset keys of the new config."""
+    settings: dict[str, Any] = {"name": name, "root": str(layout.root.resolve()), **layout.settings}
+    if layout.schema == "folder":
+        labels, notes = label_settings(summarize_masks(spread(layout.masks, args.sample)))
+        layout.notes += notes
+        settings.update(labels)
+        if layout.needs_split:
+            settings["split_file"] = write_split_lists(layout, args, name)
+    sizes = image_sizes(spread(layout.images, args.sample))
+    if not sizes:
+        raise SegkitError(f"{layout.root}: no training images found")
+    (height, width), count = sizes.most_common(1)[0]
+    if len(sizes) > 1:
+        total = sum(sizes.values())
+        layout.notes.append(f"{len(sizes)} image sizes; most common {height}x{width} ({count} of {total})")
+        if len({h > w for h, w in sizes}) > 1:  # portrait and landscape: a square wastes least
+            height = width = max(height, width)
+    settings["image_size"] = fit_size(height, width)
+    return settings
+
+
+def fit_size(height: int, width: int, longest: int = 1024, multiple: int = 32) -> list[int]:
+    """The letterbox size: the common image size, or scaled down to `longest` and rounded to `multiple`."""
+    if max(height, width) <= longest:
+        return [height, width]
+    scale = longest / max(height, width)
+    return [max(multiple, round(side * scale / multiple) * multiple) for side in (height, width)]
+
+
+def write_split_lists(layout: Layout, args: argparse.Namespace, name: str) -> str:
+    from segkit.cli.split import write_splits
+
+    directory = args.splits_dir
+    if directory is None:
+        writable = layout.root.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+        directory = layout.root / "splits" if writable else Path.cwd() / "splits" / name
+    stems = [path.stem for path in layout.images]
+    write_splits(stems, directory, ratios=(1 - args.val_ratio, args.val_ratio), seed=args.seed)
+    layout.notes.append(f"one folder for all images: wrote {directory}/train.txt and val.txt "
+                        f"({1 - args.val_ratio:.0%}/{args.val_ratio:.0%}, seed {args.seed}; "
+                        "see segkit-split)")
+    path = directory.resolve() / "{split}.txt"
+    try:
+        return str(path.relative_to(layout.root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def render_yaml(layout: Layout, settings: dict[str, Any]) -> str:
+    header = [f"# {layout.kind} layout at {settings['root']}, written by segkit-init-config.",
+              f"#   python train.py dataset={settings['name']}"]
+    header += [f"# {note}" for note in layout.notes]
+    body = yaml.safe_dump(settings, sort_keys=False, default_flow_style=None, width=110)
+    defaults = f"defaults:\n  - {layout.schema}_schema\n  - _self_\n\n"
+    return "\n".join(header) + "\n" + defaults + body
+
+
+def load_dataset_config(layout: Layout, text: str) -> Any:
+    """The written YAML on its schema, as `dataset=<name>` composes it."""
+    body = yaml.safe_load(text)
+    body.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(SCHEMAS[layout.schema]), body)
+
+
+def sample_report(cfg: Any, split: str, count: int) -> tuple[SplitReport, int]:
+    """Checks and statistics over at most `count` evenly spaced samples; also the split's size."""
+    report = SplitReport(split)
+    dataset = build(cfg, "dataset", split=split)
+    indices = spread(range(len(dataset)), count)
+    report.dataset, report.samples = dataset, len(indices)
+    report.pixel_counts = np.zeros(dataset.num_classes, dtype=np.int64)
+    report.presence = np.zeros(dataset.num_classes, dtype=np.int64)
+    for index in indices:
+        problem = check_sample(dataset, index, report)
+        if problem:
+            report.problems.append(problem)
+    return report, len(dataset)
+
+
+def suggestions(image_size: Sequence[int]) -> str:
+    crop = [max(32, min(512, side) // 32 * 32) for side in image_size]
+    pixels = crop[0] * crop[1]
+    batch = 16 if pixels <= 256 * 256 else 8 if pixels <= 512 * 512 else 4
+    return f"suggested: augmentation.crop_size=[{crop[0]},{crop[1]}] trainer.batch_size={batch}"
+
+
+def run(args: argparse.Namespace) -> Path:
+    layout = detect_layout(args.root.expanduser())
+    name = config_name(args.name or layout.root.name)
+    target = args.out / f"{name}.yaml"
+    if target.exists() and not args.force:
+        raise ConfigError("--name", f"{target} exists; pick another --name or pass --force")
+    settings = propose(layout, args, name)
+    text = render_yaml(layout, settings)
+    cfg = load_dataset_config(layout, text)
+    reports = [sample_report(cfg, split, args.sample) for split in ("train", "val")]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"layout: {layout.kind}; wrote {target}")
+    for note in layout.notes:
+        print(f"  {note}")
+    for report, total in reports:
+        print("\n".join(summary_lines(report)))
+        if total > report.samples:
+            print(f"  (from {report.samples} evenly spaced of {total} samples; "
+                  "segkit-check-data reads them all)")
+        for problem in report.problems:
+            print(f"  problem: {problem}")
+    print(suggestions(settings["image_size"]))
+    print(f"check everything: segkit-check-data dataset={name}   train: python train.py dataset={name}")
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except SegkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

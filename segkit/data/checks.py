@@ -1,0 +1,196 @@
+"""Scan a whole data set before training: every problem as one line naming its file, plus statistics.
+
+Training stops at the first bad sample (or skips it with `on_error=skip`); this scan reads
+every sample of every split through the same reader the trainer uses, so what it reports is
+exactly what training would trip over, all at once: missing partners, duplicate stems,
+unreadable or truncated files, JPEG masks, RGB masks without a colour table, size
+mismatches and mask values outside [0, num_classes) and ignore_index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from segkit.config import build
+from segkit.data.base import SegmentationDataset, letterbox
+from segkit.errors import DataError
+from segkit.losses import median_frequency_weights
+from segkit.viz import save_overlay_preview, stable_palette
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+@dataclass
+class CheckDataConfig:
+    """Entry config of `segkit-check-data` (conf/check_data.yaml)."""
+
+    dataset: Any = None
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    write_weights: str | None = None  # path: median-frequency class weights (train split) as YAML
+    preview: str | None = None  # path: PNG grid of train images with class overlays and a legend
+    preview_count: int = 8
+    preview_size: int = 256  # longest side of each preview tile
+
+
+@dataclass
+class SplitReport:
+    split: str
+    samples: int = 0
+    readable: int = 0  # samples without a problem, which the statistics cover
+    problems: list[str] = field(default_factory=list)
+    pixel_counts: np.ndarray | None = None  # (num_classes,) valid pixels per class
+    ignore_pixels: int = 0
+    presence: np.ndarray | None = None  # (num_classes,) images containing each class
+    dataset: SegmentationDataset | None = None
+
+
+def check_split(dataset_cfg: DictConfig, split: str) -> SplitReport:
+    """Read every sample of one split; collect problems and class statistics."""
+    report = SplitReport(split)
+    try:
+        with _quiet("segkit.data"):
+            dataset = build(dataset_cfg, "dataset", split=split, on_error="skip")
+    except DataError as error:
+        report.problems.append(str(error))
+        return report
+    report.dataset = dataset
+    report.samples = len(dataset)
+    report.problems += dataset.layout_problems + dataset.unused_files
+    report.pixel_counts = np.zeros(dataset.num_classes, dtype=np.int64)
+    report.presence = np.zeros(dataset.num_classes, dtype=np.int64)
+    for index in range(len(dataset)):
+        problem = check_sample(dataset, index, report)
+        if problem:
+            report.problems.append(problem)
+    return report
+
+
+def check_sample(dataset: SegmentationDataset, index: int, report: SplitReport) -> str | None:
+    """The sample's problem (one line naming the file), or None after adding its statistics."""
+    files = dataset.sample_files(index)
+    for role, path in files.items():
+        if not path.is_file():
+            return f"{path}: missing {role}"
+    mask_file = files.get("mask")
+    if mask_file is not None and mask_file.suffix.lower() in JPEG_SUFFIXES:
+        return f"{mask_file}: JPEG mask; lossy compression invents class ids along edges, save masks as PNG"
+    try:
+        image, mask = dataset.read(index)
+    except DataError as error:
+        return str(error)
+    if image.shape[-2:] != mask.shape:
+        image_file = files.get("image", dataset.describe(index))
+        return (f"{mask_file or dataset.describe(index)}: size mismatch, mask {tuple(mask.shape)} "
+                f"vs image {tuple(image.shape[-2:])} ({Path(image_file).name})")
+    try:
+        dataset.check_mask_values(mask, index)
+    except DataError as error:
+        return str(error)
+    ignored = mask == dataset.ignore_index
+    counts = torch.bincount(mask[~ignored], minlength=dataset.num_classes).numpy()
+    report.pixel_counts += counts
+    report.presence += counts > 0
+    report.ignore_pixels += int(ignored.sum())
+    report.readable += 1
+    return None
+
+
+def summary_lines(report: SplitReport) -> list[str]:
+    """Class pixel frequencies and per-image presence, one row per class."""
+    dataset = report.dataset
+    if dataset is None or report.pixel_counts is None:
+        return [f"{report.split}: not readable"]
+    total = int(report.pixel_counts.sum()) + report.ignore_pixels
+    counts = f"{report.samples} samples, {report.readable} readable, {len(report.problems)} problems"
+    lines = [f"{report.split}: {counts}",
+             f"  {'id':>3} {'class':<20} {'pixels':>8} {'images':>12}"]
+    width = len(str(report.readable))
+    for i, name in enumerate(dataset.class_names):
+        share = 100 * report.pixel_counts[i] / max(total, 1)
+        images = int(report.presence[i])
+        percent = 100 * images / max(report.readable, 1)
+        lines.append(f"  {i:>3} {name[:20]:<20} {share:7.2f}% {images:>{width}} ({percent:3.0f}%)")
+        if images == 0:
+            lines[-1] += "  <- never present"
+    lines.append(f"  {'':>3} {'ignore':<20} {100 * report.ignore_pixels / max(total, 1):7.2f}%")
+    return lines
+
+
+def class_weights(report: SplitReport) -> list[float]:
+    return median_frequency_weights(torch.from_numpy(report.pixel_counts))
+
+
+def write_weights(path: str | Path, report: SplitReport) -> list[float]:
+    """YAML with `class_weights` (and the names), for loss.class_weights."""
+    weights = class_weights(report)
+    names = report.dataset.class_names if report.dataset else []
+    listed = json.dumps(weights)  # JSON lists are YAML flow sequences, and safe for any class name
+    text = (
+        f"# Median-frequency class weights of {report.dataset.name if report.dataset else '?'} "
+        f"({report.split} split, {report.samples} samples); absent classes get 0.\n"
+        f"# Use: python train.py 'loss.class_weights={listed}'  (loss=ce_dice: loss.terms.ce.class_weights)\n"
+        f"class_names: {json.dumps(names)}\n"
+        f"class_weights: {listed}\n"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return weights
+
+
+def write_preview(path: str | Path, report: SplitReport, count: int = 8, tile: int = 256) -> Path | None:
+    """A grid of evenly spaced readable samples with their masks overlaid and a legend."""
+    dataset = report.dataset
+    if dataset is None or len(dataset) == 0:
+        return None
+    samples = []
+    for index in _spread(len(dataset), count * 2):
+        try:
+            image, mask = dataset.read(index)
+        except DataError:
+            continue
+        if image.shape[-2:] != mask.shape:
+            continue
+        height, width = mask.shape
+        scale = tile / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        image, mask = letterbox(image, mask, size, dataset.ignore_index)
+        samples.append((image.permute(1, 2, 0).numpy(), mask.numpy()))
+        if len(samples) == count:
+            break
+    if not samples:
+        return None
+    palette = stable_palette(dataset.num_classes, dataset.colors)
+    return save_overlay_preview(path, samples, dataset.class_names, palette, dataset.ignore_index)
+
+
+def _spread(length: int, count: int) -> list[int]:
+    if length <= count:
+        return list(range(length))
+    return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Layout problems are reported by the check itself; silence the reader's own warnings."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_checks(cfg: DictConfig, splits: Sequence[str]) -> list[SplitReport]:
+    return [check_split(cfg.dataset, split) for split in splits]

@@ -1,0 +1,82 @@
+"""Cityscapes fine: leftImg8bit/{split}/{city}/X_leftImg8bit.png <-> gtFine/.../X_gtFine_labelIds.png.
+
+The label files hold the 34 full label ids; training uses the 19 evaluated classes
+("train ids"). A lookup table maps each label id to its train id and every other value
+(void classes, license plate, anything unknown) to ignore_index, as the official
+cityscapesScripts do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segkit.config import DatasetConfig
+from segkit.data.base import DatasetOptions
+from segkit.data.pairs import PairedFiles, require_dir
+
+# label id -> train id, for the 19 evaluated classes (cityscapesScripts helpers/labels.py).
+LABEL_TO_TRAIN_ID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+]
+CITYSCAPES_COLORS = [
+    [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153], [153, 153, 153],
+    [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
+    [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32],
+]
+
+
+@dataclass
+class CityscapesSchema(DatasetConfig, DatasetOptions):
+    _target_: str = "segkit.data.cityscapes.CityscapesDataset"
+    name: str = "cityscapes"
+    root: str = "???"  # the directory holding leftImg8bit/ and gtFine/
+    image_dir: str = "leftImg8bit/{split}"
+    mask_dir: str = "gtFine/{split}"
+    image_suffix: str = "_leftImg8bit.png"
+    mask_suffix: str = "_gtFine_labelIds.png"
+    num_classes: int = 19
+    class_names: list[str] | None = field(default_factory=lambda: list(CITYSCAPES_CLASSES))
+    image_size: list[int] = field(default_factory=lambda: [512, 1024])
+
+
+class CityscapesDataset(PairedFiles):
+    def __init__(
+        self,
+        *,
+        split: str,
+        root: str,
+        image_dir: str = "leftImg8bit/{split}",
+        mask_dir: str = "gtFine/{split}",
+        image_suffix: str = "_leftImg8bit.png",
+        mask_suffix: str = "_gtFine_labelIds.png",
+        **common: Any,
+    ) -> None:
+        ignore = int(common["ignore_index"])
+        remap = {label: LABEL_TO_TRAIN_ID.get(label, ignore) for label in range(256)}
+        super().__init__(split=split, remap=remap, **common)
+        self.root = Path(root).expanduser()
+        self.image_dir = self.root / image_dir.format(split=split)
+        self.mask_dir = self.root / mask_dir.format(split=split)
+        self.colors = CITYSCAPES_COLORS[: self.num_classes]
+        require_dir(self.image_dir, "image_dir")
+        require_dir(self.mask_dir, "mask_dir")
+        pairs, problems = [], []
+        images = sorted(self.image_dir.glob(f"*/*{image_suffix}"))
+        for image in images:
+            prefix = image.name[: -len(image_suffix)]
+            mask = self.mask_dir / image.parent.name / f"{prefix}{mask_suffix}"
+            if mask.is_file():
+                pairs.append((image, mask))
+            else:
+                problems.append(f"{image}: missing mask {mask.relative_to(self.root)}")
+        expected = {mask for _, mask in pairs}
+        self.unused_files = [f"{m}: missing image for this mask"
+                             for m in sorted(self.mask_dir.glob(f"*/*{mask_suffix}")) if m not in expected]
+        self.set_pairs(pairs, problems, self.image_dir)

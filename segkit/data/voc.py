@@ -1,0 +1,84 @@
+"""PASCAL VOC 2012 segmentation: JPEGImages/*.jpg <-> SegmentationClass/*.png, split lists in ImageSets.
+
+The masks are palette PNGs whose palette indices are the class ids (read as indices, not
+colours); the 255 object borders are ignore_index. `root` is the VOC2012 directory (the
+one holding JPEGImages/). SBD's augmented masks fit too: point `mask_dir` at them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segkit.config import DatasetConfig
+from segkit.data.base import DatasetOptions
+from segkit.data.pairs import PairedFiles, require_dir
+from segkit.data.splits import read_stem_list
+from segkit.errors import DataError
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+]
+
+
+def voc_colormap(count: int = 256) -> list[list[int]]:
+    """The VOC palette: class i's colour from the bits of i (the colours the PNGs display)."""
+    colors = []
+    for i in range(count):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colors.append([r, g, b])
+    return colors
+
+
+@dataclass
+class VocSchema(DatasetConfig, DatasetOptions):
+    _target_: str = "segkit.data.voc.VocDataset"
+    name: str = "voc"
+    root: str = "???"  # .../VOCdevkit/VOC2012
+    image_dir: str = "JPEGImages"
+    mask_dir: str = "SegmentationClass"
+    split_dir: str = "ImageSets/Segmentation"  # {split}.txt: one image id per line
+    num_classes: int = 21
+    class_names: list[str] | None = field(default_factory=lambda: list(VOC_CLASSES))
+    remap: dict[int, int] = field(default_factory=dict)
+
+
+class VocDataset(PairedFiles):
+    def __init__(
+        self,
+        *,
+        split: str,
+        root: str,
+        image_dir: str = "JPEGImages",
+        mask_dir: str = "SegmentationClass",
+        split_dir: str = "ImageSets/Segmentation",
+        **common: Any,
+    ) -> None:
+        super().__init__(split=split, **common)
+        self.root = Path(root).expanduser()
+        self.image_dir, self.mask_dir = self.root / image_dir, self.root / mask_dir
+        self.colors = voc_colormap(self.num_classes)
+        require_dir(self.image_dir, "image_dir")
+        require_dir(self.mask_dir, "mask_dir")
+        list_path = self.root / split_dir / f"{split}.txt"
+        if not list_path.is_file():
+            raise DataError(f"{list_path}: split list not found (check dataset.root and dataset.split_dir)")
+        pairs, problems = [], []
+        for stem in read_stem_list(list_path):
+            image, mask = self.image_dir / f"{stem}.jpg", self.mask_dir / f"{stem}.png"
+            if not image.is_file():
+                problems.append(f"{image}: missing image listed in {list_path.name}")
+            elif not mask.is_file():
+                problems.append(f"{mask}: missing mask for {image.name}")
+            else:
+                pairs.append((image, mask))
+        self.set_pairs(pairs, problems, list_path)

@@ -1,0 +1,140 @@
+"""segkit-check-data: every kind of broken file is reported on its own line naming the file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from segkit.cli import check_data
+from segkit.data.checks import check_split
+
+from .test_data_formats import coco_overrides, label_map, random_image, write_coco, write_rgb_folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_broken_folder(root: Path) -> dict[str, str]:
+    """images/train + masks/train with one problem per file, and an empty val split.
+
+    Returns {file name that must be named: words its problem line must contain}.
+    """
+    rng = np.random.default_rng(0)
+    images, masks = root / "images" / "train", root / "masks" / "train"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    (root / "images" / "val").mkdir()
+    (root / "masks" / "val").mkdir()
+    good = label_map([0, 1, 2])
+
+    def pair(stem: str, image=None, mask=None, mask_name=None) -> None:
+        Image.fromarray(random_image(rng) if image is None else image).save(images / f"{stem}.jpg")
+        Image.fromarray(good if mask is None else mask).save(masks / (mask_name or f"{stem}.png"))
+
+    for i in range(3):
+        pair(f"good{i}")
+    pair("corrupt")
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    pair("truncated")
+    data = (images / "truncated.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Image.fromarray(random_image(rng)).save(images / "nomask.jpg")
+    Image.fromarray(good).save(masks / "orphan.png")
+    pair("sizes", mask=np.zeros((20, 20), dtype=np.uint8))
+    pair("rgbmask", mask=np.zeros((*good.shape, 3), dtype=np.uint8))
+    pair("values", mask=label_map([0, 1, 7]))
+    pair("jpegmask", mask_name="jpegmask.jpg")
+    pair("dup")
+    Image.fromarray(random_image(rng)).save(images / "dup.png")
+    return {
+        "corrupt.jpg": "cannot read image",
+        "truncated.jpg": "truncated",
+        "nomask.jpg": "missing mask",
+        "orphan.png": "missing image",
+        "sizes.png": "size mismatch",
+        "rgbmask.png": "color table",
+        "values.png": "mask values [7]",
+        "jpegmask.jpg": "JPEG mask",
+        "dup.png": "duplicate stem 'dup'",
+    }
+
+
+def folder_args(root: Path) -> list[str]:
+    return ["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3", "dataset.image_size=[32,32]"]
+
+
+def run_cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["segkit-check-data", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        check_data.main()
+    return exit_info.value.code, capsys.readouterr().out
+
+
+def test_every_problem_is_reported_with_its_file(tmp_path, monkeypatch, capsys):
+    expected = write_broken_folder(tmp_path / "broken")
+    status, out = run_cli(monkeypatch, capsys, folder_args(tmp_path / "broken"))
+    assert status == 1
+    lines = out.splitlines()
+    for name, words in expected.items():
+        matching = [line for line in lines if f"/{name}:" in line]
+        assert len(matching) == 1, f"{name}: {matching}"
+        assert words in matching[0], matching[0]
+        assert matching[0].startswith("train: ")
+    empty = [line for line in lines if line.startswith("val: ") and "empty data set" in line]
+    assert len(empty) == 1 and "images/val" in empty[0]
+    assert f"{len(expected) + 1} problem(s) found" in out
+    # dup and nomask are left out of the pairs; the three good samples make the statistics.
+    assert "train: 9 samples, 3 readable, 9 problems" in out
+
+
+def test_clean_data_exits_zero_with_statistics_weights_and_preview(tmp_path, monkeypatch, capsys):
+    root = write_rgb_folder(tmp_path / "rgb")
+    weights, preview = tmp_path / "out" / "weights.yaml", tmp_path / "out" / "preview.png"
+    status, out = run_cli(monkeypatch, capsys, [*folder_args(root), f"write_weights={weights}",
+                                                f"preview={preview}", "preview_count=3"])
+    assert status == 0, out
+    assert "no problems found" in out and "red" in out and "4 (100%)" in out
+    loaded = yaml.safe_load(weights.read_text())
+    assert loaded["class_names"] == ["bg", "red", "green"] and len(loaded["class_weights"]) == 3
+    assert loaded["class_weights"][1] > loaded["class_weights"][0]  # rarer class, larger weight
+    with Image.open(preview) as image:
+        assert image.mode == "RGB" and image.width > 3 * 40 and image.height > 48
+
+
+def test_rgb_masks_without_colour_table_are_named(tmp_path, compose_cfg):
+    root = write_rgb_folder(tmp_path / "rgb")
+    (root / "dataset.json").unlink()
+    cfg = compose_cfg([*folder_args(root)], tiny=False)
+    report = check_split(cfg.dataset, "train")
+    assert len(report.problems) == 4
+    for problem in report.problems:
+        assert "mode RGB" in problem and "color table" in problem and problem.split(":")[0].endswith(".png")
+
+
+def test_coco_missing_image_is_named(tmp_path, compose_cfg):
+    root = write_coco(tmp_path / "coco")
+    (root / "images" / "000000000002.jpg").unlink()
+    cfg = compose_cfg(coco_overrides(root), tiny=False)
+    report = check_split(cfg.dataset, "train")
+    assert report.problems == [f"{root / 'images' / '000000000002.jpg'}: missing image"]
+    assert report.pixel_counts.sum() > 0 and report.ignore_pixels > 0  # crowd regions
+
+
+def test_config_error_exits_two(tmp_path, monkeypatch, capsys):
+    root = write_rgb_folder(tmp_path / "rgb")
+    monkeypatch.setattr(sys, "argv", ["segkit-check-data", *folder_args(root), "dataset.ignore_index=1"])
+    with pytest.raises(SystemExit) as exit_info:
+        check_data.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: dataset.ignore_index")
