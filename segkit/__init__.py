@@ -1,3 +1,20 @@
 """segkit: Hydra-composed semantic segmentation experiments on plain PyTorch."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["Predictor", "load"]
+
+if TYPE_CHECKING:
+    from segkit.api import Predictor, load
+
+
+def __getattr__(name: str) -> Any:
+    """`segkit.load` / `segkit.Predictor` import torch and the models only when first used."""
+    if name in __all__:
+        from segkit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'segkit' has no attribute {name!r}")

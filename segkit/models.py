@@ -176,7 +176,9 @@ def _explain_build_error(arch: str, name: str, output_stride: int | None, error:
     if "Unknown model" in text or "Invalid model" in text:
         return ConfigError("backbone.name", f"{name!r} is not a timm model ({text})")
     if "output_stride" in text or "dilation" in text.lower():
-        return ConfigError("backbone.output_stride", f"{name} cannot run {arch} at output_stride {output_stride} ({text})")
+        return ConfigError(
+            "backbone.output_stride", f"{name} cannot run {arch} at output_stride {output_stride} ({text})"
+        )
     if "unexpected keyword" in text:
         return ConfigError("model.options", f"{arch}: {text}")
     return ConfigError("model", f"{arch} cannot be built on backbone {name}: {text}")

@@ -59,4 +59,5 @@ def step(
 ) -> LRScheduler:
     """lr *= gamma every `step_size` optimizer steps."""
     del total_steps  # a step schedule does not depend on the run length
-    return _with_warmup(optimizer, StepLR(optimizer, step_size=step_size, gamma=gamma), warmup_steps, warmup_start_factor)
+    main = StepLR(optimizer, step_size=step_size, gamma=gamma)
+    return _with_warmup(optimizer, main, warmup_steps, warmup_start_factor)

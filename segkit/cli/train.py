@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from segkit.cli.sweep import run_sweep_job
 from segkit.config import register_configs
 from segkit.engine.trainer import fit
 from segkit.errors import SegkitError, one_line
@@ -25,12 +26,18 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     """Returns the best monitored metric, which Hydra sweepers (Optuna) optimise."""
     hydra_cfg = HydraConfig.get()
+    output_dir = hydra_cfg.runtime.output_dir
     try:
-        summary = fit(cfg, hydra_cfg.runtime.output_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # A failing job (a bad combination) is written to <job dir>/failed.json and marked FAILED
+            # in the trackers; it returns None and the sweep goes on (segkit/cli/sweep.py).
+            summary = run_sweep_job(lambda: fit(cfg, output_dir), cfg, output_dir, hydra_cfg.overrides.task)
+            if summary is None:
+                return None
+        else:
+            summary = fit(cfg, output_dir)
     except (SegkitError, OmegaConfBaseException) as error:
         message = one_line(error) if isinstance(error, SegkitError) else str(error).splitlines()[0]
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # let the sweep record this job as failed and go on
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     if str(summary.get("stop_reason") or "").startswith("SIG"):

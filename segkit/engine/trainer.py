@@ -106,7 +106,8 @@ class Trainer:
         self.autocast_dtype = AUTOCAST_DTYPES[self.tcfg.precision]
         self.scaler = build_grad_scaler(self.device, self.tcfg.precision)
         self.trackers = Trackers(
-            {name: build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items() if node is not None}
+            {name: build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()
+             if node is not None}
         )
 
         self.train_set = build_dataset(cfg.dataset, "train")

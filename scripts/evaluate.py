@@ -1,0 +1,11 @@
+"""`python scripts/evaluate.py <overrides>`: see segkit/cli/evaluate.py and conf/evaluate.yaml."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from segkit.cli.evaluate import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""`python scripts/reproduce.py RUN_DIR [overrides]`: see segkit/cli/reproduce.py."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from segkit.cli.reproduce import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

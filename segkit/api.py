@@ -1,0 +1,210 @@
+"""`segkit.load(path)`: a trained checkpoint as a ready-to-call predictor.
+
+The checkpoint carries its resolved config, so the model is rebuilt exactly as trained
+(without downloading ImageNet weights: the checkpoint has all of them) and the user never
+touches Hydra. Inputs may be tensors, PIL images or numpy arrays; outputs are class ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from segkit.config import build
+from segkit.engine.checkpoint import load_checkpoint
+from segkit.errors import CheckpointError, ConfigError
+from segkit.inference import DEFAULT_TTA_SCALES, predict_logits, predict_probs
+from segkit.models import Segmenter
+
+AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+ImageLike = Any  # torch.Tensor | PIL.Image.Image | np.ndarray
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def tta_settings(tta: bool | Mapping[str, Any] | None) -> tuple[tuple[float, ...], bool]:
+    """tta=True means flips x scales 0.75/1.0/1.25; a mapping may give `scales` and `flip`."""
+    if not tta:
+        return (1.0,), False
+    if tta is True:
+        return DEFAULT_TTA_SCALES, True
+    return tuple(float(s) for s in tta.get("scales", DEFAULT_TTA_SCALES)), bool(tta.get("flip", True))
+
+
+class Predictor:
+    """A loaded model plus what is needed to use it: class names, training size, settings."""
+
+    def __init__(self, model: Segmenter, cfg: DictConfig, device: torch.device, source: str = "") -> None:
+        self.model = model.eval()
+        self.cfg = cfg
+        self.device = device
+        self.source = source
+        dataset = cfg.dataset
+        self.num_classes = int(dataset.num_classes)
+        names = dataset.get("class_names")
+        if not names and source:
+            names = class_names_of_run(Path(source), self.num_classes)
+        self.class_names = list(names) if names else [f"class_{i}" for i in range(self.num_classes)]
+        colors = dataset.get("colors")
+        self.colors: list[list[int]] | None = [list(c) for c in colors] if colors else None
+        self.ignore_index = int(dataset.get("ignore_index", 255))
+        self.image_size: tuple[int, int] = (int(dataset.image_size[0]), int(dataset.image_size[1]))
+        trainer = cfg.get("trainer") or {}
+        self.channels_last = bool(trainer.get("channels_last", False))
+        self.precision = str(trainer.get("precision", "32"))
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __repr__(self) -> str:
+        return f"Predictor({self.source or type(self.model.net).__name__}, classes={self.class_names})"
+
+    def autocast(self):
+        """The checkpoint's training precision, so evaluation sees the numbers validation saw."""
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def logits(
+        self,
+        images: torch.Tensor,
+        mode: str = "whole",
+        tta: bool | Mapping[str, Any] | None = False,
+        crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """images: float (B, 3, H, W) in [0, 1] on any device -> scores (B, C, H, W) on self.device."""
+        scales, flip = tta_settings(tta)
+        images = self._to_model_input(images)
+        crop = crop_size or self.image_size
+        with self.autocast():
+            return predict_logits(self.model, images, mode, crop, stride, scales, flip)
+
+    def probabilities(
+        self,
+        images: torch.Tensor,
+        mode: str = "whole",
+        tta: bool | Mapping[str, Any] | None = False,
+        crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Softmax probabilities (B, C, H, W), averaged over the TTA variants."""
+        scales, flip = tta_settings(tta)
+        images = self._to_model_input(images)
+        crop = crop_size or self.image_size
+        with self.autocast():
+            return predict_probs(self.model, images, mode, crop, stride, scales, flip)
+
+    def predict(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        return_logits: bool = False,
+        mode: str = "auto",
+        tta: bool | Mapping[str, Any] | None = False,
+        crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Class ids (H, W) int64 for one image, (B, H, W) for a batch tensor, a list for a list.
+
+        `mode="auto"` slides a window of the training size over images larger than it.
+        With `return_logits=True` the scores (C, H, W) / (B, C, H, W) come back instead.
+        Results are on the CPU.
+        """
+        if isinstance(images, (list, tuple)):
+            return [self.predict(image, return_logits, mode, tta, crop_size, stride) for image in images]
+        batch, single = to_batch(images)
+        scores = self.logits(batch, mode, tta, crop_size, stride).float().cpu()
+        out = scores if return_logits else scores.argmax(1)
+        return out[0] if single else out
+
+    def _to_model_input(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+def class_names_of_run(checkpoint: Path, num_classes: int) -> list[str] | None:
+    """Names the data set itself supplied (e.g. a dataset.json), as the run's metrics.json recorded them."""
+    summary = checkpoint.parent.parent / "metrics.json"
+    try:
+        names = json.loads(summary.read_text()).get("class_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return list(names) if isinstance(names, list) and len(names) == num_classes else None
+
+
+def to_batch(image: ImageLike) -> tuple[torch.Tensor, bool]:
+    """Any supported image -> (float (B, 3, H, W) in [0, 1], whether it was a single image)."""
+    if not isinstance(image, (torch.Tensor, np.ndarray)):
+        try:  # PIL images
+            image = np.asarray(image.convert("RGB"))
+        except AttributeError:
+            kind = type(image).__name__
+            raise TypeError(f"expected a tensor, a PIL image or a numpy array, got {kind}") from None
+    if isinstance(image, np.ndarray):  # HWC (or BHWC) like PIL / OpenCV give them
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        tensor = torch.from_numpy(np.array(image, copy=not image.flags.writeable, order="C"))
+        tensor = tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+    else:
+        tensor = image
+    single = tensor.ndim == 3
+    if single:
+        tensor = tensor[None]
+    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
+        shape = tuple(tensor.shape)
+        raise ValueError(f"expected an image (3, H, W) or a batch (B, 3, H, W), got shape {shape}")
+    if tensor.shape[1] == 1:
+        tensor = tensor.expand(-1, 3, -1, -1)
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div(255), single
+    if not tensor.is_floating_point():
+        raise ValueError(f"expected uint8 or float images, got {tensor.dtype}")
+    return tensor.float(), single
+
+
+def model_config(config_yaml: str, path: Path) -> DictConfig:
+    """The training config stored in a checkpoint, with pretrained weights switched off."""
+    try:
+        cfg = OmegaConf.create(config_yaml)
+    except Exception as error:  # noqa: BLE001 - any YAML problem gets the same one-line report
+        reason = str(error).splitlines()[0]
+        raise CheckpointError(f"{path}: stored config is not valid YAML ({reason})") from None
+    if not isinstance(cfg, DictConfig) or cfg.get("model") is None or cfg.get("dataset") is None:
+        raise CheckpointError(f"{path}: stored config has no model/dataset section")
+    backbone = cfg.model.get("backbone")
+    if isinstance(backbone, DictConfig):  # the checkpoint holds every weight: never download
+        backbone.pretrained = False
+        backbone.weights = None
+    return cfg
+
+
+def load(path: str | Path, device: str | torch.device | None = "auto") -> Predictor:
+    """Rebuild the model from a segkit checkpoint (`best.pt` / `last.pt`) and load its weights."""
+    path = Path(path).expanduser()
+    state = load_checkpoint(path)
+    if not isinstance(state.get("config"), str):
+        raise CheckpointError(f"{path}: no stored config; the checkpoint was not written by segkit's trainer")
+    cfg = model_config(state["config"], path)
+    model = build(cfg.model, "model")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the stored model ({reason})") from None
+    target = resolve_device(device)
+    return Predictor(model.to(target), cfg, target, source=str(path))

@@ -1,0 +1,175 @@
+"""`python scripts/evaluate.py checkpoint=<run>/checkpoints/best.pt`: metrics, masks, pictures, report.
+
+Writes into the output directory:
+  metrics.json        mIoU, mean Dice, pixel accuracy, IoU / Dice per class, confusion matrix
+  per_image.jsonl     one JSON object per image (filename, mask path, pixel accuracy, IoU, mIoU)
+  per_image/          predicted masks, single-channel PNG class ids at the original image size
+  report/report.html  summary, per-class table, charts and the worst images (with report/images/)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from segkit.api import Predictor, load
+from segkit.cli.common import CONFIG_DIR, dumps, json_safe, run_or_exit
+from segkit.data.loader import build_dataset, build_loader
+from segkit.errors import ConfigError
+from segkit.evaluation import EvalResult, ImageResult, evaluate, image_path
+from segkit.inference import MODES, clean_mask, unletterbox
+from segkit.report_html import write_report
+from segkit.viz import (
+    save_comparison,
+    save_confusion,
+    save_iou_bars,
+    save_mask_png,
+    save_training_curves,
+    stable_palette,
+)
+
+log = logging.getLogger("segkit")
+
+
+def dataset_config(stored: DictConfig, overrides: DictConfig | None) -> DictConfig:
+    """The checkpoint's dataset node with every non-null override applied."""
+    merged = OmegaConf.create(OmegaConf.to_container(stored, resolve=True))
+    for key, value in (OmegaConf.to_container(overrides, resolve=True) if overrides else {}).items():
+        if value is not None:
+            merged[key] = value
+    return merged
+
+
+def default_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
+    name = f"{checkpoint.stem}_{cfg.split}"
+    if cfg.mode != "whole":
+        name += f"_{cfg.mode}"
+    if cfg.tta:
+        name += "_tta"
+    return checkpoint.parent.parent / "eval" / name
+
+
+def tta_option(cfg: DictConfig) -> dict[str, Any] | bool:
+    return {"scales": list(cfg.tta_scales), "flip": bool(cfg.tta_flip)} if cfg.tta else False
+
+
+def postprocessor(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if not (cfg.min_region or cfg.max_hole):
+        return None
+    return partial(clean_mask, min_region=int(cfg.min_region), max_hole=int(cfg.max_hole))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate as configured; returns what metrics.json holds."""
+    if cfg.mode not in MODES:
+        raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    checkpoint = Path(cfg.checkpoint).expanduser()
+    predictor = load(checkpoint, cfg.device)
+    dataset = build_dataset(dataset_config(predictor.cfg.dataset, cfg.get("dataset")), cfg.split)
+    stored_trainer = predictor.cfg.get("trainer") or {}
+    batch_size = cfg.batch_size or stored_trainer.get("val_batch_size") or stored_trainer.get("batch_size", 8)
+    loader = build_loader(dataset, batch_size=int(batch_size), num_workers=cfg.num_workers, train=False,
+                          seed=0, pin_memory=predictor.device.type == "cuda")
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("evaluating %s on %s/%s (%d images, mode=%s%s) -> %s", checkpoint, dataset.name, cfg.split,
+             len(dataset), cfg.mode, ", tta" if cfg.tta else "", out_dir)
+
+    save_masks = MaskWriter(dataset, out_dir / "per_image") if cfg.save_masks else None
+    result = evaluate(
+        predictor, dataset, loader, mode=cfg.mode, tta=tta_option(cfg),
+        crop_size=cfg.crop_size, stride=cfg.stride, worst_n=cfg.worst_n if cfg.report else 0,
+        on_image=save_masks, postprocess=postprocessor(cfg), progress_bar=cfg.progress_bar,
+    )
+    meta = {
+        "checkpoint": str(checkpoint), "dataset": dataset.name, "split": cfg.split, "images": len(dataset),
+        "mode": cfg.mode, "tta": json_safe(tta_option(cfg)), "device": str(predictor.device),
+        "postprocess": {"min_region": cfg.min_region, "max_hole": cfg.max_hole},
+    }
+    metrics = {**meta, **result.summary}
+    (out_dir / "metrics.json").write_text(dumps(metrics, indent=2))
+    with open(out_dir / "per_image.jsonl", "w") as handle:
+        for record in result.records:
+            handle.write(dumps(record) + "\n")
+    if cfg.report:
+        palette = stable_palette(dataset.num_classes, dataset.colors or predictor.colors)
+        report = write_evaluation_report(out_dir / "report", result, predictor, checkpoint, meta, palette)
+        log.info("report: %s", report)
+    print_summary(result.summary, dataset.class_names)
+    return json_safe(metrics)
+
+
+class MaskWriter:
+    """Saves each prediction as a PNG aligned with its original image (the letterbox undone)."""
+
+    def __init__(self, dataset, directory: Path) -> None:
+        self.dataset = dataset
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, item: ImageResult) -> None:
+        pred = item.pred
+        path = image_path(self.dataset, item.index)
+        if path is not None:
+            with Image.open(path) as img:
+                width, height = img.size
+            pred = unletterbox(pred, (height, width), self.dataset.image_size)
+        save_mask_png(pred, self.directory / f"{item.stem}_pred.png")
+
+
+def write_evaluation_report(
+    report_dir: Path, result: EvalResult, predictor: Predictor, checkpoint: Path, meta: dict[str, Any],
+    palette: np.ndarray,
+) -> Path:
+    summary = result.summary
+    names = list(summary["per_class_iou"])
+    images = report_dir / "images"
+    charts = {
+        "IoU per class": save_iou_bars(summary["per_class_iou"], images / "iou_per_class.png", palette),
+        "Confusion matrix": save_confusion(summary["confusion_matrix"], names, images / "confusion.png"),
+        "Training curves": save_training_curves(checkpoint.parent.parent / "epochs.csv",
+                                                images / "training_curves.png"),
+    }
+    worst = []
+    for rank, item in enumerate(result.worst):
+        figure = save_comparison(
+            item.image, item.pred, item.target, images / f"worst_{rank:02d}_{item.stem}.png", names, palette,
+            ignore_index=predictor.ignore_index, title=f"{item.filename}  mIoU {item.miou:.3f}",
+        )
+        worst.append({"filename": item.filename, "miou": item.miou, "pixel_accuracy": item.pixel_accuracy,
+                      "image": figure})
+    return write_report(report_dir, summary=result.summary, class_names=names, palette=palette, meta=meta,
+                        charts=charts, worst=worst)
+
+
+def print_summary(summary: dict[str, Any], class_names: list[str]) -> None:
+    table = Table(title="per class", show_edge=False)
+    for column in ("class", "IoU", "Dice"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name in class_names:
+        iou, dice = summary["per_class_iou"][name], summary["per_class_dice"][name]
+        table.add_row(name, *("n/a" if v != v else f"{v:.4f}" for v in (iou, dice)))
+    console = Console()
+    console.print(table)
+    console.print(f"mIoU {summary['miou']:.4f}   mean Dice {summary['mdice']:.4f}   "
+                  f"pixel accuracy {summary['pixel_acc']:.4f}")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_or_exit(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    main()

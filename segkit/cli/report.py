@@ -1,0 +1,278 @@
+"""`segkit-report SWEEP_DIR` (or `--experiment NAME`): rank every run of a sweep.
+
+Writes `leaderboard.md`, `leaderboard.csv` and `leaderboard_heatmap.png` (best val mIoU by
+model x loss) into the sweep directory or `--out`. Runs come from the job directories of a
+multirun (metrics.json / failed.json) or from an MLflow experiment. The parameter count is read
+from the run's checkpoint (buffers excluded), so it is blank when checkpoints were not kept;
+the time is the span from Hydra writing `.hydra/config.yaml` to the run's last record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segkit.cli.sweep import JobRecord, best_miou, collect_jobs, varying_overrides
+
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass
+class Row:
+    job: str
+    overrides: list[str]
+    status: str
+    best_miou: float | None = None
+    per_class_iou: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None
+    params: int | None = None
+    model: str | None = None
+    loss: str | None = None
+    error: str | None = None
+    shown_overrides: list[str] = field(default_factory=list)  # the ones that differ between rows
+
+
+# ---------------------------------------------------------------------- sources
+def rows_from_sweep(sweep_dir: Path) -> list[Row]:
+    jobs = collect_jobs(sweep_dir)
+    return [_row_from_job(job) for job in jobs]
+
+
+def _row_from_job(job: JobRecord) -> Row:
+    best = (job.metrics or {}).get("best") or {}
+    return Row(
+        job=job.name, overrides=job.overrides, status=job.status, best_miou=best_miou(job),
+        per_class_iou=dict(best.get("per_class_iou") or {}), seconds=job.seconds,
+        params=count_parameters(job.path),
+        model=job.choices.get("model") or _override(job.overrides, "model"),
+        loss=job.choices.get("loss") or _override(job.overrides, "loss"), error=job.error,
+    )
+
+
+def rows_from_mlflow(experiment: str, tracking_uri: str) -> list[Row]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise SystemExit(f"error: no MLflow experiment {experiment!r} at {tracking_uri}")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return [_row_from_run(client, run) for run in runs]
+
+
+def _row_from_run(client: Any, run: Any) -> Row:
+    tags, metrics = run.data.tags, run.data.metrics
+    summary = _mlflow_summary(client, run.info.run_id)
+    best = (summary or {}).get("best") or {}
+    if best.get("miou") is not None:
+        miou = float(best["miou"])
+    else:
+        history = [m.value for m in client.get_metric_history(run.info.run_id, "val/miou")]
+        miou = max(history) if history else None
+    per_class = dict(best.get("per_class_iou") or {}) or {
+        k.removeprefix("val/iou_"): v for k, v in metrics.items() if k.startswith("val/iou_")}
+    seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
+    run_dir = Path(tags["run_dir"]) if tags.get("run_dir") else None
+    overrides = json.loads(tags.get("overrides", "[]"))
+    return Row(
+        job=tags.get("job_num") or run.info.run_name or run.info.run_id[:8], overrides=overrides,
+        status=run.info.status, best_miou=miou, per_class_iou=per_class, seconds=seconds,
+        params=count_parameters(run_dir) if run_dir else None,
+        model=tags.get("choice.model") or run.data.params.get("model.arch"),
+        loss=tags.get("choice.loss") or _override(overrides, "loss"), error=tags.get("error"),
+    )
+
+
+def _mlflow_summary(client: Any, run_id: str) -> dict[str, Any] | None:
+    try:
+        with tempfile.TemporaryDirectory(prefix="segkit_report_") as tmp:
+            return json.loads(Path(client.download_artifacts(run_id, "metrics.json", tmp)).read_text())
+    except Exception:  # noqa: BLE001 - a failed run has no metrics.json
+        return None
+
+
+def _override(overrides: Sequence[str], key: str) -> str | None:
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name.lstrip("+~") == key:
+            return value
+    return None
+
+
+def count_parameters(run_dir: Path) -> int | None:
+    """Trainable-size count from checkpoints/best.pt (or last.pt); None without a checkpoint."""
+    from segkit.engine.checkpoint import load_checkpoint
+    from segkit.errors import CheckpointError
+
+    for name in ("best.pt", "last.pt"):
+        path = Path(run_dir) / "checkpoints" / name
+        if path.is_file():
+            try:
+                state = load_checkpoint(path)["model"]
+            except CheckpointError:
+                continue
+            return sum(t.numel() for k, t in state.items() if not k.endswith(BUFFER_SUFFIXES))
+    return None
+
+
+# ---------------------------------------------------------------------- outputs
+def rank(rows: list[Row]) -> list[Row]:
+    """Best mIoU first; runs without a score (failed, incomplete) last, in job order."""
+    _, shown = varying_overrides([r.overrides for r in rows])
+    for row, overrides in zip(rows, shown, strict=True):
+        row.shown_overrides = overrides
+    return sorted(rows, key=lambda r: (not _finite(r.best_miou), -(r.best_miou or 0.0)))
+
+
+def class_names(rows: Sequence[Row]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        names.extend(n for n in row.per_class_iou if n not in names)
+    return names
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> None:
+    classes = class_names(rows)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["rank", "job", "status", "best_val_miou", *[f"iou_{c}" for c in classes], "seconds",
+                         "params", "model", "loss", "overrides", "error"])
+        for i, row in enumerate(rows, 1):
+            writer.writerow([i, row.job, row.status, _num(row.best_miou),
+                             *[_num(row.per_class_iou.get(c)) for c in classes], _num(row.seconds, 1),
+                             row.params if row.params is not None else "", row.model or "", row.loss or "",
+                             " ".join(row.overrides), row.error or ""])
+
+
+def markdown(rows: Sequence[Row], source: str) -> str:
+    classes = class_names(rows)
+    common, _ = varying_overrides([r.overrides for r in rows])
+    ok = sum(r.status == "FINISHED" for r in rows)
+    failed = sum(r.status == "FAILED" for r in rows)
+    lines = [f"# Leaderboard: {source}", "", f"{len(rows)} runs: {ok} ok, {failed} failed."]
+    if common:
+        lines += ["", "Common overrides: " + " ".join(f"`{o}`" for o in common)]
+    header = ["rank", "job", "overrides", "status", "best val mIoU", *[f"IoU {c}" for c in classes], "time",
+              "params", "error"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, row in enumerate(rows, 1):
+        cells = [str(i), row.job, " ".join(f"`{o}`" for o in row.shown_overrides), row.status,
+                 _num(row.best_miou), *[_num(row.per_class_iou.get(c)) for c in classes],
+                 _duration(row.seconds), _count(row.params), row.error or ""]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_heatmap(rows: Sequence[Row], path: Path) -> bool:
+    """Best mIoU per (model, loss) cell; False (nothing written) when the runs name no model/loss."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    models = sorted({r.model for r in rows if r.model})
+    losses = sorted({r.loss for r in rows if r.loss})
+    if not models or not losses:
+        return False
+    grid = np.full((len(models), len(losses)), np.nan)
+    tried = np.zeros_like(grid, dtype=bool)
+    for row in rows:
+        if row.model in models and row.loss in losses:
+            i, j = models.index(row.model), losses.index(row.loss)
+            tried[i, j] = True
+            if _finite(row.best_miou):
+                grid[i, j] = np.fmax(grid[i, j], row.best_miou)
+    fig = Figure(figsize=(1.6 * len(losses) + 2.5, 0.7 * len(models) + 1.8), layout="constrained")
+    ax = fig.add_subplot()
+    vmax = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=max(vmax, 1e-6))
+    ax.set_xticks(range(len(losses)), losses)
+    ax.set_yticks(range(len(models)), models)
+    ax.set_xlabel("loss")
+    ax.set_ylabel("model")
+    ax.set_title("best val mIoU")
+    for i in range(len(models)):
+        for j in range(len(losses)):
+            text = f"{grid[i, j]:.3f}" if np.isfinite(grid[i, j]) else ("failed" if tried[i, j] else "")
+            color = "white" if np.isfinite(grid[i, j]) and grid[i, j] < 0.6 * vmax else "black"
+            ax.text(j, i, text, ha="center", va="center", color=color)
+    fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _count(params: int | None) -> str:
+    if params is None:
+        return ""
+    return f"{params / 1e6:.2f} M" if params >= 1e5 else str(params)
+
+
+# ---------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segkit-report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", nargs="?", type=Path, help="a multirun directory (holds 0/, 1/, ...)")
+    parser.add_argument("--experiment", help="an MLflow experiment name (task_name) instead of a sweep dir")
+    parser.add_argument("--tracking-uri", help="default: sqlite:///<abs outputs>/mlflow.db")
+    parser.add_argument("--out", type=Path, help="default: the sweep dir, or report_<name>/")
+    args = parser.parse_args(argv)
+    if (args.sweep_dir is None) == (args.experiment is None):
+        parser.error("give a sweep directory or --experiment NAME (not both)")
+    if args.sweep_dir is not None:
+        if not args.sweep_dir.is_dir():
+            print(f"error: {args.sweep_dir}: not a directory", file=sys.stderr)
+            return 2
+        rows, source = rows_from_sweep(args.sweep_dir), str(args.sweep_dir)
+        out = args.out or args.sweep_dir
+    else:
+        from segkit.trackers.mlflow import default_tracking_uri
+
+        uri = args.tracking_uri or default_tracking_uri("outputs")
+        rows, source = rows_from_mlflow(args.experiment, uri), f"MLflow experiment {args.experiment} ({uri})"
+        out = args.out or Path(f"report_{args.experiment}")
+    if not rows:
+        print(f"error: no runs found in {source}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    rows = rank(rows)
+    write_csv(rows, out / "leaderboard.csv")
+    text = markdown(rows, source)
+    (out / "leaderboard.md").write_text(text)
+    written = ["leaderboard.md", "leaderboard.csv"]
+    if write_heatmap(rows, out / "leaderboard_heatmap.png"):
+        written.append("leaderboard_heatmap.png")
+    print(text)
+    print("wrote " + ", ".join(str(out / name) for name in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Multirun jobs that fail without stopping the sweep, and reading a sweep directory back.
+
+Hydra's basic launcher runs every job, then re-raises the first job's exception, which skips
+`on_multirun_end` and hides the other results. So a job's exception is caught here instead:
+written to `<job dir>/failed.json`, logged, and recorded as a FAILED tracker run; the job
+returns None, which the Optuna sweeper counts as a failed trial (see hydra.sweeper.max_failure_rate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from segkit.errors import SegkitError, one_line
+
+log = logging.getLogger("segkit")
+T = TypeVar("T")
+
+FAILED_FILE = "failed.json"
+METRICS_FILE = "metrics.json"
+
+
+def run_sweep_job(job: Callable[[], T], cfg: DictConfig, output_dir: str | Path,
+                  overrides: Sequence[str]) -> T | None:
+    """Run one multirun job; any exception becomes failed.json and a None result."""
+    output_dir = Path(output_dir)
+    marker = output_dir / "config.yaml"  # the trainer writes it right before starting its trackers
+    before = _mtime(marker)
+    try:
+        return job()
+    except Exception as error:  # noqa: BLE001 - one bad combination must not end the sweep
+        record_failure(cfg, output_dir, error, list(overrides), trackers_started=_mtime(marker) != before)
+        return None
+
+
+def error_message(error: BaseException) -> str:
+    if isinstance(error, SegkitError):
+        return one_line(error)
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def record_failure(cfg: DictConfig, output_dir: Path, error: BaseException, overrides: list[str],
+                   trackers_started: bool) -> None:
+    message = error_message(error)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "error": message,
+        "error_type": type(error).__name__,
+        "overrides": overrides,
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+    (output_dir / FAILED_FILE).write_text(json.dumps(record, indent=2))
+    log.error("job failed (%s): %s; the sweep goes on", " ".join(overrides), message)
+    if not trackers_started:  # failed while building (model, data): no tracker run exists yet
+        _failed_tracker_run(cfg, output_dir, message)
+
+
+def _failed_tracker_run(cfg: DictConfig, output_dir: Path, message: str) -> None:
+    """Open and close a tracker run marked FAILED, so the sweep's tracker shows every job."""
+    from segkit.config import build
+    from segkit.tracking import Trackers, flatten
+
+    try:
+        loggers = dict(cfg.get("logger") or {})
+        try:
+            params = flatten(OmegaConf.to_container(cfg, resolve=True))
+        except Exception:  # noqa: BLE001 - the failure may be a broken interpolation
+            params = flatten(OmegaConf.to_container(cfg, resolve=False))
+    except Exception as error:  # noqa: BLE001
+        log.warning("could not record the failed job in the trackers (%s)", error)
+        return
+    trackers = {}
+    for name, node in loggers.items():
+        if node is None:
+            continue
+        try:
+            trackers[name] = build(node, f"logger.{name}")
+        except Exception as error:  # noqa: BLE001
+            log.warning("tracker %s could not be built (%s)", name, error)
+    group = Trackers(trackers)
+    group.start(output_dir, params, {"error": message})
+    group.log_artifact(output_dir / FAILED_FILE)
+    group.finish("FAILED")
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------- reading a sweep back
+@dataclass
+class JobRecord:
+    name: str
+    path: Path
+    overrides: list[str]
+    choices: dict[str, str] = field(default_factory=dict)
+    status: str = "INCOMPLETE"  # FINISHED | KILLED | FAILED | INCOMPLETE (running, or crashed hard)
+    error: str | None = None
+    metrics: dict[str, Any] | None = None
+    seconds: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "FINISHED"
+
+
+def collect_jobs(sweep_dir: str | Path) -> list[JobRecord]:
+    """Every job directory (one holding `.hydra/`) directly under `sweep_dir`, in job order."""
+    sweep_dir = Path(sweep_dir)
+    dirs = [d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+    dirs.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    return [read_job(d) for d in dirs]
+
+
+def read_job(job_dir: Path) -> JobRecord:
+    hydra_dir = job_dir / ".hydra"
+    overrides_file = hydra_dir / "overrides.yaml"
+    overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+    record = JobRecord(name=job_dir.name, path=job_dir, overrides=overrides, choices=_choices(hydra_dir))
+    started = _mtime(hydra_dir / "config.yaml")
+    metrics_file, failed_file = job_dir / METRICS_FILE, job_dir / FAILED_FILE
+    metrics_time, failed_time = _mtime(metrics_file), _mtime(failed_file)
+    if failed_time is not None and (metrics_time is None or failed_time >= metrics_time):
+        record.status, record.error = "FAILED", json.loads(failed_file.read_text()).get("error")
+        ended = failed_time
+    elif metrics_time is not None:
+        record.metrics = json.loads(metrics_file.read_text())
+        record.status, ended = record.metrics.get("status", "FINISHED"), metrics_time
+    else:
+        ended = None
+    if started is not None and ended is not None:
+        record.seconds = max(0.0, (ended - started) / 1e9)
+    return record
+
+
+def _choices(hydra_dir: Path) -> dict[str, str]:
+    path = hydra_dir / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    choices = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.choices") or {}
+    return {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra/")}
+
+
+def varying_overrides(overrides: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:
+    """(overrides every job shares, each job's remaining overrides): what tells the jobs apart."""
+    if len(overrides) < 2:
+        return [], [list(o) for o in overrides]
+    common = [o for o in overrides[0] if all(o in other for other in overrides[1:])]
+    return common, [[o for o in job if o not in common] for job in overrides]
+
+
+def best_miou(job: JobRecord) -> float | None:
+    best = (job.metrics or {}).get("best") or {}
+    value = best.get("miou")
+    return None if value is None else float(value)

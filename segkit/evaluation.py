@@ -1,0 +1,143 @@
+"""The evaluation pass: one loop over a split with the training loop's metrics, plus per-image records.
+
+Dataset-level numbers come from `SegmentationMetrics` (the object `Trainer.validate` uses), so
+for the same weights and data they are identical to validation. Per-image numbers use the same
+`summarize_confusion` on each image's own confusion matrix.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from segkit.api import Predictor
+from segkit.data.base import SegmentationDataset
+from segkit.engine.progress import Progress
+from segkit.metrics import SegmentationMetrics, summarize_confusion
+
+
+@dataclass
+class ImageResult:
+    """One evaluated image: its record for per_image.jsonl and the tensors for pictures."""
+
+    index: int
+    stem: str
+    filename: str
+    image: torch.Tensor  # uint8 (3, H, W), as evaluated
+    target: torch.Tensor  # int64 (H, W)
+    pred: torch.Tensor  # int64 (H, W)
+    pixel_accuracy: float | None
+    miou: float | None
+    per_class_iou: dict[str, float | None]
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, Any]  # summarize_confusion over the split
+    records: list[dict[str, Any]] = field(default_factory=list)
+    worst: list[ImageResult] = field(default_factory=list)  # lowest per-image mIoU first
+
+
+def image_path(dataset: SegmentationDataset, index: int) -> Path | None:
+    """The image file behind a sample, for readers that have files (not generated data)."""
+    image = dataset.sample_files(index).get("image")
+    return Path(image) if image is not None else None
+
+
+def nan_to_none(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def per_image_metrics(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int, class_names: Sequence[str]
+) -> tuple[float | None, float | None, dict[str, float | None]]:
+    """(pixel accuracy, mIoU, IoU per class) of one image; None where the image gives no value."""
+    valid = target != ignore_index
+    codes = target[valid] * num_classes + pred[valid]
+    confusion = torch.bincount(codes, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    result = summarize_confusion(confusion, class_names)
+    if not bool(valid.any()):
+        return None, None, {name: None for name in class_names}
+    ious = {name: nan_to_none(value) for name, value in result["per_class_iou"].items()}
+    return result["pixel_acc"], result["miou"], ious
+
+
+def evaluate(
+    predictor: Predictor,
+    dataset: SegmentationDataset,
+    loader: DataLoader,
+    *,
+    mode: str = "whole",
+    tta: bool | Mapping[str, Any] | None = False,
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    worst_n: int = 0,
+    on_image: Callable[[ImageResult], None] | None = None,
+    postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress_bar: bool = True,
+) -> EvalResult:
+    """Run the model over `loader` (built on `dataset`, in order) and collect the metrics.
+
+    `postprocess` maps one predicted (H, W) mask to another (e.g. `clean_mask`); the metrics
+    are then those of the post-processed masks.
+    """
+    num_classes, ignore = dataset.num_classes, dataset.ignore_index
+    names = dataset.class_names
+    metrics = SegmentationMetrics(num_classes, ignore, names, predictor.device)
+    result = EvalResult(summary={})
+    heap: list[tuple[float, int, ImageResult]] = []  # max-heap on mIoU via negation: keeps the worst N
+    progress = Progress(len(loader), "evaluate", enabled=progress_bar)
+    index = 0
+    with torch.no_grad():
+        for images, masks in loader:
+            scores = predictor.logits(images, mode, tta, crop_size, stride)
+            masks = masks.to(predictor.device)
+            preds = scores.argmax(1)
+            if postprocess is not None:
+                preds = torch.stack([postprocess(pred) for pred in preds])
+            metrics.update(preds, masks)
+            for image, target, pred in zip(images, masks.cpu(), preds.cpu(), strict=True):
+                item = _image_result(dataset, index, image, target, pred, num_classes, ignore, names)
+                result.records.append(_record(item))
+                if on_image is not None:
+                    on_image(item)
+                if worst_n > 0 and item.miou is not None:
+                    entry = (-item.miou, -index, item)
+                    if len(heap) < worst_n:
+                        heapq.heappush(heap, entry)
+                    else:
+                        heapq.heappushpop(heap, entry)
+                index += 1
+            progress.advance(1)
+    progress.close()
+    result.summary = metrics.compute()
+    result.worst = [item for _, _, item in sorted(heap, key=lambda e: (-e[0], -e[1]))]
+    return result
+
+
+def _image_result(
+    dataset: SegmentationDataset, index: int, image: torch.Tensor, target: torch.Tensor, pred: torch.Tensor,
+    num_classes: int, ignore: int, names: Sequence[str],
+) -> ImageResult:
+    path = image_path(dataset, index)
+    stem = path.stem if path is not None else f"{dataset.split}_{index:05d}"
+    filename = path.name if path is not None else f"{dataset.describe(index)}"
+    accuracy, miou, ious = per_image_metrics(pred, target, num_classes, ignore, names)
+    return ImageResult(index, stem, filename, image, target, pred, accuracy, miou, ious)
+
+
+def _record(item: ImageResult) -> dict[str, Any]:
+    return {
+        "filename": item.filename,
+        "predicted_mask_path": f"per_image/{item.stem}_pred.png",
+        "pixel_accuracy": item.pixel_accuracy,
+        "per_class_iou": item.per_class_iou,
+        "miou": item.miou,
+    }

@@ -1,0 +1,160 @@
+"""Export a Segmenter to ONNX / TorchScript, check it against PyTorch and time it on the CPU.
+
+The exported graph is the whole Segmenter (normalisation, padding to the stride, resizing the
+logits back), so a deployment feeds it images in [0, 1] exactly like PyTorch. Export traces the
+model on an example whose size is *not* a multiple of the stride, so the padding branch is
+recorded; with dynamic axes the padding amounts are then computed from the input's shape.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from segkit.errors import SegkitError
+
+INPUT, OUTPUT = "images", "logits"
+
+
+class ExportError(SegkitError):
+    """Export failed or the exported model disagrees with PyTorch; the message names the file."""
+
+
+def example_size(height: int, width: int, stride: int) -> tuple[int, int]:
+    """The requested size, nudged off the stride grid so the padding path is traced."""
+    return (height + (stride // 2 if height % stride == 0 else 0),
+            width + (stride // 2 if width % stride == 0 else 0))
+
+
+def export_onnx(
+    model: nn.Module, path: Path, size: Sequence[int], opset: int = 17, dynamic: bool = True
+) -> Path:
+    """Write `path` with the TorchScript-based exporter (dynamo=False: no onnxscript needed)."""
+    example = torch.rand(1, 3, int(size[0]), int(size[1]))
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings about the stride branch: handled by example_size
+            torch.onnx.export(
+                model.eval(), (example,), str(path), dynamo=False, opset_version=opset,
+                input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: axes, OUTPUT: axes},
+            )
+    except Exception as error:  # noqa: BLE001 - exporter errors are many types; report one line
+        raise ExportError(f"{path}: ONNX export failed ({str(error).splitlines()[0]})") from None
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def export_torchscript(model: nn.Module, path: Path, size: Sequence[int]) -> Path:
+    example = torch.rand(1, 3, int(size[0]), int(size[1]))
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model.eval(), example, check_trace=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        traced.save(str(path))
+    except Exception as error:  # noqa: BLE001
+        raise ExportError(f"{path}: TorchScript export failed ({str(error).splitlines()[0]})") from None
+    return path
+
+
+def onnx_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Parity:
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    argmax_agreement: float
+    error: str | None = None
+
+    def ok(self, atol: float) -> bool:
+        return self.error is None and self.max_abs_diff <= atol and self.argmax_agreement >= 0.999
+
+    def line(self, name: str) -> str:
+        shape = "x".join(map(str, self.shape))
+        if self.error:
+            return f"{name} [{shape}]: failed ({self.error})"
+        return (f"{name} [{shape}]: max |logit diff| = {self.max_abs_diff:.3g}, "
+                f"argmax agreement = {100 * self.argmax_agreement:.3f}%")
+
+
+def compare(
+    reference: nn.Module, run: Callable[[np.ndarray], np.ndarray], shape: Sequence[int], seed: int = 0
+) -> Parity:
+    """Logits of `run` (an exported model) against PyTorch's on one random input of `shape`."""
+    images = torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = reference.eval()(images).float().numpy()
+    try:
+        got = np.asarray(run(images.numpy()))
+    except Exception as error:  # noqa: BLE001 - a runtime refusing a shape is a result, not a crash
+        return Parity(tuple(shape), float("inf"), 0.0, str(error).splitlines()[0][:200])
+    if got.shape != expected.shape:
+        return Parity(tuple(shape), float("inf"), 0.0, f"output shape {got.shape} != {expected.shape}")
+    agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+    return Parity(tuple(shape), float(np.abs(got - expected).max()), agreement)
+
+
+def onnx_runner(session) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda images: session.run([OUTPUT], {INPUT: images.astype(np.float32)})[0]
+
+
+def torchscript_runner(module) -> Callable[[np.ndarray], np.ndarray]:
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(images)).float().numpy()
+
+    return run
+
+
+@dataclass
+class Timing:
+    runtime: str
+    shape: tuple[int, ...]
+    threads: int
+    ms_per_batch: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.shape[0] / (self.ms_per_batch / 1000)
+
+
+def time_runner(name: str, run: Callable[[np.ndarray], object], shape: Sequence[int], threads: int,
+                runs: int = 20, warmup: int = 3) -> Timing:
+    """Median wall time of `runs` calls after `warmup` calls, on one fixed random input."""
+    images = np.random.default_rng(0).random(tuple(shape), dtype=np.float32)
+    for _ in range(warmup):
+        run(images)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(images)
+        times.append(time.perf_counter() - start)
+    return Timing(name, tuple(shape), threads, 1000 * float(np.median(times)))
+
+
+def markdown_table(timings: Sequence[Timing]) -> str:
+    lines = ["| runtime | input (BxCxHxW) | CPU threads | median ms / batch | images / s |",
+             "|---|---|---|---|---|"]
+    for t in timings:
+        lines.append(f"| {t.runtime} | {'x'.join(map(str, t.shape))} | {t.threads} | "
+                     f"{t.ms_per_batch:.1f} | {t.images_per_s:.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Weights & Biases tracker: offline unless WANDB_API_KEY is set; files under `<run dir>/wandb`.
+
+Offline runs can be uploaded later with `wandb sync <run dir>/wandb/offline-run-*`. Jobs of one
+sweep share a W&B group (the sweep directory), so the UI can compare them side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from segkit.trackers.context import hydra_context, run_tags
+from segkit.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP_CHARS = 128
+MAX_TAG_CHARS = 64
+
+
+def wandb_mode(mode: str | None) -> str:
+    """Explicit setting, else WANDB_MODE, else online only when an API key is present."""
+    if mode:
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+class WandbTracker(Tracker):
+    def __init__(self, project: str = "segkit", entity: str | None = None, mode: str | None = None,
+                 log_checkpoint: bool = False) -> None:
+        self.project = project
+        self.entity = entity
+        self.mode = mode
+        self.log_checkpoint = log_checkpoint
+        self.run: Any = None
+        self.run_dir: Path | None = None
+
+    def start(self, run_dir: Path, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        import wandb
+
+        context = hydra_context()
+        meta = run_tags(run_dir, params, tags, context)
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        group = context.sweep_id[-MAX_GROUP_CHARS:] if context.sweep_id else None
+        self.run = wandb.init(
+            project=self.project, entity=self.entity, name=context.run_name, group=group,
+            dir=str(self.run_dir), mode=wandb_mode(self.mode), job_type="train",
+            config={**params, **{f"meta/{k}": v for k, v in meta.items()}},
+            tags=[o[:MAX_TAG_CHARS] for o in context.overrides][:20],
+            reinit="finish_previous",  # a sweep runs jobs in one process: never log into a stale run
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+        )
+        self.log_artifact(self.run_dir / "config.yaml")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        path = Path(path)
+        if self.run is None or not path.is_file():
+            return
+        if self.run_dir is not None and self.run_dir not in path.parents:
+            log.debug("wandb: %s is outside the run directory; not saved", path)
+            return
+        if getattr(self.run, "_is_finished", False):
+            log.debug("wandb: run already finished; %s stays in the run directory only", path)
+            return
+        self.run.save(str(path), base_path=str(self.run_dir), policy="now")
+
+    def finish(self, status: str) -> None:
+        if self.log_checkpoint and self.run_dir is not None:
+            self.log_artifact(self.run_dir / "checkpoints" / "best.pt")
+        self.run.summary["status"] = status
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
