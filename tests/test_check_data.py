@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -15,14 +14,6 @@ from segkit.cli import check_data
 from segkit.data.checks import check_split
 
 from .test_data_formats import coco_overrides, label_map, random_image, write_coco, write_rgb_folder
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_broken_folder(root: Path) -> dict[str, str]:

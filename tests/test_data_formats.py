@@ -33,15 +33,6 @@ TINY_DATA = [o for o in TINY if not o.startswith(("dataset.train_size", "dataset
 ONE_STEP = [*TINY_DATA, "trainer.max_steps=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two fighting over 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_image(rng: np.random.Generator, size: tuple[int, int] = SIZE) -> np.ndarray:
     return rng.integers(0, 255, (*size, 3), dtype=np.uint8)
 

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -21,16 +20,6 @@ from segkit.errors import CheckpointError, ConfigError
 from .conftest import CONF_DIR, TINY, write_folder_dataset
 
 CLASSES = ["class_0", "class_1", "class_2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Two OpenMP threads on a shared 2-core machine spin against other jobs; one thread is steadier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 
 def compose_config(name, overrides):

@@ -19,15 +19,6 @@ from .conftest import CONF_DIR, TINY
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Two OpenMP threads on a shared 2-core machine spin against other jobs; one thread is steadier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def compose_config(name, overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))

@@ -40,16 +40,6 @@ class Pointwise(nn.Module):
         return self.conv(x)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Two OpenMP threads on a shared 2-core machine spin against other jobs; one thread is steadier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-
 def make_checkpoint(compose_cfg, path, overrides=()):
     """An untrained model saved as the trainer saves it: enough to test loading and inference."""
     cfg = compose_cfg(["model=fpn", *overrides])

@@ -8,7 +8,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -35,8 +34,6 @@ window.addEventListener('load', () => {
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # steadier on a shared 2-core machine
     base = tmp_path_factory.mktemp("report")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         train = compose(config_name="train", overrides=[*TINY, "trainer.max_steps=2"])
@@ -46,7 +43,6 @@ def report(tmp_path_factory):
         ])
     fit(train, base / "run")
     evaluate_cli.run(evaluate)
-    torch.set_num_threads(previous)
     return base / "eval" / "report" / "report.html"
 
 
