@@ -28,7 +28,8 @@ def cli(*overrides: str) -> list[str]:
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(compose_cfg, tmp_path):
     straight = fit(compose_cfg(SLOW), tmp_path / "straight")
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Same thread count as this process (conftest): CPU float reductions depend on it.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     last = run_dir / "checkpoints" / "last.pt"
     for delay in (0.05, 0.4):  # after a checkpoint appears: inside the next steps, validation or write
         seen = last.stat().st_mtime_ns if last.exists() else None
@@ -40,7 +41,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(compose_cfg,
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    resumed = subprocess.run(cli(*SLOW, f"hydra.run.dir={run_dir}", "trainer.resume=auto"), cwd=ROOT,
+    resumed = subprocess.run(cli(*SLOW, f"hydra.run.dir={run_dir}", "trainer.resume=auto"), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_checkpoint(tmp_path / "straight/checkpoints/last.pt")
