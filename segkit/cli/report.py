@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ def _row_from_job(job: JobRecord) -> Row:
 
 
 def rows_from_mlflow(experiment: str, tracking_uri: str) -> list[Row]:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -126,7 +128,9 @@ def count_parameters(run_dir: Path) -> int | None:
                 state = load_checkpoint(path)["model"]
             except CheckpointError:
                 continue
-            return sum(t.numel() for k, t in state.items() if not k.endswith(BUFFER_SUFFIXES))
+            # Modules reachable under two names (`encoder` and `net.encoder`) share storage: count once.
+            unique = {(t.data_ptr(), t.numel()): t for k, t in state.items() if not k.endswith(BUFFER_SUFFIXES)}
+            return sum(t.numel() for t in unique.values())
     return None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ class WandbTracker(Tracker):
 
         context = hydra_context()
         meta = run_tags(run_dir, params, tags, context)
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         group = context.sweep_id[-MAX_GROUP_CHARS:] if context.sweep_id else None
         self.run = wandb.init(
@@ -60,19 +61,23 @@ class WandbTracker(Tracker):
         self.run.log(dict(metrics), step=step)
 
     def log_artifact(self, path: Path) -> None:
-        path = Path(path)
-        if self.run is None or not path.is_file():
+        path = Path(path).resolve()
+        if self.run is None or self.run_dir is None or not path.is_file():
             return
-        if self.run_dir is not None and self.run_dir not in path.parents:
+        if self.run_dir not in path.parents:
             log.debug("wandb: %s is outside the run directory; not saved", path)
             return
         if getattr(self.run, "_is_finished", False):
             log.debug("wandb: run already finished; %s stays in the run directory only", path)
             return
-        self.run.save(str(path), base_path=str(self.run_dir), policy="now")
+        # Files under run.dir are synced with the run (at finish, or by `wandb sync` when offline);
+        # a copy avoids wandb.save's symlink warning and survives the run dir being moved.
+        target = Path(self.run.dir) / path.relative_to(self.run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
 
     def finish(self, status: str) -> None:
         if self.log_checkpoint and self.run_dir is not None:
             self.log_artifact(self.run_dir / "checkpoints" / "best.pt")
-        self.run.summary["status"] = status
-        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+        self.run.summary["status"] = status  # KILLED (stopped to resume later) is not a failure in W&B
+        self.run.finish(exit_code=1 if status == "FAILED" else 0)
