@@ -129,6 +129,7 @@ def test_experiment_camvid_deeplabv3plus_recipe(compose_cfg):
     cfg = compose_cfg(["experiment=camvid_deeplabv3plus", "dataset.root=/data/camvid"], tiny=False)
     validate_config(cfg)
     assert cfg.model.arch == "deeplabv3plus" and cfg.dataset.name == "camvid"
+    assert cfg.task_name == "camvid_deeplabv3plus"  # the preset's name wins over train.yaml's default
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.01, 0.9, 1e-4)
     assert cfg.scheduler._target_ == "segkit.schedulers.poly" and cfg.scheduler.power == 0.9

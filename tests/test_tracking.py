@@ -89,9 +89,9 @@ def test_mlflow_batches_long_and_many_params(tmp_path, mlflow_root):
     tracker = MLflowTracker(experiment_name="mlflow_direct", output_root=str(mlflow_root))
     tracker.start(run_dir, params, {"device": "cpu"})
     tracker.log_metrics({"val/iou_a:b": 0.5, "val/miou": math.nan}, step=3)
-    tracker.finish("KILLED")
     (run_dir / "metrics.json").write_text("{}")
-    tracker.log_artifact(run_dir / "metrics.json")  # the trainer attaches it after finish()
+    tracker.log_artifact(run_dir / "metrics.json")
+    tracker.finish("KILLED")
 
     client = client_for(mlflow_root)
     _, run = only_run(client, "mlflow_direct")
@@ -131,6 +131,8 @@ def test_wandb_offline_and_tensorboard_write_into_the_run_dir(compose_cfg, tmp_p
 
     (offline,) = run_dir.glob("wandb/offline-run-*")
     assert list(offline.glob("run-*.wandb")) and (offline / "files" / "config.yaml").is_file()
+    synced = json.loads((offline / "files" / "metrics.json").read_text())  # attached before wandb.finish()
+    assert synced["status"] == "FINISHED" and synced["best_score"] == summary["best_score"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

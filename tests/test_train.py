@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -49,9 +50,16 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
-@pytest.mark.parametrize("stop_after", [4, 6])  # an epoch boundary and the middle of an epoch
-def test_resume_gives_identical_weights_and_metrics(compose_cfg, tmp_path, stop_after):
-    common = ["trainer.max_epochs=3", "trainer.deterministic=true", "augmentation=default", "model=deeplabv3plus"]
+ACCUMULATE = ["trainer.accumulate_grad_batches=2", "dataset.train_size=20"]  # 5 batches: 2 steps + 1 left over
+
+
+@pytest.mark.parametrize(
+    ("stop_after", "extra"),
+    [(4, []), (6, []), (3, ACCUMULATE)],  # an epoch boundary, mid-epoch, mid-epoch with accumulation
+)
+def test_resume_gives_identical_weights_and_metrics(compose_cfg, tmp_path, stop_after, extra):
+    common = ["trainer.max_epochs=3", "trainer.deterministic=true", "augmentation=default", "model=deeplabv3plus",
+              *extra]
     straight = fit(compose_cfg(common), tmp_path / "straight")
 
     stopped = fit(compose_cfg([*common, f"trainer.stop_after_steps={stop_after}"]), tmp_path / "split")
@@ -62,6 +70,21 @@ def test_resume_gives_identical_weights_and_metrics(compose_cfg, tmp_path, stop_
     assert resumed["final"] == straight["final"]
     a, b = _weights(tmp_path / "straight/checkpoints/last.pt"), _weights(tmp_path / "split/checkpoints/last.pt")
     assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_from_an_epoch_end_with_an_unfinished_accumulation_window(compose_cfg, tmp_path):
+    """The left-over batch of an epoch is dropped, so a run killed after epoch 2 resumes identically."""
+    common = ["trainer.max_epochs=3", "trainer.deterministic=true", *ACCUMULATE]
+    straight = fit(compose_cfg(common), tmp_path / "straight")
+    assert straight["steps"] == 6
+    after_epoch_2 = tmp_path / "after_epoch_2.pt"
+    shutil.copy(tmp_path / "straight/checkpoints/last.prev.pt", after_epoch_2)
+    assert load_checkpoint(after_epoch_2)["progress"]["epoch"] == 2
+    resumed = fit(compose_cfg([*common, f"trainer.resume={after_epoch_2}"]), tmp_path / "resumed")
+    assert resumed["final"] == straight["final"]
+    a, b = _weights(tmp_path / "straight/checkpoints/last.pt"), _weights(tmp_path / "resumed/checkpoints/last.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

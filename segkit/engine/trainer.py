@@ -50,6 +50,10 @@ class TrainingDiverged(SegkitError):
     """The loss stayed non-finite for trainer.max_bad_steps steps."""
 
 
+class OutOfMemory(SegkitError):
+    """The device ran out of memory; the message names the batch and image sizes and what to change."""
+
+
 @contextmanager
 def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
     """Route SIGINT/SIGTERM to a graceful stop while training (main thread only)."""
@@ -204,15 +208,17 @@ class Trainer:
                 stopped = self._loop()
             status = "STOPPED" if stopped else "FINISHED"
         finally:
+            # Written (and attached) before the trackers close, also when the run failed.
+            summary = self._write_summary(status)
+            self.trackers.log_artifact(self.output_dir / "metrics.json")
             self.trackers.finish({"STOPPED": "KILLED"}.get(status, status))
-        summary = self._write_summary(status)
-        self.trackers.log_artifact(self.output_dir / "metrics.json")
         return summary
 
     def _loop(self) -> bool:
         """Returns True when stopped early by `stop_after_steps`."""
         while not self._done():
-            finished_epoch = self._train_epoch()
+            with self._explain_out_of_memory("training", self.tcfg.batch_size):
+                finished_epoch = self._train_epoch()
             if not finished_epoch:
                 self._save("last.pt")
                 log.warning("stopped (%s) at step %d; continue with trainer.resume=%s",
@@ -221,7 +227,8 @@ class Trainer:
             epoch_record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
             epoch_record.update(self._last_train_stats)
             if (self.epoch + 1) % self.tcfg.val_every_n_epochs == 0 or self._done(next_epoch=True):
-                epoch_record.update(self._validate_and_track())
+                with self._explain_out_of_memory("validation", self.val_loader.batch_size):
+                    epoch_record.update(self._validate_and_track())
             self.history.append(epoch_record)
             self._append_csv(epoch_record)
             self.epoch += 1
@@ -232,6 +239,26 @@ class Trainer:
                          self.tcfg.monitor, self.validations_without_improvement)
                 break
         return False
+
+    @contextmanager
+    def _explain_out_of_memory(self, stage: str, batch_size: int) -> Iterator[None]:
+        try:
+            yield
+        except torch.OutOfMemoryError as error:
+            first_line = str(error).splitlines()[0] if str(error) else "out of memory"
+            height, width = self.cfg.dataset.image_size
+            crop = self.cfg.augmentation.get("crop_size")
+            if stage == "training":
+                crop_note = f", crop {crop[0]}x{crop[1]}" if crop else ""
+                hint = ("a smaller trainer.batch_size with trainer.accumulate_grad_batches to keep the effective "
+                        "batch, trainer.precision=bf16-mixed, or a smaller augmentation.crop_size")
+            else:
+                crop_note = ""
+                hint = "a smaller trainer.val_batch_size or trainer.precision=bf16-mixed"
+            raise OutOfMemory(
+                f"{self.device.type} out of memory in {stage} at step {self.global_step} with batch size "
+                f"{batch_size} at image size {height}x{width}{crop_note} ({first_line}); try {hint}"
+            ) from None  # dropping the traceback frees the tensors it holds
 
     def _request_stop(self, reason: str) -> None:
         if self.stop_reason is not None:
@@ -251,6 +278,9 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """One pass over the training set (or the rest of it after a resume). False if stopped early."""
         self.model.train()
+        # An epoch's trailing batches that do not fill an accumulation window are dropped, never
+        # carried into the next epoch: a resumed run (which has no such leftovers) must match.
+        self.optimizer.zero_grad(set_to_none=True)
         sampler = self.train_loader.sampler
         batch_size, accumulate = self.tcfg.batch_size, self.tcfg.accumulate_grad_batches
         sampler.set_epoch(self.epoch, start=self.batches_done_in_epoch * batch_size)

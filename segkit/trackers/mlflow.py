@@ -1,8 +1,7 @@
 """MLflow tracker: one experiment per task_name, one run per training, local sqlite store by default.
 
 Everything goes through `MlflowClient` with the run id (not the fluent `mlflow.start_run` state),
-so several runs in one process (a sweep) never mix and the trainer may still attach
-`metrics.json` after `finish`. The constructor only stores settings: connecting happens in
+so several runs in one process (a sweep) never mix. The constructor only stores settings: connecting happens in
 `start`, where a failure (unreachable server, locked database) is a warning, not a crash.
 """
 

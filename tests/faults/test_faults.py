@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
 
 from segkit.engine import checkpoint as checkpoint_module
 from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
-from segkit.engine.trainer import TrainingDiverged, fit
+from segkit.engine.trainer import OutOfMemory, Trainer, TrainingDiverged, fit
 from segkit.errors import CheckpointError
 
-from ..conftest import ROOT, TINY
+from ..conftest import ROOT, TINY, write_folder_dataset
 
 SLOW = ["trainer.max_epochs=5", "dataset.train_size=24", "trainer.deterministic=true", "augmentation=default"]
 
@@ -116,3 +119,69 @@ def test_isolated_nan_step_is_skipped_without_touching_weights(compose_cfg, tmp_
     assert summary["bad_steps"] == 2
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("failing_call", "stage", "hint"),
+    # epoch 0 = 4 training forwards + 2 validation forwards; call 5 validates, call 7 trains epoch 1
+    [(5, "validation", "trainer.val_batch_size"), (7, "training", "trainer.accumulate_grad_batches")],
+)
+def test_out_of_memory_names_sizes_and_a_fix_and_keeps_the_checkpoint(compose_cfg, tmp_path, failing_call,
+                                                                      stage, hint):
+    trainer = Trainer(compose_cfg(["trainer.max_epochs=2"]), tmp_path)
+    real_forward, calls = trainer.forward, 0
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == failing_call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+        return real_forward(images)
+
+    trainer.forward = forward
+    with pytest.raises(OutOfMemory) as caught:
+        trainer.fit()
+    message = str(caught.value)
+    assert "\n" not in message and f"out of memory in {stage}" in message
+    assert "batch size 4 at image size 32x32" in message and hint in message and "bf16-mixed" in message
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "FAILED"
+    if stage == "training":  # the epoch-0 checkpoint written before the failure is intact
+        assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["global_step"] == 4
+
+
+def test_validation_keeps_at_most_one_batch_of_outputs_alive(compose_cfg, tmp_path):
+    """Memory bound: a validation set of any size holds one batch plus the confusion matrix."""
+    trainer = Trainer(compose_cfg(["dataset.val_size=40"]), tmp_path)
+    real_forward, outputs, most_alive = trainer.forward, [], 0
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        nonlocal most_alive
+        gc.collect()
+        most_alive = max(most_alive, sum(ref() is not None for ref in outputs))
+        logits = real_forward(images)
+        outputs.append(weakref.ref(logits))
+        return logits
+
+    trainer.forward = forward
+    trainer.validate()
+    gc.collect()
+    assert len(outputs) == 10
+    assert most_alive <= 1  # only the previous batch's logits, about to be replaced
+    assert all(ref() is None for ref in outputs)
+
+
+def test_bad_image_in_a_dataloader_worker_is_one_line_naming_the_file(tmp_path):
+    root = write_folder_dataset(tmp_path / "data", count=8)
+    bad = root / "images" / "train" / "img_005.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    not_for_folder = ("dataset.train_size", "dataset.val_size", "trainer.num_workers")
+    overrides = [o for o in TINY if not o.startswith(not_for_folder)]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides, "dataset=folder", f"dataset.root={root}",
+         "dataset.num_classes=3", "trainer.num_workers=2", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and str(bad) in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
