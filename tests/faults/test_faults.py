@@ -80,6 +80,19 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(compose_cfg, tmp
     assert summary["epochs"] == 3  # resumed from epoch 1 (last.prev.pt), then trained 2 more
 
 
+def test_crash_inside_a_checkpoint_write_resumes_from_a_complete_one(compose_cfg, tmp_path, caplog):
+    """The two windows of save_checkpoint: temp file half written, and last.pt renamed away."""
+    fit(compose_cfg(["trainer.max_epochs=2"]), tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / ".last.pt.tmp").write_bytes((checkpoints / "last.pt").read_bytes()[:1000])  # killed mid-write
+    os.replace(checkpoints / "last.pt", checkpoints / "last.prev.pt")  # killed between the two renames
+    caplog.set_level("INFO")
+    summary = fit(compose_cfg(["trainer.max_epochs=3", "trainer.resume=auto"]), tmp_path)
+    assert "last.prev.pt at epoch 2, step 8" in caplog.text  # continued, not restarted
+    assert summary["epochs"] == 3 and summary["steps"] == 3 * 4
+    assert not (checkpoints / ".last.pt.tmp").exists()  # the next save replaced the stale temp file
+
+
 def test_checkpoint_with_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": os.system}, path)  # noqa: S605 - never called, only pickled
