@@ -147,8 +147,9 @@ def peer_failures_as_errors(ctx: DistContext) -> Iterator[None]:
     """A collective that fails because another process died or timed out becomes one clear error line."""
     try:
         yield
-    except dist.DistError as error:
-        if not ctx.enabled:
+    except RuntimeError as error:
+        # NCCL failures are DistError; gloo's (a peer's socket closed, a timeout) plain RuntimeErrors from gloo.
+        if not ctx.enabled or not (isinstance(error, dist.DistError) or "gloo" in str(error)):
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DistributedError(
