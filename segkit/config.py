@@ -8,17 +8,26 @@ is read.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from segkit.errors import ConfigError, SegkitError
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+
+# conf/hydra/launcher/submitit_{slurm,local}.yaml shadow the submitit plugin's nodes on purpose (see
+# _register_launcher_schemas). Hydra 1.3 still also merges a file onto the ConfigStore node of the same
+# name and warns that this is deprecated. Set at import: submitit's task processes compose the config
+# again and import this module, but never call register_configs().
+warnings.filterwarnings(
+    "ignore", message=r"\s*'hydra/launcher/submitit_(slurm|local)' is validated against ConfigStore schema"
+)
 
 
 @dataclass
@@ -45,6 +54,9 @@ class TrainerConfig:
     channels_last: bool | None = None  # null = on for CUDA (tensor cores), off on CPU (slower there)
     save_checkpoints: bool = True
     progress_bar: bool = True
+    # Several processes (torchrun / submitit tasks): batch_size is per process; see README "Scaling out".
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (CUDA only)
+    dist_timeout_s: int = 600  # a collective waiting longer (a peer died or hangs) fails the process
 
 
 @dataclass
@@ -123,6 +135,21 @@ def register_configs() -> None:
         ("cityscapes", CityscapesSchema), ("coco", CocoSchema),
     ):
         cs.store(group="dataset", name=f"{name}_schema", node=schema)
+    _register_launcher_schemas(cs)
+
+
+def _register_launcher_schemas(cs: ConfigStore) -> None:
+    """conf/hydra/launcher/submitit_{slurm,local}.yaml extend the submitit plugin's configs, stored again
+    here under `*_schema` names: a config file of the plugin's own name would hide the plugin's node.
+    Stored as plain key sets (Hydra's plugin scan re-imports the plugin, so its dataclasses would not
+    match); unknown keys still fail, as Hydra composes in struct mode."""
+    try:
+        from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+    except ImportError:  # the `cluster` extra is not installed: those presets are unavailable
+        return
+    for name, schema in (("submitit_slurm_schema", SlurmQueueConf), ("submitit_local_schema", LocalQueueConf)):
+        cs.store(group="hydra/launcher", name=name, node=OmegaConf.to_container(OmegaConf.structured(schema)),
+                 provider="segkit")
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -16,8 +16,10 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 class SegmentationMetrics:
     def __init__(self, num_classes: int, ignore_index: int, class_names: Sequence[str], device: torch.device):
         self.class_names = list(class_names)
+        # sync_on_compute: with several processes (torch.distributed initialised) compute() sums every
+        # process's matrix, so each process gets the metrics of the whole validation set.
         self.confusion = MulticlassConfusionMatrix(
-            num_classes, ignore_index=ignore_index, validate_args=False
+            num_classes, ignore_index=ignore_index, validate_args=False, sync_on_compute=True
         ).to(device)
 
     def reset(self) -> None:

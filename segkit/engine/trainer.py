@@ -27,6 +27,17 @@ from omegaconf import DictConfig, OmegaConf
 from segkit.augment import JointAugment
 from segkit.config import build, validate_config
 from segkit.data.loader import build_dataset, build_loader
+from segkit.distributed import (
+    broadcast_from_main,
+    gather_objects,
+    global_max,
+    global_sum,
+    grad_sync,
+    init_distributed,
+    peer_failures_as_errors,
+    shutdown_distributed,
+    wrap_model,
+)
 from segkit.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from segkit.engine.progress import Progress
 from segkit.errors import ConfigError, SegkitError
@@ -43,7 +54,10 @@ AUTOCAST_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bf
 def fit(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train as configured; return the run summary (also written to `metrics.json`)."""
     validate_config(cfg)
-    return Trainer(cfg, Path(output_dir)).fit()
+    try:
+        return Trainer(cfg, Path(output_dir)).fit()
+    finally:
+        shutdown_distributed()
 
 
 class TrainingDiverged(SegkitError):
@@ -93,25 +107,32 @@ class Trainer:
     def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
-        self.output_dir = output_dir
-        self.checkpoint_dir = output_dir / "checkpoints"
-        self.device = select_device(self.tcfg.accelerator)
+        # One process, or one of several started by torchrun / submitit (segkit/distributed.py).
+        self.dist, self.device = init_distributed(select_device(self.tcfg.accelerator), self.tcfg.dist_timeout_s)
+        with peer_failures_as_errors(self.dist):
+            # Each process's Hydra dates its own run directory; all follow rank 0's.
+            self.output_dir = Path(broadcast_from_main(str(output_dir), self.dist))
+        self.checkpoint_dir = self.output_dir / "checkpoints"
         channels_last = self.tcfg.channels_last
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
-        seed_everything(self.tcfg.seed, self.tcfg.deterministic)
+        # Rank 0 keeps the single-process random stream; other ranks draw their own augmentations.
+        # (Their differently initialised weights are replaced by rank 0's when DDP wraps the model.)
+        seed_everything(self.tcfg.seed + self.dist.rank, self.tcfg.deterministic)
 
         # Everything that can fail on a config value is built before any data is read.
         self.model: Segmenter = build(cfg.model, "model").to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if self.tcfg.compile else self.model
+        # self.model stays the bare network (checkpoints, validation); training goes through DDP.
+        self.train_module = wrap_model(self.model, self.dist, self.device, self.tcfg.sync_batchnorm)
+        self.forward = torch.compile(self.train_module) if self.tcfg.compile else self.train_module
         self.augment: JointAugment = build(cfg.augmentation, "augmentation").to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.autocast_dtype = AUTOCAST_DTYPES[self.tcfg.precision]
         self.scaler = build_grad_scaler(self.device, self.tcfg.precision)
         self.trackers = Trackers(
             {name: build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()
-             if node is not None}
+             if node is not None and self.dist.is_main}
         )
 
         self.train_set = build_dataset(cfg.dataset, "train")
@@ -120,16 +141,19 @@ class Trainer:
         workers = self.tcfg.num_workers
         self.train_loader = build_loader(
             self.train_set, batch_size=self.tcfg.batch_size, num_workers=workers, train=True,
-            seed=self.tcfg.seed, pin_memory=pin,
+            seed=self.tcfg.seed, pin_memory=pin, rank=self.dist.rank, world_size=self.dist.world_size,
         )
         self.val_loader = build_loader(
             self.val_set, batch_size=self.tcfg.val_batch_size or self.tcfg.batch_size, num_workers=workers,
-            train=False, seed=self.tcfg.seed, pin_memory=pin,
+            train=False, seed=self.tcfg.seed, pin_memory=pin, rank=self.dist.rank, world_size=self.dist.world_size,
         )
+        # trainer.batch_size is per process: one optimizer step sees batch_size x processes x accumulation.
+        self.global_batch = self.tcfg.batch_size * self.dist.world_size
         if len(self.train_loader) == 0:
             raise ConfigError(
                 "trainer.batch_size",
-                f"{self.tcfg.batch_size} is larger than the training set ({len(self.train_set)} samples)",
+                f"{self.tcfg.batch_size} x {self.dist.world_size} process(es) is larger than the training set "
+                f"({len(self.train_set)} samples)",
             )
         self.loss_fn = self._build_loss().to(self.device)
 
@@ -144,7 +168,7 @@ class Trainer:
         # Progress state: everything needed to continue exactly where a checkpoint left off.
         self.epoch = 0
         self.global_step = 0
-        self.batches_done_in_epoch = 0
+        self.samples_done_in_epoch = 0  # over all processes, so a resume may use another process count
         self.best_score = -math.inf
         self.best_epoch = -1
         self.validations_without_improvement = 0
@@ -183,18 +207,25 @@ class Trainer:
         progress = state["progress"]
         self.epoch = progress["epoch"]
         self.global_step = progress["global_step"]
-        self.batches_done_in_epoch = progress["batches_done_in_epoch"]
+        self.samples_done_in_epoch = progress.get("samples_done_in_epoch",
+                                                  progress.get("batches_done_in_epoch", 0) * self.tcfg.batch_size)
         self.best_score = progress["best_score"]
         self.best_epoch = progress["best_epoch"]
         self.validations_without_improvement = progress["validations_without_improvement"]
         self.history = list(state.get("history", []))
-        set_rng_state(state["rng"])
+        rank_states = [state["rng"], *state.get("rng_other_ranks", [])]
+        if self.dist.rank < len(rank_states):
+            set_rng_state(rank_states[self.dist.rank])
+        else:  # more processes than the checkpoint had: a fresh stream, not a replay of this rank's first steps
+            seed_everything(self.tcfg.seed + self.dist.rank + self.dist.world_size * self.global_step,
+                            self.tcfg.deterministic)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         params = flatten(OmegaConf.to_container(self.cfg, resolve=True))
         self.trackers.start(self.output_dir, params, {"device": str(self.device)})
         log.info(
@@ -204,7 +235,7 @@ class Trainer:
         )
         status = "FAILED"
         try:
-            with stop_on_signals(self._request_stop):
+            with stop_on_signals(self._request_stop), peer_failures_as_errors(self.dist):
                 stopped = self._loop()
             status = "STOPPED" if stopped else "FINISHED"
         finally:
@@ -232,7 +263,7 @@ class Trainer:
             self.history.append(epoch_record)
             self._append_csv(epoch_record)
             self.epoch += 1
-            self.batches_done_in_epoch = 0
+            self.samples_done_in_epoch = 0
             self._save("last.pt")
             if self._early_stop():
                 log.info("early stopping: %s did not improve for %d validations",
@@ -281,35 +312,40 @@ class Trainer:
         # An epoch's trailing batches that do not fill an accumulation window are dropped, never
         # carried into the next epoch: a resumed run (which has no such leftovers) must match.
         self.optimizer.zero_grad(set_to_none=True)
-        sampler = self.train_loader.sampler
-        batch_size, accumulate = self.tcfg.batch_size, self.tcfg.accumulate_grad_batches
-        sampler.set_epoch(self.epoch, start=self.batches_done_in_epoch * batch_size)
+        accumulate = self.tcfg.accumulate_grad_batches
+        self.train_loader.sampler.set_epoch(self.epoch, start=self.samples_done_in_epoch)
         loss_sum = torch.zeros((), device=self.device)
         loss_count = torch.zeros((), device=self.device)
         window_start, window_images = time.perf_counter(), 0
-        progress = Progress(len(self.train_loader), f"epoch {self.epoch}", enabled=self.tcfg.progress_bar)
-        progress.advance(self.batches_done_in_epoch)
+        done_before = self.samples_done_in_epoch // self.global_batch
+        progress = Progress(done_before + len(self.train_loader), f"epoch {self.epoch}",
+                            enabled=self.tcfg.progress_bar and self.dist.is_main)
+        progress.advance(done_before)
         stats = {"lr": self.optimizer.param_groups[0]["lr"]}
+        batches = 0  # in this pass; a pass starts on an optimizer-step boundary (resume points are)
         for images, masks in self.train_loader:
-            loss = self._train_batch(images, masks, accumulate)
+            batches += 1
+            with grad_sync(self.train_module, sync=batches % accumulate == 0):
+                loss = self._train_batch(images, masks, accumulate)
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss, 0.0)
             loss_count += finite
             self.bad_steps_in_a_row = (self.bad_steps_in_a_row + 1) * ~finite  # stays on the device
             self.bad_steps_total += ~finite
-            window_images += images.shape[0]
-            self.batches_done_in_epoch += 1
+            window_images += images.shape[0] * self.dist.world_size
+            self.samples_done_in_epoch += self.global_batch
             progress.advance(1)
-            if self.batches_done_in_epoch % accumulate:
+            if batches % accumulate:
                 continue
             self._optimizer_step()
-            if self.global_step % self.tcfg.log_every_n_steps == 0:
+            at_log_step = self.global_step % self.tcfg.log_every_n_steps == 0
+            if at_log_step:
                 elapsed = time.perf_counter() - window_start  # one host sync per logging window
                 stats = {
-                    "train/loss": float(loss_sum / loss_count.clamp_min(1)),
+                    "train/loss": self._mean_loss(loss_sum, loss_count),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "train/images_per_s": window_images / max(elapsed, 1e-9),
-                    "train/bad_steps": int(self.bad_steps_total),
+                    "train/bad_steps": int(global_sum(self.bad_steps_total, self.dist)),
                 }
                 self._check_bad_steps()
                 self.trackers.log_metrics(stats, self.global_step)
@@ -317,22 +353,41 @@ class Trainer:
                 window_start, window_images = time.perf_counter(), 0
             if self.global_step >= self.total_steps:
                 break
-            if self.stop_reason is None and self.tcfg.stop_after_steps == self.global_step:
+            stop_step = self.tcfg.stop_after_steps == self.global_step
+            if self.stop_reason is None and stop_step:
                 self.stop_reason = f"trainer.stop_after_steps={self.global_step}"
-            if self.stop_reason is not None:
+            if self._stop_agreed(at_log_step or stop_step):
                 progress.close()
                 return False
         progress.close()
         self._check_bad_steps()
-        stats["train/loss"] = float(loss_sum / loss_count.clamp_min(1))
-        stats["train/bad_steps"] = int(self.bad_steps_total)
+        stats["train/loss"] = self._mean_loss(loss_sum, loss_count)
+        stats["train/bad_steps"] = int(global_sum(self.bad_steps_total, self.dist))
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self._last_train_stats = stats
         return True
 
+    def _mean_loss(self, loss_sum: torch.Tensor, loss_count: torch.Tensor) -> float:
+        """Mean batch loss over all processes (a host sync: logging points only)."""
+        totals = global_sum(torch.stack([loss_sum, loss_count.to(loss_sum.dtype)]), self.dist)
+        return float(totals[0] / totals[1].clamp_min(1))
+
+    def _stop_agreed(self, sync_point: bool) -> bool:
+        """Stop now? A single process stops as soon as asked. Several must stop at the same step, and a
+        signal reaches each at its own moment: they agree at logging steps and at trainer.stop_after_steps."""
+        if not self.dist.enabled:
+            return self.stop_reason is not None
+        if not sync_point:
+            return False
+        self.stop_reason = next((r for r in gather_objects(self.stop_reason, self.dist) if r is not None), None)
+        return self.stop_reason is not None
+
     def _check_bad_steps(self) -> None:
-        """Read the device-side counter (at logging points only) and stop a diverged run."""
-        in_a_row = int(self.bad_steps_in_a_row)
+        """Read the device-side counter (at logging points only) and stop a diverged run.
+
+        With several processes the worst one counts, so all raise together (a NaN on one rank reaches
+        every rank's gradients through the all-reduce anyway)."""
+        in_a_row = int(global_max(self.bad_steps_in_a_row, self.dist))
         if in_a_row >= self.tcfg.max_bad_steps:
             last = self.checkpoint_dir / "last.pt"
             raise TrainingDiverged(
@@ -409,6 +464,9 @@ class Trainer:
     def _save(self, name: str) -> None:
         if not self.tcfg.save_checkpoints:
             return
+        rng_states = gather_objects(get_rng_state(), self.dist)  # every rank's, for an exact same-size resume
+        if not self.dist.is_main:
+            return
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -417,18 +475,21 @@ class Trainer:
             "progress": {
                 "epoch": self.epoch,
                 "global_step": self.global_step,
-                "batches_done_in_epoch": self.batches_done_in_epoch,
+                "samples_done_in_epoch": self.samples_done_in_epoch,
                 "best_score": self.best_score,
                 "best_epoch": self.best_epoch,
                 "validations_without_improvement": self.validations_without_improvement,
             },
             "history": self.history,
-            "rng": get_rng_state(),
+            "rng": rng_states[0],
+            "rng_other_ranks": rng_states[1:],
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         }
         save_checkpoint(state, self.checkpoint_dir / name, keep_previous=name == "last.pt")
 
     def _append_csv(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         path = self.output_dir / "epochs.csv"
         fields = list(record)
         new = not path.exists()
@@ -457,7 +518,8 @@ class Trainer:
             "final": _without_confusion(getattr(self, "last_validation", None)),
             "class_names": self.train_set.class_names,
         }
-        (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        if self.dist.is_main:
+            (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         if best is not None:
             log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
         return summary
