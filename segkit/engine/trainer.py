@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.augment import JointAugment
 from segkit.config import build, validate_config
-from segkit.data.loader import build_dataset, build_loader
+from segkit.data.loader import build_dataset
+from segkit.data.prefetch import device_batches
 from segkit.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from segkit.engine.progress import Progress
 from segkit.errors import ConfigError, SegkitError
@@ -92,12 +93,17 @@ class Trainer:
         self.output_dir = output_dir
         self.checkpoint_dir = output_dir / "checkpoints"
         self.device = select_device(self.tcfg.accelerator)
+        if cfg.dataset.get("gpu_decode") and self.device.type != "cuda":
+            raise ConfigError("dataset.gpu_decode", f"nvjpeg needs a CUDA device, training runs on {self.device}; "
+                              "set it to false")
         channels_last = self.tcfg.channels_last
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         seed_everything(self.tcfg.seed, self.tcfg.deterministic)
 
         # Everything that can fail on a config value is built before any data is read.
         self.model: Segmenter = build(cfg.model, "model").to(self.device)
+        if self.tcfg.activation_checkpointing:
+            self.model.set_grad_checkpointing(True)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if self.tcfg.compile else self.model
@@ -112,15 +118,15 @@ class Trainer:
 
         self.train_set = build_dataset(cfg.dataset, "train")
         self.val_set = build_dataset(cfg.dataset, "val")
-        pin = self.device.type == "cuda"
+        # Batches arrive on the device: from the device cache, or prefetched from the DataLoader.
         workers = self.tcfg.num_workers
-        self.train_loader = build_loader(
+        self.train_loader = device_batches(
             self.train_set, batch_size=self.tcfg.batch_size, num_workers=workers, train=True,
-            seed=self.tcfg.seed, pin_memory=pin,
+            seed=self.tcfg.seed, device=self.device,
         )
-        self.val_loader = build_loader(
+        self.val_loader = device_batches(
             self.val_set, batch_size=self.tcfg.val_batch_size or self.tcfg.batch_size, num_workers=workers,
-            train=False, seed=self.tcfg.seed, pin_memory=pin,
+            train=False, seed=self.tcfg.seed, device=self.device,
         )
         if len(self.train_loader) == 0:
             raise ConfigError(
@@ -280,6 +286,7 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "train/images_per_s": window_images / max(elapsed, 1e-9),
                     "train/bad_steps": int(self.bad_steps_total),
+                    **peak_memory_stats(self.device),
                 }
                 self._check_bad_steps()
                 self.trackers.log_metrics(stats, self.global_step)
@@ -431,6 +438,13 @@ class Trainer:
         if best is not None:
             log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
         return summary
+
+
+def peak_memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated so far in GiB ({} off CUDA): the figure to watch when raising the crop."""
+    if device.type != "cuda":
+        return {}
+    return {"train/peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def build_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
