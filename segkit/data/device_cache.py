@@ -62,8 +62,10 @@ def decode_split(
         dataset.decode_device = device
         batches = ((img[None], mask[None]) for img, mask in (dataset[i] for i in range(len(dataset))))
     else:
+        # Its own generator: a DataLoader draws its worker base seed from the global RNG otherwise,
+        # which would shift the augmentation randomness away from the DataLoader path's.
         batches = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                             pin_memory=device.type == "cuda")
+                             pin_memory=device.type == "cuda", generator=torch.Generator())
     first = 0
     for image_batch, mask_batch in batches:
         last = first + image_batch.shape[0]
