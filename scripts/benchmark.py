@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from segkit.benchmark import SECTIONS, append, run  # noqa: E402
@@ -37,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=5, help="timed windows per variant (median reported)")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the first window")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md", help="file to append to")
     args = parser.parse_intermixed_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # on a small loaded CPU, one thread beats two contending ones
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*DEFAULTS, *args.overrides])

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import validate_config
+from segkit.data.loader import build_loader
 from segkit.data.prefetch import device_batches
 from segkit.engine.trainer import Trainer
 from segkit.inference import forward_logits
@@ -122,21 +123,33 @@ def ceiling_step(trainer: Trainer, crop: tuple[int, int]) -> Step:
     return step
 
 
-def reference_step(trainer: Trainer, loader: Iterable) -> Step:
-    """A plain loop over a DataLoader with CPU augmentation: same model, loss, optimizer and precision."""
+def plain_step(trainer: Trainer, loader: Iterable, augment_on_device: bool) -> Step:
+    """A handwritten minimal loop over a DataLoader: same model, loss, optimizer and precision.
+
+    `augment_on_device`: the bare loop (uint8 batches, the same Kornia augmentation as segkit);
+    otherwise the reference loop (float batches already augmented on the CPU by the workers).
+    """
     source = endless(loader)
     device = trainer.device
+    scaler = trainer.scaler if trainer.tcfg.precision == "16-mixed" else None  # only fp16 needs loss scaling
 
     def step() -> int:
         images, masks = next(source)
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        if augment_on_device:
+            images, masks = trainer.augment(images.float().div_(255), masks)
         if trainer.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with trainer._autocast():
             logits = trainer.forward(images)
-        trainer.scaler.scale(trainer.loss_fn(logits.float(), masks)).backward()
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
+        loss = trainer.loss_fn(logits.float(), masks)
+        if scaler is None:
+            loss.backward()
+            trainer.optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(trainer.optimizer)
+            scaler.update()
         trainer.optimizer.zero_grad(set_to_none=True)
         return images.shape[0]
 
@@ -209,6 +222,10 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
                            num_workers=tcfg.num_workers, pin_memory=device.type == "cuda")
     cached = cfg.dataset.get("cache") == "device"
 
+    def own_loader() -> Any:
+        return build_loader(trainer.train_set, batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, train=True,
+                            seed=tcfg.seed, pin_memory=device.type == "cuda")
+
     def own_batches(split: str) -> Any:
         """A second batch source like the trainer's: a persistent-worker DataLoader serves one iterator at a time."""
         dataset = trainer.train_set if split == "train" else trainer.val_set
@@ -223,10 +240,11 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
             labels = {
                 "ceiling": "ceiling: synthetic batch on the device, no data, no augmentation",
                 "segkit": f"segkit: Trainer._train_batch + _optimizer_step, {source}, Kornia on {device.type}",
+                "bare": "bare loop: handwritten, DataLoader (pinned), Kornia on the device, no scaler/scheduler",
                 "reference": "reference: DataLoader + torchvision v2 CPU augmentation, plain loop",
             }
             steps_of = {"ceiling": ceiling_step(trainer, crop), "segkit": segkit_train_step(trainer),
-                        "reference": reference_step(trainer, ref)}
+                        "bare": plain_step(trainer, own_loader(), True), "reference": plain_step(trainer, ref, False)}
         elif section == "eval":
             trainer.model.eval()
             slide = eval_crop or (max(1, crop[0] // 2), max(1, crop[1] // 2))
@@ -235,8 +253,7 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
             steps_of = {"whole": eval_step(trainer, trainer.val_loader, "whole", crop),
                         "slide": eval_step(trainer, own_batches("val"), "slide", slide)}
         else:
-            batches = own_batches("train")
-            loader = batches if cached else batches.loader
+            loader = own_batches("train") if cached else own_loader()
             labels = {
                 "input": f"{'device cache gather' if cached else 'decode + letterbox + collate (CPU workers)'}",
                 "segkit": f"{source} + Kornia augmentation on {device.type}",
@@ -291,8 +308,8 @@ def markdown(report: Report) -> str:
             peak = f"{timing.peak_memory[name]:.2f} GiB" if name in timing.peak_memory else "n/a (CPU)"
             lines.append(f"| {label} | {timing.median(name):.1f} | {min(values):.1f} – {max(values):.1f} | {peak} |")
         if section == "train":
-            lines += ["", f"segkit / ceiling = **{timing.ratio('segkit', 'ceiling'):.2f}**, "
-                          f"segkit / reference = **{timing.ratio('segkit', 'reference'):.2f}**"]
+            lines += ["", ", ".join(f"segkit / {other} = **{timing.ratio('segkit', key):.2f}**" for key, other in
+                                    (("ceiling", "ceiling"), ("bare", "bare loop"), ("reference", "reference")))]
     return "\n".join(lines) + "\n"
 
 
