@@ -240,7 +240,7 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
             labels = {
                 "ceiling": "ceiling: synthetic batch on the device, no data, no augmentation",
                 "segkit": f"segkit: Trainer._train_batch + _optimizer_step, {source}, Kornia on {device.type}",
-                "bare": "bare loop: handwritten, DataLoader (pinned), Kornia on the device, no scaler/scheduler",
+                "bare": f"bare loop: handwritten, DataLoader, Kornia on {device.type}, no scaler/scheduler",
                 "reference": "reference: DataLoader + torchvision v2 CPU augmentation, plain loop",
             }
             steps_of = {"ceiling": ceiling_step(trainer, crop), "segkit": segkit_train_step(trainer),
