@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import validate_config
 from segkit.data.loader import build_loader
-from segkit.data.prefetch import device_batches
 from segkit.engine.trainer import Trainer
 from segkit.inference import forward_logits
 from segkit.reference_pipeline import reference_loader
@@ -188,7 +187,6 @@ def data_step(batches: Iterable, augment: Callable | None = None) -> Step:
 # ---------------------------------------------------------------------------- the run
 @dataclass
 class Report:
-    cfg: DictConfig
     device: torch.device
     command: str
     setup: str  # model, data and loop settings as the trainer resolved them
@@ -198,7 +196,7 @@ class Report:
 
 
 def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int = 5, steps: int = 10,
-        warmup: int = 3, eval_crop: tuple[int, int] | None = None) -> Report:
+        warmup: int = 3) -> Report:
     """Build one Trainer from `cfg` and time the requested sections (`train`, `eval`, `data`)."""
     validate_config(cfg)
     with tempfile.TemporaryDirectory(prefix="segkit_benchmark_") as tmp:
@@ -212,7 +210,7 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
              f"precision {tcfg.precision}, channels_last {trainer.channels_last}, compile {tcfg.compile}, "
              f"activation_checkpointing {tcfg.activation_checkpointing}, {tcfg.num_workers} workers, "
              f"dataset.cache={cfg.dataset.get('cache', False)}")
-    report = Report(cfg, trainer.device, command, setup, load_before=os.getloadavg())
+    report = Report(trainer.device, command, setup, load_before=os.getloadavg())
     crop = tuple(cfg.augmentation.get("crop_size") or cfg.dataset.image_size)
     settle = 2 * tcfg.num_workers + 1  # a DataLoader queues prefetch_factor (2) batches per worker
     timing = {"windows": windows, "steps": steps, "settle": settle, "warmup": warmup}
@@ -222,16 +220,16 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
                            num_workers=tcfg.num_workers, pin_memory=device.type == "cuda")
     cached = cfg.dataset.get("cache") == "device"
 
-    def own_loader() -> Any:
-        return build_loader(trainer.train_set, batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, train=True,
-                            seed=tcfg.seed, pin_memory=device.type == "cuda")
 
-    def own_batches(split: str) -> Any:
-        """A second batch source like the trainer's: a persistent-worker DataLoader serves one iterator at a time."""
-        dataset = trainer.train_set if split == "train" else trainer.val_set
-        size = tcfg.batch_size if split == "train" else tcfg.val_batch_size or tcfg.batch_size
-        return device_batches(dataset, batch_size=size, num_workers=tcfg.num_workers,
-                              train=split == "train", seed=tcfg.seed, device=device)
+    def second_source(split: str) -> Any:
+        """Batches of `split` for a second variant: the device cache serves any number of iterators, a
+        persistent-worker DataLoader only one, so the DataLoader path gets its own (plain, on the host)."""
+        if cached:
+            return trainer.train_loader if split == "train" else trainer.val_loader
+        train = split == "train"
+        return build_loader(trainer.train_set if train else trainer.val_set, num_workers=tcfg.num_workers,
+                            batch_size=tcfg.batch_size if train else tcfg.val_batch_size or tcfg.batch_size,
+                            train=train, seed=tcfg.seed, pin_memory=device.type == "cuda")
 
     source = "device cache" if cached else "DataLoader + prefetch to the device"
     for section in sections:
@@ -240,27 +238,28 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
             labels = {
                 "ceiling": "ceiling: synthetic batch on the device, no data, no augmentation",
                 "segkit": f"segkit: Trainer._train_batch + _optimizer_step, {source}, Kornia on {device.type}",
-                "bare": f"bare loop: handwritten, DataLoader, Kornia on {device.type}, no scaler/scheduler",
+                "bare": f"bare loop: handwritten, {'device cache' if cached else 'DataLoader'}, Kornia on "
+                        f"{device.type}, no scaler/scheduler",
                 "reference": "reference: DataLoader + torchvision v2 CPU augmentation, plain loop",
             }
             steps_of = {"ceiling": ceiling_step(trainer, crop), "segkit": segkit_train_step(trainer),
-                        "bare": plain_step(trainer, own_loader(), True), "reference": plain_step(trainer, ref, False)}
+                        "bare": plain_step(trainer, second_source("train"), True),
+                        "reference": plain_step(trainer, ref, False)}
         elif section == "eval":
             trainer.model.eval()
-            slide = eval_crop or (max(1, crop[0] // 2), max(1, crop[1] // 2))
+            slide = (max(1, crop[0] // 2), max(1, crop[1] // 2))
             labels = {"whole": "validation, whole image",
                       "slide": f"validation, sliding window {slide[0]}×{slide[1]} (1/3 overlap)"}
             steps_of = {"whole": eval_step(trainer, trainer.val_loader, "whole", crop),
-                        "slide": eval_step(trainer, own_batches("val"), "slide", slide)}
+                        "slide": eval_step(trainer, second_source("val"), "slide", slide)}
         else:
-            loader = own_batches("train") if cached else own_loader()
             labels = {
                 "input": f"{'device cache gather' if cached else 'decode + letterbox + collate (CPU workers)'}",
                 "segkit": f"{source} + Kornia augmentation on {device.type}",
                 "reference": "decode + letterbox + torchvision v2 augmentation + collate (CPU workers)",
             }
-            steps_of = {"input": data_step(loader), "segkit": data_step(trainer.train_loader, trainer.augment),
-                        "reference": data_step(ref)}
+            steps_of = {"input": data_step(second_source("train")),
+                        "segkit": data_step(trainer.train_loader, trainer.augment), "reference": data_step(ref)}
         report.tables[section] = (interleave(steps_of, device, **timing), labels)
     report.load_after = os.getloadavg()
     return report
@@ -271,13 +270,17 @@ def environment(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
-            else platform.processor()
-        name = f"{name}, {torch.get_num_threads()} threads"
+        name = f"{cpu_name()}, {torch.get_num_threads()} threads"
     packages = ", ".join(f"{p} {version(p)}" for p in
                          ("torch", "torchvision", "kornia", "timm", "segmentation-models-pytorch"))
     return f"{device.type}: {name}; {packages}; segkit {git_commit()}"
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
 
 
 def git_commit() -> str:

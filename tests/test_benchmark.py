@@ -80,3 +80,14 @@ def test_harness_runs_end_to_end_and_appends_well_formed_tables(tmp_path, capsys
                        r"segkit / reference = \*\*([\d.]+)\*\*", text)
     assert ratios and all(float(ratios[i]) > 0 for i in (1, 2, 3))
     assert "segkit / ceiling" in capsys.readouterr().out
+
+
+def test_harness_times_the_device_cache_path(tmp_path):
+    output = tmp_path / "benchmarks.md"
+    args = ["train", *TINY, "dataset.cache=device", "--windows", "1", "--steps", "1", "--warmup", "0",
+            "--output", str(output)]
+    assert _load_script().main(args) == 0
+    text = output.read_text()
+    assert "dataset.cache=device" in text
+    assert "segkit: Trainer._train_batch + _optimizer_step, device cache" in text
+    assert "bare loop: handwritten, device cache" in text
