@@ -52,6 +52,7 @@ class TrainerConfig:
     deterministic: bool = False
     compile: bool = False
     channels_last: bool | None = None  # null = on for CUDA (tensor cores), off on CPU (slower there)
+    activation_checkpointing: bool = False  # recompute encoder activations in backward: less memory for large crops
     save_checkpoints: bool = True
     progress_bar: bool = True
     # Several processes (torchrun / submitit tasks): batch_size is per process; see README "Scaling out".

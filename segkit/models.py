@@ -76,6 +76,14 @@ class Segmenter(nn.Module):
             self.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics too
         return self
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the timm encoder: its stages are recomputed in backward."""
+        timm_model = getattr(self.encoder, "model", None)
+        if not hasattr(timm_model, "set_grad_checkpointing"):
+            raise ConfigError("trainer.activation_checkpointing",
+                              f"needs a timm encoder (smp `tu-` or fcn/lraspp), not {type(self.encoder).__name__}")
+        timm_model.set_grad_checkpointing(enable)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
         x = (images - self.mean) / self.std

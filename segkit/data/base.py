@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from segkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "skip")
+CACHE_MODES = (False, True, "device")
 
 
 @dataclass
@@ -24,7 +26,10 @@ class DatasetOptions:
     """Schema fields of the options this base class implements; every reader's schema mixes them in."""
 
     on_error: str = "raise"  # raise | skip: replace a sample that fails to read by the next readable one
-    cache: bool = False  # keep decoded samples in memory (each DataLoader worker holds its own copy)
+    # false | true: keep decoded samples in memory (each DataLoader worker holds its own copy) |
+    # device: the trainer decodes the split once and keeps it on the training device (no DataLoader)
+    cache: Any = False
+    gpu_decode: bool = False  # with cache=device on CUDA: decode JPEGs with nvjpeg while filling the cache
 
 
 class SegmentationDataset(Dataset):
@@ -41,7 +46,8 @@ class SegmentationDataset(Dataset):
     `cache=True` keeps each letterboxed sample in memory after its first read. DataLoader
     workers are separate processes, so each worker fills its own cache (persistent workers
     keep it across epochs): memory grows to about num_workers x the split's decoded size, and
-    a skip count is per process too.
+    a skip count is per process too. `cache="device"` leaves this class uncached: the trainer
+    reads every sample once into device tensors (`segkit.data.device_cache`).
     """
 
     def __init__(
@@ -56,10 +62,15 @@ class SegmentationDataset(Dataset):
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         on_error: str = "raise",
-        cache: bool = False,
+        cache: bool | str = False,
+        gpu_decode: bool = False,
     ) -> None:
         if on_error not in ON_ERROR:
             raise ConfigError("dataset.on_error", f"must be raise or skip, got {on_error!r}")
+        if cache not in CACHE_MODES:
+            raise ConfigError("dataset.cache", f"must be false, true or device, got {cache!r}")
+        if gpu_decode and cache != "device":
+            raise ConfigError("dataset.gpu_decode", "needs dataset.cache=device (DataLoader workers cannot use CUDA)")
         self.split = split
         self.name = name
         self.num_classes = num_classes
@@ -73,7 +84,10 @@ class SegmentationDataset(Dataset):
         self.layout_problems: list[str] = []  # filled by readers that scan files; see report_layout
         self.unused_files: list[str] = []  # e.g. masks without an image: reported by checks, not fatal
         self.colors: list[list[int]] | None = None  # RGB per class when the data set defines them
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self.cache = cache
+        self.gpu_decode = gpu_decode
+        self.decode_device: torch.device | None = None  # set by the device cache when gpu_decode is on
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache is True else None
 
     def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

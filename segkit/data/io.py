@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
 from segkit.errors import DataError
 
@@ -16,10 +16,19 @@ from segkit.errors import DataError
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """Decode an image file to uint8 RGB, shape (3, H, W), with torchvision's native decoders."""
+def read_image(path: Path, device: torch.device | None = None) -> torch.Tensor:
+    """Decode an image file to uint8 RGB, shape (3, H, W), with torchvision's native decoders.
+
+    With a CUDA `device`, JPEGs are decoded there by nvjpeg (other formats are decoded on the CPU).
+    """
+    if device is not None and device.type == "cuda" and path.suffix.lower() in JPEG_SUFFIXES:
+        try:
+            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as error:
+            raise DataError(f"{path}: cannot decode JPEG on {device} ({error})") from None
     try:
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError:

@@ -40,7 +40,7 @@ class PairedFiles(SegmentationDataset):
 
     def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        return read_image(image_path), apply_remap(self.read_mask(mask_path), self.remap)
+        return read_image(image_path, self.decode_device), apply_remap(self.read_mask(mask_path), self.remap)
 
     def read_mask(self, path: Path) -> torch.Tensor:
         """Raw class ids of a mask file; readers with colour-coded masks override this."""

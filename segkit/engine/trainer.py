@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.augment import JointAugment
 from segkit.config import build, validate_config
-from segkit.data.loader import build_dataset, build_loader
+from segkit.data.loader import build_dataset
+from segkit.data.prefetch import device_batches
 from segkit.distributed import (
     broadcast_from_main,
     gather_objects,
@@ -113,6 +114,9 @@ class Trainer:
             # Each process's Hydra dates its own run directory; all follow rank 0's.
             self.output_dir = Path(broadcast_from_main(str(output_dir), self.dist))
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        if cfg.dataset.get("gpu_decode") and self.device.type != "cuda":
+            raise ConfigError("dataset.gpu_decode", f"nvjpeg needs a CUDA device, training runs on {self.device}; "
+                              "set it to false")
         channels_last = self.tcfg.channels_last
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         # Rank 0 keeps the single-process random stream; other ranks draw their own augmentations.
@@ -121,6 +125,8 @@ class Trainer:
 
         # Everything that can fail on a config value is built before any data is read.
         self.model: Segmenter = build(cfg.model, "model").to(self.device)
+        if self.tcfg.activation_checkpointing:
+            self.model.set_grad_checkpointing(True)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # self.model stays the bare network (checkpoints, validation); training goes through DDP.
@@ -137,15 +143,16 @@ class Trainer:
 
         self.train_set = build_dataset(cfg.dataset, "train")
         self.val_set = build_dataset(cfg.dataset, "val")
-        pin = self.device.type == "cuda"
+        # Batches arrive on the device: from the device cache, or prefetched from the DataLoader.
         workers = self.tcfg.num_workers
-        self.train_loader = build_loader(
+        self.train_loader = device_batches(
             self.train_set, batch_size=self.tcfg.batch_size, num_workers=workers, train=True,
-            seed=self.tcfg.seed, pin_memory=pin, rank=self.dist.rank, world_size=self.dist.world_size,
+            seed=self.tcfg.seed, device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
         )
-        self.val_loader = build_loader(
+        self.val_loader = device_batches(
             self.val_set, batch_size=self.tcfg.val_batch_size or self.tcfg.batch_size, num_workers=workers,
-            train=False, seed=self.tcfg.seed, pin_memory=pin, rank=self.dist.rank, world_size=self.dist.world_size,
+            train=False, seed=self.tcfg.seed, device=self.device, rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         # trainer.batch_size is per process: one optimizer step sees batch_size x processes x accumulation.
         self.global_batch = self.tcfg.batch_size * self.dist.world_size
@@ -346,6 +353,7 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "train/images_per_s": window_images / max(elapsed, 1e-9),
                     "train/bad_steps": int(global_sum(self.bad_steps_total, self.dist)),
+                    **peak_memory_stats(self.device),
                 }
                 self._check_bad_steps()
                 self.trackers.log_metrics(stats, self.global_step)
@@ -523,6 +531,13 @@ class Trainer:
         if best is not None:
             log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
         return summary
+
+
+def peak_memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated so far in GiB ({} off CUDA): the figure to watch when raising the crop."""
+    if device.type != "cuda":
+        return {}
+    return {"train/peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def build_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

@@ -1,0 +1,323 @@
+"""Throughput side by side, in one process: ceiling, segkit, reference pipeline; evaluation; data only.
+
+Every variant is a step function over its own endless batch source. The timed windows of the
+variants of one table are interleaved (A B C A B C ...) so load drift on a shared machine hits
+all of them alike; each window first runs `settle` untimed steps (draining the batches a loader
+queued while the other variants ran), and the device is synchronised at window edges only.
+Figures are medians over windows; ratios are medians of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from segkit.config import validate_config
+from segkit.data.loader import build_loader
+from segkit.engine.trainer import Trainer
+from segkit.inference import forward_logits
+from segkit.reference_pipeline import reference_loader
+
+SECTIONS = ("train", "eval", "data")
+Step = Callable[[], int]  # runs one step, returns the number of images it processed
+
+
+@dataclass
+class Timing:
+    settings: str
+    rows: dict[str, list[float]]  # variant -> images/s of each window
+    peak_memory: dict[str, float] = field(default_factory=dict)  # variant -> GiB (CUDA only)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.rows[name])
+
+    def ratio(self, numerator: str, denominator: str) -> float:
+        return statistics.median(a / b for a, b in zip(self.rows[numerator], self.rows[denominator], strict=True))
+
+
+def endless(batches: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Epoch after epoch of a loader (setting the EpochSampler's epoch where it has one)."""
+    epoch = 0
+    while True:
+        if hasattr(batches.sampler, "set_epoch"):
+            batches.sampler.set_epoch(epoch)
+        yield from batches
+        epoch += 1
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleave(variants: dict[str, Step], device: torch.device, *, windows: int, steps: int, settle: int,
+               warmup: int) -> Timing:
+    for step in variants.values():
+        for _ in range(warmup):
+            step()
+    rows: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, float] = {}
+    for _ in range(windows):
+        for name, step in variants.items():
+            for _ in range(settle):
+                step()
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start, images = time.perf_counter(), 0
+            for _ in range(steps):
+                images += step()
+            synchronize(device)
+            rows[name].append(images / (time.perf_counter() - start))
+            if device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+    settings = f"{windows} windows × {steps} steps (+{settle} untimed) after {warmup} warm-up steps, interleaved"
+    return Timing(settings, rows, peaks)
+
+
+# ---------------------------------------------------------------------------- the variants
+def segkit_train_step(trainer: Trainer) -> Step:
+    """The Trainer's own step on its own batches (device cache or prefetched DataLoader)."""
+    source = endless(trainer.train_loader)
+    loss_sum = torch.zeros((), device=trainer.device)
+
+    def step() -> int:
+        images, masks = next(source)
+        loss = trainer._train_batch(images, masks, 1)
+        loss_sum.add_(torch.where(torch.isfinite(loss), loss, 0.0))  # the loop's device-side bookkeeping
+        trainer._optimizer_step()
+        return images.shape[0]
+
+    return step
+
+
+def ceiling_step(trainer: Trainer, crop: tuple[int, int]) -> Step:
+    """The same model, optimizer step and precision on one batch already on the device: no data, no augmentation."""
+    batch = trainer.tcfg.batch_size
+    images = torch.rand(batch, 3, *crop, device=trainer.device)
+    if trainer.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    masks = torch.randint(0, trainer.train_set.num_classes, (batch, *crop), device=trainer.device)
+
+    def step() -> int:
+        with trainer._autocast():
+            logits = trainer.forward(images)
+        trainer.scaler.scale(trainer.loss_fn(logits.float(), masks)).backward()
+        trainer._optimizer_step()
+        return batch
+
+    return step
+
+
+def plain_step(trainer: Trainer, loader: Iterable, augment_on_device: bool) -> Step:
+    """A handwritten minimal loop over a DataLoader: same model, loss, optimizer and precision.
+
+    `augment_on_device`: the bare loop (uint8 batches, the same Kornia augmentation as segkit);
+    otherwise the reference loop (float batches already augmented on the CPU by the workers).
+    """
+    source = endless(loader)
+    device = trainer.device
+    scaler = trainer.scaler if trainer.tcfg.precision == "16-mixed" else None  # only fp16 needs loss scaling
+
+    def step() -> int:
+        images, masks = next(source)
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        if augment_on_device:
+            images, masks = trainer.augment(images.float().div_(255), masks)
+        if trainer.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with trainer._autocast():
+            logits = trainer.forward(images)
+        loss = trainer.loss_fn(logits.float(), masks)
+        if scaler is None:
+            loss.backward()
+            trainer.optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(trainer.optimizer)
+            scaler.update()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return images.shape[0]
+
+    return step
+
+
+def eval_step(trainer: Trainer, batches: Iterable, mode: str, crop: tuple[int, int]) -> Step:
+    source = endless(batches)
+
+    @torch.no_grad()
+    def step() -> int:
+        images, masks = next(source)
+        images = images.to(trainer.device, non_blocking=True).float().div_(255)
+        if trainer.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with trainer._autocast():
+            logits = forward_logits(trainer.forward, images, mode=mode, crop_size=crop)
+        trainer.metrics.update(logits, masks.to(trainer.device, non_blocking=True))
+        return images.shape[0]
+
+    return step
+
+
+def data_step(batches: Iterable, augment: Callable | None = None) -> Step:
+    source = endless(batches)
+
+    def step() -> int:
+        images, masks = next(source)
+        if augment is not None:
+            augment(images.float().div_(255), masks)
+        return images.shape[0]
+
+    return step
+
+
+# ---------------------------------------------------------------------------- the run
+@dataclass
+class Report:
+    device: torch.device
+    command: str
+    setup: str  # model, data and loop settings as the trainer resolved them
+    tables: dict[str, tuple[Timing, dict[str, str]]] = field(default_factory=dict)  # section -> timing, labels
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int = 5, steps: int = 10,
+        warmup: int = 3) -> Report:
+    """Build one Trainer from `cfg` and time the requested sections (`train`, `eval`, `data`)."""
+    validate_config(cfg)
+    with tempfile.TemporaryDirectory(prefix="segkit_benchmark_") as tmp:
+        cfg = cfg.copy()
+        OmegaConf.update(cfg, "trainer.max_steps", 10**9)  # the LR schedule never runs out while timing
+        OmegaConf.update(cfg, "trainer.save_checkpoints", False)
+        trainer = Trainer(cfg, Path(tmp))
+    tcfg = trainer.tcfg
+    setup = (f"{cfg.model.arch} / {cfg.backbone.name}, {cfg.dataset.name} at {list(cfg.dataset.image_size)} "
+             f"({len(trainer.train_set)} train / {len(trainer.val_set)} val), batch {tcfg.batch_size}, "
+             f"precision {tcfg.precision}, channels_last {trainer.channels_last}, compile {tcfg.compile}, "
+             f"activation_checkpointing {tcfg.activation_checkpointing}, {tcfg.num_workers} workers, "
+             f"dataset.cache={cfg.dataset.get('cache', False)}")
+    report = Report(trainer.device, command, setup, load_before=os.getloadavg())
+    crop = tuple(cfg.augmentation.get("crop_size") or cfg.dataset.image_size)
+    settle = 2 * tcfg.num_workers + 1  # a DataLoader queues prefetch_factor (2) batches per worker
+    timing = {"windows": windows, "steps": steps, "settle": settle, "warmup": warmup}
+    device = trainer.device
+    augmentation = OmegaConf.to_container(cfg.augmentation, resolve=True)
+    ref = reference_loader(trainer.train_set, augmentation, batch_size=tcfg.batch_size,
+                           num_workers=tcfg.num_workers, pin_memory=device.type == "cuda")
+    cached = cfg.dataset.get("cache") == "device"
+
+
+    def second_source(split: str) -> Any:
+        """Batches of `split` for a second variant: the device cache serves any number of iterators, a
+        persistent-worker DataLoader only one, so the DataLoader path gets its own (plain, on the host)."""
+        if cached:
+            return trainer.train_loader if split == "train" else trainer.val_loader
+        train = split == "train"
+        return build_loader(trainer.train_set if train else trainer.val_set, num_workers=tcfg.num_workers,
+                            batch_size=tcfg.batch_size if train else tcfg.val_batch_size or tcfg.batch_size,
+                            train=train, seed=tcfg.seed, pin_memory=device.type == "cuda")
+
+    source = "device cache" if cached else "DataLoader + prefetch to the device"
+    for section in sections:
+        if section == "train":
+            trainer.model.train()
+            labels = {
+                "ceiling": "ceiling: synthetic batch on the device, no data, no augmentation",
+                "segkit": f"segkit: Trainer._train_batch + _optimizer_step, {source}, Kornia on {device.type}",
+                "bare": f"bare loop: handwritten, {'device cache' if cached else 'DataLoader'}, Kornia on "
+                        f"{device.type}, no scaler/scheduler",
+                "reference": "reference: DataLoader + torchvision v2 CPU augmentation, plain loop",
+            }
+            steps_of = {"ceiling": ceiling_step(trainer, crop), "segkit": segkit_train_step(trainer),
+                        "bare": plain_step(trainer, second_source("train"), True),
+                        "reference": plain_step(trainer, ref, False)}
+        elif section == "eval":
+            trainer.model.eval()
+            slide = (max(1, crop[0] // 2), max(1, crop[1] // 2))
+            labels = {"whole": "validation, whole image",
+                      "slide": f"validation, sliding window {slide[0]}×{slide[1]} (1/3 overlap)"}
+            steps_of = {"whole": eval_step(trainer, trainer.val_loader, "whole", crop),
+                        "slide": eval_step(trainer, second_source("val"), "slide", slide)}
+        else:
+            labels = {
+                "input": f"{'device cache gather' if cached else 'decode + letterbox + collate (CPU workers)'}",
+                "segkit": f"{source} + Kornia augmentation on {device.type}",
+                "reference": "decode + letterbox + torchvision v2 augmentation + collate (CPU workers)",
+            }
+            steps_of = {"input": data_step(second_source("train")),
+                        "segkit": data_step(trainer.train_loader, trainer.augment), "reference": data_step(ref)}
+        report.tables[section] = (interleave(steps_of, device, **timing), labels)
+    report.load_after = os.getloadavg()
+    return report
+
+
+# ---------------------------------------------------------------------------- the record
+def environment(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    packages = ", ".join(f"{p} {version(p)}" for p in
+                         ("torch", "torchvision", "kornia", "timm", "segmentation-models-pytorch"))
+    return f"{device.type}: {name}; {packages}; segkit {git_commit()}"
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def markdown(report: Report) -> str:
+    load = " → ".join("/".join(f"{x:.2f}" for x in avg) for avg in (report.load_before, report.load_after))
+    lines = [
+        f"### {datetime.now():%Y-%m-%d %H:%M} · {report.device.type}",
+        "",
+        f"`{report.command}`",
+        "",
+        f"- {environment(report.device)}",
+        f"- load average (1/5/15 min) before → after: {load}",
+        f"- {report.setup}",
+    ]
+    for section, (timing, labels) in report.tables.items():
+        lines += ["", f"**{section}** ({timing.settings}; images/s)", "",
+                  "| variant | median | min – max | peak GPU memory |", "| --- | --- | --- | --- |"]
+        for name, label in labels.items():
+            values = timing.rows[name]
+            peak = f"{timing.peak_memory[name]:.2f} GiB" if name in timing.peak_memory else "n/a (CPU)"
+            lines.append(f"| {label} | {timing.median(name):.1f} | {min(values):.1f} – {max(values):.1f} | {peak} |")
+        if section == "train":
+            lines += ["", ", ".join(f"segkit / {other} = **{timing.ratio('segkit', key):.2f}**" for key, other in
+                                    (("ceiling", "ceiling"), ("bare", "bare loop"), ("reference", "reference")))]
+    return "\n".join(lines) + "\n"
+
+
+def append(report: Report, path: Path) -> str:
+    text = markdown(report)
+    with open(path, "a") as handle:
+        handle.write("\n" + text)
+    return text
