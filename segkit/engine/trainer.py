@@ -265,7 +265,7 @@ class Trainer:
             epoch_record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
             epoch_record.update(self._last_train_stats)
             if (self.epoch + 1) % self.tcfg.val_every_n_epochs == 0 or self._done(next_epoch=True):
-                with self._explain_out_of_memory("validation", self.val_loader.batch_size):
+                with self._explain_out_of_memory("validation", self.tcfg.val_batch_size or self.tcfg.batch_size):
                     epoch_record.update(self._validate_and_track())
             self.history.append(epoch_record)
             self._append_csv(epoch_record)
