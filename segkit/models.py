@@ -143,8 +143,7 @@ def build_model(
         net, encoder = _torchvision_model(arch, num_classes, download, options)
     else:
         net, encoder = _timm_model(arch, name, output_stride, num_classes, options, download)
-        if wants_attention:
-            add_attention(net, arch, attention)
+        add_attention(net, arch, attention)  # checks the node's keys even when nothing is switched on
     if pretrained and weights_file:
         load_encoder_weights(encoder, name, weights_file)
     return Segmenter(

@@ -99,7 +99,7 @@ def test_options_combine_and_context_works_on_other_architectures(compose_cfg):
         (["model=unet", "model.attention.decoder=se", "+model.options.decoder_attention_type=scse"],
          "model.attention.decoder"),
         (["model=fcn", "+model.attention.context=nonlocal"], "model.attention"),
-        (["model=unet", "+model.attention.gates=true"], "model.attention.gates"),
+        (["model=unet", "+model.attention.gates=false"], "model.attention.gates"),  # a typo is never ignored
     ],
 )
 def test_unsupported_combinations_name_the_key(compose_cfg, overrides, key):
