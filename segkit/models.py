@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
+from segkit.attention import add_attention
 from segkit.errors import ConfigError
 
 SMP_ARCHS = {
@@ -126,11 +127,18 @@ def build_model(
     mean: Sequence[float],
     std: Sequence[float],
     options: Mapping[str, Any] | None = None,
+    attention: Mapping[str, Any] | None = None,
 ) -> Segmenter:
-    """Assemble `arch` on `backbone` (the config's backbone node) for `num_classes` classes."""
+    """Assemble `arch` on `backbone` (the config's backbone node) for `num_classes` classes.
+
+    `attention` (the model.attention node: decoder / skip_gates / context) inserts attention blocks
+    into smp architectures (segkit/attention.py)."""
     options = dict(options or {})
     if arch not in ARCHS:
         raise ConfigError("model.arch", f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    wants_attention = any(value for value in (attention or {}).values())
+    if wants_attention and arch not in SMP_ARCHS:
+        raise ConfigError("model.attention", f"attention blocks go into smp architectures, not {arch}")
     name, output_stride = backbone["name"], backbone.get("output_stride")
     if output_stride is not None and output_stride not in (8, 16, 32):
         raise ConfigError("backbone.output_stride", f"must be 8, 16 or 32, got {output_stride}")
@@ -143,6 +151,7 @@ def build_model(
         net, encoder = _torchvision_model(arch, num_classes, download, options)
     else:
         net, encoder = _timm_model(arch, name, output_stride, num_classes, options, download)
+        add_attention(net, arch, attention)  # checks the node's keys even when nothing is switched on
     if pretrained and weights_file:
         load_encoder_weights(encoder, name, weights_file)
     return Segmenter(

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from segkit.config import build
+from segkit.config import build, validate_config
 from segkit.engine.trainer import build_optimizer
 from segkit.errors import ConfigError
 
@@ -51,3 +51,18 @@ def test_output_stride_is_applied(compose_cfg, stride):
     model = build(cfg.model, "model").eval()
     features = model.encoder(torch.rand(1, 3, 64, 64))
     assert features[-1].shape[-1] == 64 // stride
+
+
+@pytest.mark.parametrize(
+    ("experiment", "arch", "backbone"),
+    [("camvid_scratch_unet", "unet", "resnet34"), ("camvid_cpu_unet", "unet", "resnet18"),
+     ("membrane_unet", "unet", "resnet18")],
+)
+def test_results_recipes_compose_validate_and_build(compose_cfg, experiment, arch, backbone):
+    cfg = compose_cfg([f"experiment={experiment}", "dataset.root=/data/x", "model.attention.decoder=se"], tiny=False)
+    validate_config(cfg)
+    assert (cfg.model.arch, cfg.backbone.name, cfg.backbone.pretrained) == (arch, backbone, False)
+    assert cfg.task_name == experiment
+    model = build(cfg.model, "model").eval()  # the recipe's model options are accepted by smp
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 96)).shape == (1, cfg.dataset.num_classes, 64, 96)
