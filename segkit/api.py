@@ -8,7 +8,7 @@ touches Hydra. Inputs may be tensors, PIL images or numpy arrays; outputs are cl
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -85,11 +85,7 @@ class Predictor:
         stride: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """images: float (B, 3, H, W) in [0, 1] on any device -> scores (B, C, H, W) on self.device."""
-        scales, flip = tta_settings(tta)
-        images = self._to_model_input(images)
-        crop = crop_size or self.image_size
-        with self.autocast():
-            return predict_logits(self.model, images, mode, crop, stride, scales, flip)
+        return self._run(predict_logits, images, mode, tta, crop_size, stride)
 
     def probabilities(
         self,
@@ -100,11 +96,15 @@ class Predictor:
         stride: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Softmax probabilities (B, C, H, W), averaged over the TTA variants."""
+        return self._run(predict_probs, images, mode, tta, crop_size, stride)
+
+    def _run(self, predict_fn: Callable[..., torch.Tensor], images: torch.Tensor, mode: str,
+             tta: bool | Mapping[str, Any] | None, crop_size: Sequence[int] | None,
+             stride: Sequence[int] | None) -> torch.Tensor:
         scales, flip = tta_settings(tta)
-        images = self._to_model_input(images)
-        crop = crop_size or self.image_size
         with self.autocast():
-            return predict_probs(self.model, images, mode, crop, stride, scales, flip)
+            return predict_fn(self.model, self._to_model_input(images), mode, crop_size or self.image_size,
+                              stride, scales, flip)
 
     def predict(
         self,

@@ -6,17 +6,15 @@ Exit status: 0 clean, 1 problems found (each printed as one line naming its file
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
+from segkit.cli.common import CONFIG_DIR, run_or_exit
 from segkit.config import register_configs
 from segkit.data.checks import check_split, summary_lines, write_preview, write_weights
-from segkit.errors import ConfigError, SegkitError, one_line
+from segkit.errors import ConfigError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 register_configs()
 
 
@@ -48,13 +46,7 @@ def run(cfg: DictConfig) -> int:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="check_data", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        status = run(cfg)
-    except (SegkitError, OmegaConfBaseException) as error:
-        message = one_line(error) if isinstance(error, SegkitError) else str(error).splitlines()[0]
-        print(f"error: {message}", file=sys.stderr)
-        status = 2
-    sys.exit(status)
+    sys.exit(run_or_exit(lambda: run(cfg)))
 
 
 if __name__ == "__main__":

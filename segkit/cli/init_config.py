@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import re
 import stat
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
+from segkit.cli.common import run_or_exit
 from segkit.config import build
 from segkit.data.checks import SplitReport, check_sample, summary_lines
 from segkit.data.cityscapes import CityscapesSchema
@@ -168,11 +168,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        run(parse_args(argv))
-    except SegkitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

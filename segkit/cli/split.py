@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segkit.cli.common import run_or_exit
 from segkit.data.io import IMAGE_SUFFIXES
 from segkit.data.pairs import files_by_stem
 from segkit.data.splits import write_stem_list
@@ -166,11 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        run(parse_args(argv))
-    except SegkitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

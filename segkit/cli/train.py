@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
+from segkit.cli.common import CONFIG_DIR, run_or_exit
 from segkit.cli.sweep import run_sweep_job
 from segkit.config import register_configs
 from segkit.engine.trainer import fit
-from segkit.errors import SegkitError, one_line
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-log = logging.getLogger("segkit")
 register_configs()
 
 
@@ -27,25 +22,20 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the best monitored metric, which Hydra sweepers (Optuna) optimise."""
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
-    try:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            # A failing job (a bad combination) is written to <job dir>/failed.json and marked FAILED
-            # in the trackers; it returns None and the sweep goes on (segkit/cli/sweep.py).
-            summary = run_sweep_job(lambda: fit(cfg, output_dir), cfg, output_dir, hydra_cfg.overrides.task)
-            if summary is None:
-                return None
-        else:
-            summary = fit(cfg, output_dir)
-    except (SegkitError, OmegaConfBaseException) as error:
-        message = one_line(error) if isinstance(error, SegkitError) else str(error).splitlines()[0]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # A failing job (a bad combination) is written to <job dir>/failed.json and marked FAILED
+        # in the trackers; it returns None and the sweep goes on (segkit/cli/sweep.py).
+        summary = run_or_exit(lambda: run_sweep_job(lambda: fit(cfg, output_dir), cfg, output_dir,
+                                                    hydra_cfg.overrides.task))
+        if summary is None:
+            return None
+    else:
+        summary = run_or_exit(lambda: fit(cfg, output_dir))
     if str(summary.get("stop_reason") or "").startswith("SIG"):
         print(f"error: interrupted by {summary['stop_reason']} at step {summary['steps']}; resume with "
-              f"hydra.run.dir={hydra_cfg.runtime.output_dir} trainer.resume=auto", file=sys.stderr)
+              f"hydra.run.dir={output_dir} trainer.resume=auto", file=sys.stderr)
         sys.exit(130)
     return summary["best_score"]
-
 
 if __name__ == "__main__":
     main()

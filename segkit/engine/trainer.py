@@ -405,8 +405,8 @@ class Trainer:
             )
 
     def _train_batch(self, images: torch.Tensor, masks: torch.Tensor, accumulate: int) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True).float().div_(255)
-        masks = masks.to(self.device, non_blocking=True)
+        """One batch, already on the device (segkit.data.prefetch.device_batches): uint8 images, int masks."""
+        images = images.float().div_(255)
         images, masks = self.augment(images, masks)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -436,9 +436,8 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         self.model.eval()
         self.metrics.reset()
-        for images, masks in self.val_loader:
-            images = images.to(self.device, non_blocking=True).float().div_(255)
-            masks = masks.to(self.device, non_blocking=True)
+        for images, masks in self.val_loader:  # on the device already
+            images = images.float().div_(255)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
