@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from segkit.benchmark import SECTIONS, append, run  # noqa: E402
-from segkit.config import register_configs  # noqa: E402
+from segkit.cli.common import register_configs  # noqa: E402
 from segkit.errors import SegkitError  # noqa: E402
 
 DEFAULTS = ["augmentation=default", "logger=none", "trainer.progress_bar=false"]

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from segkit.config import register_configs  # noqa: E402
-from segkit.data.loader import build_dataset, build_loader  # noqa: E402
+from segkit.cli.common import register_configs  # noqa: E402
+from segkit.data.loading import build_dataset, build_loader  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 

@@ -30,7 +30,7 @@ def measure(val_size: int, image_size: int, batch_size: int) -> dict[str, float]
     import torch
     from hydra import compose, initialize_config_dir
 
-    from segkit.config import register_configs
+    from segkit.cli.common import register_configs
     from segkit.engine.trainer import Trainer
 
     register_configs()

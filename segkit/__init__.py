@@ -8,13 +8,13 @@ __version__ = "0.1.0"
 __all__ = ["Predictor", "load"]
 
 if TYPE_CHECKING:
-    from segkit.api import Predictor, load
+    from segkit.inference.predictor import Predictor, load
 
 
 def __getattr__(name: str) -> Any:
     """`segkit.load` / `segkit.Predictor` import torch and the models only when first used."""
     if name in __all__:
-        from segkit import api
+        from segkit.inference import predictor
 
-        return getattr(api, name)
+        return getattr(predictor, name)
     raise AttributeError(f"module 'segkit' has no attribute {name!r}")

@@ -26,9 +26,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import validate_config
-from segkit.data.loader import build_loader
+from segkit.data.loading import build_loader
 from segkit.engine.trainer import Trainer
-from segkit.inference import forward_logits
+from segkit.inference.sliding import forward_logits
 from segkit.reference_pipeline import reference_loader
 
 SECTIONS = ("train", "eval", "data")

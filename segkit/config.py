@@ -1,7 +1,8 @@
 """Structured-config schemas and the checks Hydra's types cannot express.
 
-The schemas are registered in Hydra's ConfigStore; `conf/train.yaml` and the dataset files
-list them in their defaults, so a misspelt key or a wrong type fails at composition with the
+Each reader owns its dataset schema (segkit/data/readers/); the entry points register them all
+in Hydra's ConfigStore (segkit.cli.common.register_configs), and `conf/train.yaml` and the dataset
+files list them in their defaults, so a misspelt key or a wrong type fails at composition with the
 key named. `validate_config` then checks values that depend on each other, before any data
 is read.
 """
@@ -12,10 +13,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from segkit.errors import ConfigError, SegkitError
 
@@ -84,26 +84,6 @@ class DatasetConfig:
 
 
 @dataclass
-class SyntheticDatasetConfig(DatasetConfig):
-    _target_: str = "segkit.data.SyntheticShapes"
-    name: str = "synthetic"
-    num_classes: int = 4
-    train_size: int = 256
-    val_size: int = 64
-    max_shapes: int = 4
-    seed: int = 0
-
-
-@dataclass
-class FolderDatasetConfig(DatasetConfig):
-    _target_: str = "segkit.data.FolderDataset"
-    root: str = "???"
-    image_dir: str = "images/{split}"  # `{split}` is replaced by train / val / test
-    mask_dir: str = "masks/{split}"
-    remap: dict[int, int] = field(default_factory=dict)  # mask value -> class id (or ignore_index)
-
-
-@dataclass
 class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -118,39 +98,16 @@ class TrainConfig:
     output_root: str = "outputs"
 
 
-def register_configs() -> None:
-    # Reader schemas live next to their readers (they extend the dataclasses above with the
-    # reader's own keys and the base-class options); imported here, after this module is loaded.
-    from segkit.data.checks import CheckDataConfig
-    from segkit.data.cityscapes import CityscapesSchema
-    from segkit.data.coco import CocoSchema
-    from segkit.data.folder import FolderSchema
-    from segkit.data.synthetic import SyntheticSchema
-    from segkit.data.voc import VocSchema
+@dataclass
+class CheckDataConfig:
+    """Entry config of `segkit-check-data` (conf/check_data.yaml)."""
 
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="check_data_schema", node=CheckDataConfig)
-    for name, schema in (
-        ("synthetic", SyntheticSchema), ("folder", FolderSchema), ("voc", VocSchema),
-        ("cityscapes", CityscapesSchema), ("coco", CocoSchema),
-    ):
-        cs.store(group="dataset", name=f"{name}_schema", node=schema)
-    _register_launcher_schemas(cs)
-
-
-def _register_launcher_schemas(cs: ConfigStore) -> None:
-    """conf/hydra/launcher/submitit_{slurm,local}.yaml extend the submitit plugin's configs, stored again
-    here under `*_schema` names: a config file of the plugin's own name would hide the plugin's node.
-    Stored as plain key sets (Hydra's plugin scan re-imports the plugin, so its dataclasses would not
-    match); unknown keys still fail, as Hydra composes in struct mode."""
-    try:
-        from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
-    except ImportError:  # the `cluster` extra is not installed: those presets are unavailable
-        return
-    for name, schema in (("submitit_slurm_schema", SlurmQueueConf), ("submitit_local_schema", LocalQueueConf)):
-        cs.store(group="hydra/launcher", name=name, node=OmegaConf.to_container(OmegaConf.structured(schema)),
-                 provider="segkit")
+    dataset: Any = None
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    write_weights: str | None = None  # path: median-frequency class weights (train split) as YAML
+    preview: str | None = None  # path: PNG grid of train images with class overlays and a legend
+    preview_count: int = 8
+    preview_size: int = 256  # longest side of each preview tile
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from segkit.data.base import SegmentationDataset
+from segkit.data.readers.base import SegmentationDataset
 from segkit.errors import ConfigError
 
 

@@ -109,7 +109,7 @@ def test_unsupported_combinations_name_the_key(compose_cfg, overrides, key):
 
 def test_onnx_export_with_every_block_matches_pytorch(compose_cfg, tmp_path):
     pytest.importorskip("onnxruntime")
-    from segkit.export import compare, export_onnx, onnx_runner, onnx_session
+    from segkit.inference.export import compare, export_onnx, onnx_runner, onnx_session
 
     everything = ["model.attention.decoder=cbam", "model.attention.skip_gates=true", "model.attention.context=nonlocal"]
     model = build_unet(compose_cfg, everything).eval()

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from segkit.cli import check_data
-from segkit.data.checks import check_split
+from segkit.tools.checks import check_split
 
 from .test_data_formats import coco_overrides, label_map, random_image, write_coco, write_rgb_folder
 

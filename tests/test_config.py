@@ -7,8 +7,8 @@ import torch
 
 from segkit.augment import JointAugment
 from segkit.config import build, validate_config
-from segkit.data.loader import build_dataset
-from segkit.engine.trainer import build_optimizer
+from segkit.data.loading import build_dataset
+from segkit.engine.optim import build_optimizer
 from segkit.errors import ConfigError
 from segkit.models import Segmenter
 
@@ -132,7 +132,7 @@ def test_experiment_camvid_deeplabv3plus_recipe(compose_cfg):
     assert cfg.task_name == "camvid_deeplabv3plus"  # the preset's name wins over train.yaml's default
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.01, 0.9, 1e-4)
-    assert cfg.scheduler._target_ == "segkit.schedulers.poly" and cfg.scheduler.power == 0.9
+    assert cfg.scheduler._target_ == "segkit.engine.optim.poly" and cfg.scheduler.power == 0.9
     assert (cfg.trainer.batch_size, cfg.trainer.max_epochs, cfg.trainer.early_stopping_patience) == (8, 60, 15)
     assert cfg.loss._target_ == "segkit.losses.WeightedSum"
     assert cfg.backbone.pretrained is True and cfg.backbone.freeze is False

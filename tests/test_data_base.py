@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segkit.data import FolderDataset, SyntheticShapes, letterbox
+from segkit.data.geometry import letterbox
+from segkit.data.readers.folder import FolderDataset
+from segkit.data.readers.synthetic import SyntheticShapes
 from segkit.errors import DataError
 
 from .conftest import write_folder_dataset

@@ -20,8 +20,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segkit.cli import init_config
-from segkit.data.loader import build_dataset
-from segkit.data.voc import voc_colormap
+from segkit.data.loading import build_dataset
+from segkit.data.readers.voc import voc_colormap
 from segkit.engine.trainer import fit
 from segkit.errors import ConfigError, DataError
 
@@ -337,7 +337,7 @@ def test_on_error_skip_replaces_and_reports_bad_samples(compose_cfg, tmp_path, c
     cfg, root = compose_layout(compose_cfg, tmp_path, "folder_split_file", ["dataset.on_error=skip"])
     (root / "images" / "s01.jpg").write_bytes(b"not a jpeg")
     dataset = build_dataset(cfg.dataset, "train")
-    with caplog.at_level(logging.WARNING, logger="segkit.data.base"):
+    with caplog.at_level(logging.WARNING, logger="segkit.data.readers.base"):
         image, mask = dataset[1]
         dataset[1]
     assert image.shape == (3, 32, 32)

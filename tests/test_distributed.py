@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from segkit.config import validate_config
-from segkit.data.loader import EpochSampler
-from segkit.distributed import DistContext, wrap_model
+from segkit.data.loading import EpochSampler
 from segkit.engine.checkpoint import load_checkpoint
+from segkit.engine.distributed import DistContext, wrap_model
 from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
 

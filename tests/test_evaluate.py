@@ -1,4 +1,4 @@
-"""scripts/evaluate.py: the training loop's numbers, per-image records, masks and the report files."""
+"""segkit-evaluate: the training loop's numbers, per-image records, masks and the report files."""
 
 from __future__ import annotations
 

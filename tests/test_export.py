@@ -1,4 +1,4 @@
-"""scripts/export.py: ONNX (and TorchScript) that match PyTorch at any batch and image size."""
+"""segkit-export: ONNX (and TorchScript) that match PyTorch at any batch and image size."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from segkit.cli import export as export_cli
 from segkit.config import build
 from segkit.engine.checkpoint import save_checkpoint
 from segkit.errors import ConfigError
-from segkit.export import compare, onnx_runner, onnx_session
+from segkit.inference.export import compare, onnx_runner, onnx_session
 
 from .conftest import CONF_DIR, TINY
 
@@ -49,7 +49,7 @@ def test_onnx_and_torchscript_match_pytorch_with_dynamic_shapes(tmp_path, capsys
         assert len(checks) == 2 and all(c.ok(1e-3) for c in checks), [c.line(name) for c in checks]
         assert checks[0].shape != checks[1].shape  # a second batch size and image size
     # A third shape, neither the traced one nor a multiple of the encoder stride.
-    from segkit.api import load
+    from segkit.inference.predictor import load
 
     model = load(checkpoint, "cpu").model.to(memory_format=torch.contiguous_format)
     parity = compare(model, onnx_runner(onnx_session(onnx_path)), (3, 3, 45, 71))

@@ -13,15 +13,14 @@ from torch import nn
 import segkit
 from segkit.cli import predict as predict_cli
 from segkit.config import build
-from segkit.data.base import letterbox
+from segkit.data.geometry import letterbox, unletterbox
 from segkit.engine.checkpoint import save_checkpoint
 from segkit.errors import CheckpointError
-from segkit.inference import (
+from segkit.inference.sliding import (
     clean_mask,
     predict_logits,
     predict_probs,
     slide_logits,
-    unletterbox,
     window_starts,
 )
 

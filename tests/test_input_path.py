@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segkit.data.device_cache import DeviceCachedBatches
-from segkit.data.loader import EpochSampler, build_dataset, build_loader
-from segkit.data.prefetch import DevicePrefetcher, device_batches
+from segkit.data.loading import (
+    DeviceCachedBatches,
+    DevicePrefetcher,
+    EpochSampler,
+    build_dataset,
+    build_loader,
+    device_batches,
+)
 from segkit.engine.checkpoint import load_checkpoint
 from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from segkit.config import build, validate_config
-from segkit.engine.trainer import build_optimizer
+from segkit.engine.optim import build_optimizer
 from segkit.errors import ConfigError
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segkit.cli.split import assign, main, write_splits
-from segkit.data.loader import build_dataset
-from segkit.data.splits import read_stem_list
+from segkit.cli.split import main
+from segkit.data.io import read_stem_list
+from segkit.data.loading import build_dataset
+from segkit.tools.split import assign, write_splits
 
 from .test_data_formats import label_map, random_image
 

@@ -101,7 +101,7 @@ def test_report_ranks_ok_runs_and_lists_the_failed_one(sweep, tmp_path):
 def test_reproducing_a_job_gives_identical_final_metrics(sweep, tmp_path):
     _, sweep_dir, _ = sweep
     out = tmp_path / "again"
-    result = run(["scripts/reproduce.py", str(sweep_dir / "0"), "--out", str(out), "--check"])
+    result = run(["-m", "segkit.cli.reproduce", str(sweep_dir / "0"), "--out", str(out), "--check"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "identical" in result.stdout
     original = json.loads((sweep_dir / "0" / "metrics.json").read_text())

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from segkit.engine.trainer import fit
+from segkit.trackers.base import Tracker
 from segkit.trackers.mlflow import MLflowTracker, default_tracking_uri
-from segkit.tracking import Tracker
 
 from .conftest import ROOT
 

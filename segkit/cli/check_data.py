@@ -10,10 +10,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from segkit.cli.common import CONFIG_DIR, run_or_exit
-from segkit.config import register_configs
-from segkit.data.checks import check_split, summary_lines, write_preview, write_weights
+from segkit.cli.common import CONFIG_DIR, register_configs, run_or_exit
 from segkit.errors import ConfigError
+from segkit.tools.checks import check_split, summary_lines, write_preview, write_weights
 
 register_configs()
 

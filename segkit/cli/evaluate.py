@@ -1,4 +1,4 @@
-"""`python scripts/evaluate.py checkpoint=<run>/checkpoints/best.pt`: metrics, masks, pictures, report.
+"""`segkit-evaluate checkpoint=<run>/checkpoints/best.pt`: metrics, masks, pictures, report.
 
 Writes into the output directory:
   metrics.json        mIoU, mean Dice, pixel accuracy, IoU / Dice per class, confusion matrix
@@ -23,14 +23,15 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from segkit.api import Predictor, load
 from segkit.cli.common import CONFIG_DIR, dumps, json_safe, run_or_exit
-from segkit.data.loader import build_dataset, build_loader
+from segkit.data.geometry import unletterbox
+from segkit.data.loading import build_dataset, build_loader
 from segkit.errors import ConfigError
-from segkit.evaluation import EvalResult, ImageResult, evaluate, image_path
-from segkit.inference import MODES, clean_mask, unletterbox
-from segkit.report_html import write_report
-from segkit.viz import (
+from segkit.inference.evaluation import EvalResult, ImageResult, evaluate, image_path
+from segkit.inference.predictor import Predictor, load
+from segkit.inference.sliding import MODES, clean_mask
+from segkit.reporting.html import write_report
+from segkit.reporting.plots import (
     save_comparison,
     save_confusion,
     save_iou_bars,

@@ -1,4 +1,4 @@
-"""`python scripts/export.py checkpoint=<run>/checkpoints/best.pt format=onnx`: export, check, benchmark.
+"""`segkit-export checkpoint=<run>/checkpoints/best.pt format=onnx`: export, check, benchmark.
 
 Prints the parity checks (max |logit difference| and argmax agreement against PyTorch on two
 input shapes) and a markdown latency table, also written to `<stem>.benchmark.md`.
@@ -16,10 +16,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from segkit.api import load
 from segkit.cli.common import CONFIG_DIR, run_or_exit
 from segkit.errors import ConfigError
-from segkit.export import (
+from segkit.inference.export import (
     ExportError,
     Parity,
     Timing,
@@ -33,6 +32,7 @@ from segkit.export import (
     time_runner,
     torchscript_runner,
 )
+from segkit.inference.predictor import load
 
 log = logging.getLogger("segkit")
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "all": ("onnx", "torchscript")}

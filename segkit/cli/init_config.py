@@ -22,13 +22,13 @@ from omegaconf import OmegaConf
 
 from segkit.cli.common import run_or_exit
 from segkit.config import build
-from segkit.data.checks import SplitReport, check_sample, summary_lines
-from segkit.data.cityscapes import CityscapesSchema
-from segkit.data.coco import CocoSchema
-from segkit.data.folder import FolderSchema
-from segkit.data.layout import Layout, detect_layout, image_sizes, label_settings, spread, summarize_masks
-from segkit.data.voc import VocSchema
+from segkit.data.readers.cityscapes import CityscapesSchema
+from segkit.data.readers.coco import CocoSchema
+from segkit.data.readers.folder import FolderSchema
+from segkit.data.readers.voc import VocSchema
 from segkit.errors import ConfigError, SegkitError
+from segkit.tools.checks import SplitReport, check_sample, summary_lines
+from segkit.tools.layout import Layout, detect_layout, image_sizes, label_settings, spread, summarize_masks
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 SCHEMAS = {"folder": FolderSchema, "voc": VocSchema, "cityscapes": CityscapesSchema, "coco": CocoSchema}
@@ -84,7 +84,7 @@ def fit_size(height: int, width: int, longest: int = 1024, multiple: int = 32) -
 
 
 def write_split_lists(layout: Layout, args: argparse.Namespace, name: str) -> str:
-    from segkit.cli.split import write_splits
+    from segkit.tools.split import write_splits
 
     directory = args.splits_dir
     if directory is None:

@@ -1,4 +1,4 @@
-"""`python scripts/predict.py checkpoint=best.pt input=<file|dir|glob> output=<dir>`: masks for new images.
+"""`segkit-predict checkpoint=best.pt input=<file|dir|glob> output=<dir>`: masks for new images.
 
 Every image is predicted at its own size (sliding window above the training size). A file that
 cannot be read is reported on one line and skipped; the exit status is 1 if any file failed.
@@ -24,12 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader, Dataset
 
-from segkit.api import Predictor, load
 from segkit.cli.common import CONFIG_DIR, run_or_exit
 from segkit.data.io import IMAGE_SUFFIXES
 from segkit.errors import ConfigError, DataError
-from segkit.inference import MODES, clean_mask
-from segkit.viz import overlay, save_mask_png, save_png, stable_palette
+from segkit.inference.predictor import Predictor, load
+from segkit.inference.sliding import MODES, clean_mask
+from segkit.reporting.plots import overlay, save_mask_png, save_png, stable_palette
 
 log = logging.getLogger("segkit")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segkit.cli.sweep import JobRecord, best_miou, collect_jobs, varying_overrides
+from segkit.sweeps import JobRecord, best_miou, collect_jobs, varying_overrides
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -9,10 +9,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from segkit.cli.common import CONFIG_DIR, run_or_exit
-from segkit.cli.sweep import run_sweep_job
-from segkit.config import register_configs
+from segkit.cli.common import CONFIG_DIR, register_configs, run_or_exit
 from segkit.engine.trainer import fit
+from segkit.sweeps import run_sweep_job
 
 register_configs()
 
@@ -24,7 +23,7 @@ def main(cfg: DictConfig) -> float | None:
     output_dir = hydra_cfg.runtime.output_dir
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # A failing job (a bad combination) is written to <job dir>/failed.json and marked FAILED
-        # in the trackers; it returns None and the sweep goes on (segkit/cli/sweep.py).
+        # in the trackers; it returns None and the sweep goes on (segkit/sweeps.py).
         summary = run_or_exit(lambda: run_sweep_job(lambda: fit(cfg, output_dir), cfg, output_dir,
                                                     hydra_cfg.overrides.task))
         if summary is None:

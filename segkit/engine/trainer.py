@@ -26,9 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.augment import JointAugment
 from segkit.config import build, validate_config
-from segkit.data.loader import build_dataset
-from segkit.data.prefetch import device_batches
-from segkit.distributed import (
+from segkit.data.loading import build_dataset, device_batches
+from segkit.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
+from segkit.engine.distributed import (
     broadcast_from_main,
     gather_objects,
     global_max,
@@ -39,13 +39,13 @@ from segkit.distributed import (
     shutdown_distributed,
     wrap_model,
 )
-from segkit.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
+from segkit.engine.optim import build_optimizer
 from segkit.engine.progress import Progress
 from segkit.errors import ConfigError, SegkitError
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics
 from segkit.models import Segmenter
-from segkit.tracking import Trackers, flatten
+from segkit.trackers.base import Trackers, flatten
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
-        # One process, or one of several started by torchrun / submitit (segkit/distributed.py).
+        # One process, or one of several started by torchrun / submitit (segkit/engine/distributed.py).
         self.dist, self.device = init_distributed(select_device(self.tcfg.accelerator), self.tcfg.dist_timeout_s)
         with peer_failures_as_errors(self.dist):
             # Each process's Hydra dates its own run directory; all follow rank 0's.
@@ -405,7 +405,7 @@ class Trainer:
             )
 
     def _train_batch(self, images: torch.Tensor, masks: torch.Tensor, accumulate: int) -> torch.Tensor:
-        """One batch, already on the device (segkit.data.prefetch.device_batches): uint8 images, int masks."""
+        """One batch, already on the device (segkit.data.loading.device_batches): uint8 images, int masks."""
         images = images.float().div_(255)
         images, masks = self.augment(images, masks)
         if self.channels_last:
@@ -545,22 +545,6 @@ def build_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradSca
     if precision == "16-mixed":
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
-
-
-def build_optimizer(optimizer_cfg: DictConfig, model: Segmenter) -> torch.optim.Optimizer:
-    """Instantiate the partial optimizer with two groups: encoder at lr, the rest at lr * head_lr_mult."""
-    settings = OmegaConf.to_container(optimizer_cfg, resolve=True)
-    head_lr_mult = float(settings.pop("head_lr_mult", 1.0))
-    encoder_ids = {id(p) for p in model.encoder.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    encoder_params = [p for p in trainable if id(p) in encoder_ids]
-    head_params = [p for p in trainable if id(p) not in encoder_ids]
-    lr = settings["lr"]
-    groups = [{"params": encoder_params, "lr": lr}, {"params": head_params, "lr": lr * head_lr_mult}]
-    try:
-        return build(settings, "optimizer")([g for g in groups if g["params"]])
-    except (ValueError, TypeError) as error:
-        raise ConfigError("optimizer", str(error).splitlines()[0]) from None
 
 
 def class_pixel_counts(dataset) -> torch.Tensor:

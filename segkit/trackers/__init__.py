@@ -1,5 +1,5 @@
 """Experiment-tracker back ends (MLflow, Weights & Biases, TensorBoard).
 
 Each module imports its library only in `Tracker.start`, so `import segkit` stays fast and a
-missing or broken back end only costs that tracker (see `segkit.tracking.Trackers`).
+missing or broken back end only costs that tracker (see `segkit.trackers.base.Trackers`).
 """

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
-from segkit.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

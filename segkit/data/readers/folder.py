@@ -19,16 +19,20 @@ from typing import Any
 
 import torch
 
-from segkit.config import FolderDatasetConfig
-from segkit.data.base import DatasetOptions
-from segkit.data.colors import ColorTable, read_color_mask
-from segkit.data.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir
-from segkit.data.splits import read_stem_list
+from segkit.config import DatasetConfig
+from segkit.data.io import ColorTable, read_color_mask, read_stem_list
+from segkit.data.readers.base import DatasetOptions
+from segkit.data.readers.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir
 from segkit.errors import ConfigError, DataError
 
 
 @dataclass
-class FolderSchema(FolderDatasetConfig, DatasetOptions):
+class FolderSchema(DatasetConfig, DatasetOptions):
+    _target_: str = "segkit.data.readers.folder.FolderDataset"
+    root: str = "???"
+    image_dir: str = "images/{split}"  # `{split}` is replaced by train / val / test
+    mask_dir: str = "masks/{split}"
+    remap: dict[int, int] = field(default_factory=dict)  # mask value -> class id (or ignore_index)
     split_file: str | None = None  # stems of each split, relative to root; may use {split} and {fold}
     fold: int | None = None  # fills {fold} in split_file (k-fold lists from segkit-split)
     dataset_json: str | None = "dataset.json"  # class names/colors file in root, used if present

@@ -155,18 +155,6 @@ def predict_logits(
     return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
-def unletterbox(mask: torch.Tensor, original_size: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-    """Undo segkit.data.letterbox on a predicted (H, W) mask: crop the padding, resize to the original."""
-    height, width = int(original_size[0]), int(original_size[1])
-    if (height, width) == tuple(size):
-        return mask
-    scale = min(size[0] / height, size[1] / width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    cropped = mask[:new_h, :new_w]
-    resized = F.interpolate(cropped[None, None].float(), size=(height, width), mode="nearest-exact")
-    return resized[0, 0].to(mask.dtype)
-
-
 def clean_mask(
     mask: np.ndarray | torch.Tensor, min_region: int = 0, max_hole: int = 0, ignore_index: int | None = None
 ) -> np.ndarray | torch.Tensor:

@@ -37,8 +37,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segkit.config import DatasetConfig
-from segkit.data.base import DatasetOptions, SegmentationDataset
 from segkit.data.io import read_image, read_mask
+from segkit.data.readers.base import DatasetOptions, SegmentationDataset
 from segkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ RULE_VERSION = 1  # bump when the drawing rule changes, so old caches are not re
 
 @dataclass
 class CocoSchema(DatasetConfig, DatasetOptions):
-    _target_: str = "segkit.data.coco.CocoDataset"
+    _target_: str = "segkit.data.readers.coco.CocoDataset"
     name: str = "coco"
     root: str = "???"
     image_dir: str = "{split}2017"  # relative to root; {split} is replaced

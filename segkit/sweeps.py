@@ -1,23 +1,21 @@
-"""Multirun jobs that fail without stopping the sweep, and reading a sweep directory back.
-
-Hydra's basic launcher runs every job, then re-raises the first job's exception, which skips
-`on_multirun_end` and hides the other results. So a job's exception is caught here instead:
-written to `<job dir>/failed.json`, logged, and recorded as a FAILED tracker run; the job
-returns None, which the Optuna sweeper counts as a failed trial (see hydra.sweeper.max_failure_rate).
-"""
+"""Hydra multirun jobs: run one so a failure is recorded and the sweep goes on, read the jobs' records
+back for reports, and print the sweep's summary when it ends (`SweepSummary`, a Hydra callback)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from segkit.cli.common import dumps
 from segkit.errors import SegkitError, one_line
 
 log = logging.getLogger("segkit")
@@ -66,7 +64,7 @@ def record_failure(cfg: DictConfig, output_dir: Path, error: BaseException, over
 def _failed_tracker_run(cfg: DictConfig, output_dir: Path, message: str) -> None:
     """Open and close a tracker run marked FAILED, so the sweep's tracker shows every job."""
     from segkit.config import build
-    from segkit.tracking import Trackers, flatten
+    from segkit.trackers.base import Trackers, flatten
 
     try:
         loggers = dict(cfg.get("logger") or {})
@@ -164,3 +162,39 @@ def best_miou(job: JobRecord) -> float | None:
     best = (job.metrics or {}).get("best") or {}
     value = best.get("miou")
     return None if value is None else float(value)
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = collect_jobs(sweep_dir)
+        print(summary_text(sweep_dir, jobs), flush=True)
+        (sweep_dir / "sweep_summary.json").write_text(dumps(summary_record(jobs), indent=2))
+
+
+def summary_text(sweep_dir: Path, jobs: list[JobRecord]) -> str:
+    ok = sum(job.ok for job in jobs)
+    failed = sum(job.status == "FAILED" for job in jobs)
+    other = len(jobs) - ok - failed
+    head = f"sweep {sweep_dir}: {len(jobs)} jobs, {ok} ok, {failed} failed"
+    if other:
+        head += f", {other} other (stopped or incomplete)"
+    _, distinct = varying_overrides([job.overrides for job in jobs])
+    lines = [head]
+    for job, overrides in zip(jobs, distinct, strict=True):
+        miou = best_miou(job)
+        detail = f"error: {job.error}" if job.status == "FAILED" else (
+            f"best val/miou={miou:.4f}" if miou is not None and not math.isnan(miou) else "no validation")
+        status = "ok" if job.ok else job.status
+        lines.append(f"  #{job.name:<4} {status:<10} {' '.join(overrides):<40} {detail}")
+    lines.append(f"leaderboard: segkit-report {sweep_dir}")
+    return "\n".join(lines)
+
+
+def summary_record(jobs: list[JobRecord]) -> dict[str, Any]:
+    return {
+        "ok": [job.name for job in jobs if job.ok],
+        "failed": [job.name for job in jobs if job.status == "FAILED"],
+        "jobs": [{"job": job.name, "status": job.status, "overrides": job.overrides, "error": job.error,
+                  "best_miou": best_miou(job)} for job in jobs],
+    }

@@ -6,6 +6,8 @@ The config gives the shape (`_partial_: true`); the trainer supplies the optimiz
 
 from __future__ import annotations
 
+import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import (
     CosineAnnealingLR,
@@ -15,6 +17,9 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
     StepLR,
 )
+
+from segkit.config import build
+from segkit.errors import ConfigError
 
 
 def _with_warmup(
@@ -61,3 +66,19 @@ def step(
     del total_steps  # a step schedule does not depend on the run length
     main = StepLR(optimizer, step_size=step_size, gamma=gamma)
     return _with_warmup(optimizer, main, warmup_steps, warmup_start_factor)
+
+
+def build_optimizer(optimizer_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Instantiate the partial optimizer with two groups: encoder at lr, the rest at lr * head_lr_mult."""
+    settings = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    head_lr_mult = float(settings.pop("head_lr_mult", 1.0))
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    encoder_params = [p for p in trainable if id(p) in encoder_ids]
+    head_params = [p for p in trainable if id(p) not in encoder_ids]
+    lr = settings["lr"]
+    groups = [{"params": encoder_params, "lr": lr}, {"params": head_params, "lr": lr * head_lr_mult}]
+    try:
+        return build(settings, "optimizer")([g for g in groups if g["params"]])
+    except (ValueError, TypeError) as error:
+        raise ConfigError("optimizer", str(error).splitlines()[0]) from None

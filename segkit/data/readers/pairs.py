@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from segkit.data.base import SegmentationDataset
 from segkit.data.io import IMAGE_SUFFIXES, read_image, read_mask
+from segkit.data.readers.base import SegmentationDataset
 from segkit.errors import DataError
 
 log = logging.getLogger(__name__)

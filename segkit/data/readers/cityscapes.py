@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from segkit.config import DatasetConfig
-from segkit.data.base import DatasetOptions
-from segkit.data.pairs import PairedFiles, require_dir
+from segkit.data.readers.base import DatasetOptions
+from segkit.data.readers.pairs import PairedFiles, require_dir
 
 # label id -> train id, for the 19 evaluated classes (cityscapesScripts helpers/labels.py).
 LABEL_TO_TRAIN_ID = {
@@ -34,7 +34,7 @@ CITYSCAPES_COLORS = [
 
 @dataclass
 class CityscapesSchema(DatasetConfig, DatasetOptions):
-    _target_: str = "segkit.data.cityscapes.CityscapesDataset"
+    _target_: str = "segkit.data.readers.cityscapes.CityscapesDataset"
     name: str = "cityscapes"
     root: str = "???"  # the directory holding leftImg8bit/ and gtFine/
     image_dir: str = "leftImg8bit/{split}"

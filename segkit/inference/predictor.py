@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from segkit.config import build
 from segkit.engine.checkpoint import load_checkpoint
 from segkit.errors import CheckpointError, ConfigError
-from segkit.inference import DEFAULT_TTA_SCALES, predict_logits, predict_probs
+from segkit.inference.sliding import DEFAULT_TTA_SCALES, predict_logits, predict_probs
 from segkit.models import Segmenter
 
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segkit.data.pairs import files_by_stem
+from segkit.data.readers.pairs import files_by_stem
 from segkit.errors import DataError
 
 # (image_dir, mask_dir, kind); "{split}" marks per-split folders.

@@ -15,31 +15,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from segkit.config import build
-from segkit.data.base import SegmentationDataset, letterbox
+from segkit.data.geometry import letterbox
+from segkit.data.readers.base import SegmentationDataset
 from segkit.errors import DataError
 from segkit.losses import median_frequency_weights
-from segkit.viz import save_overlay_preview, stable_palette
+from segkit.reporting.plots import save_overlay_preview, stable_palette
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
-
-
-@dataclass
-class CheckDataConfig:
-    """Entry config of `segkit-check-data` (conf/check_data.yaml)."""
-
-    dataset: Any = None
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    write_weights: str | None = None  # path: median-frequency class weights (train split) as YAML
-    preview: str | None = None  # path: PNG grid of train images with class overlays and a legend
-    preview_count: int = 8
-    preview_size: int = 256  # longest side of each preview tile
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from segkit.api import Predictor
-from segkit.data.base import SegmentationDataset
+from segkit.data.readers.base import SegmentationDataset
 from segkit.engine.progress import Progress
+from segkit.inference.predictor import Predictor
 from segkit.metrics import SegmentationMetrics, summarize_confusion
 
 

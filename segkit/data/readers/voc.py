@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from segkit.config import DatasetConfig
-from segkit.data.base import DatasetOptions
-from segkit.data.pairs import PairedFiles, require_dir
-from segkit.data.splits import read_stem_list
+from segkit.data.io import read_stem_list
+from segkit.data.readers.base import DatasetOptions
+from segkit.data.readers.pairs import PairedFiles, require_dir
 from segkit.errors import DataError
 
 VOC_CLASSES = [
@@ -41,7 +41,7 @@ def voc_colormap(count: int = 256) -> list[list[int]]:
 
 @dataclass
 class VocSchema(DatasetConfig, DatasetOptions):
-    _target_: str = "segkit.data.voc.VocDataset"
+    _target_: str = "segkit.data.readers.voc.VocDataset"
     name: str = "voc"
     root: str = "???"  # .../VOCdevkit/VOC2012
     image_dir: str = "JPEGImages"

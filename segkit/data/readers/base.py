@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
+from segkit.data.geometry import letterbox
 from segkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,7 @@ class SegmentationDataset(Dataset):
     workers are separate processes, so each worker fills its own cache (persistent workers
     keep it across epochs): memory grows to about num_workers x the split's decoded size, and
     a skip count is per process too. `cache="device"` leaves this class uncached: the trainer
-    reads every sample once into device tensors (`segkit.data.device_cache`).
+    reads every sample once into device tensors (`segkit.data.loading`).
     """
 
     def __init__(
@@ -150,22 +148,3 @@ class SegmentationDataset(Dataset):
                 f"{self.describe(index)}: mask values {values} are outside [0, {self.num_classes}) "
                 f"and not ignore_index={self.ignore_index}; fix dataset.num_classes or map them with dataset.remap"
             )
-
-
-def letterbox(
-    image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int], ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize to fit inside `size` keeping the aspect ratio, then pad bottom/right.
-
-    Image: bilinear (antialiased), padded with 0. Mask: nearest, padded with ignore_index so
-    padding never becomes a class. A sample already at `size` is returned untouched.
-    """
-    height, width = mask.shape
-    if (height, width) == size:
-        return image, mask
-    scale = min(size[0] / height, size[1] / width)
-    new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
-    image = TF.resize(image, new_size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-    mask = TF.resize(mask[None], new_size, interpolation=InterpolationMode.NEAREST_EXACT)[0]
-    pad = [0, size[1] - new_size[1], 0, size[0] - new_size[0]]  # left, right, top, bottom
-    return F.pad(image, pad, value=0), F.pad(mask, pad, value=ignore_index)

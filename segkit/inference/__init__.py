@@ -1,0 +1,1 @@
+"""Inference: the predictor behind segkit.load, sliding windows and TTA, evaluation, export."""

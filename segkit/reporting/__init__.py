@@ -1,0 +1,1 @@
+"""Reporting: plots, overlays and the HTML evaluation report."""

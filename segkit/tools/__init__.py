@@ -1,0 +1,1 @@
+"""Dataset tools: checks, layout detection, splits."""
