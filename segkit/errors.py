@@ -23,6 +23,12 @@ class CheckpointError(SegkitError):
     """A checkpoint cannot be written or read."""
 
 
+class UntrustedConfigError(SegkitError):
+    """A config from a file someone else may have written asks for something outside segkit's allowlist.
+
+    The message names the file, the config key and the value, and how to opt out for a trusted file."""
+
+
 def one_line(error: BaseException) -> str:
     """The user-facing line of an error, also when a DataLoader worker wrapped it in its traceback."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -124,7 +124,7 @@ def collect_jobs(sweep_dir: str | Path) -> list[JobRecord]:
 def read_job(job_dir: Path) -> JobRecord:
     hydra_dir = job_dir / ".hydra"
     overrides_file = hydra_dir / "overrides.yaml"
-    overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+    overrides = [str(o) for o in _plain_yaml(overrides_file) or []] if overrides_file.is_file() else []
     record = JobRecord(name=job_dir.name, path=job_dir, overrides=overrides, choices=_choices(hydra_dir))
     started = _mtime(hydra_dir / "config.yaml")
     metrics_file, failed_file = job_dir / METRICS_FILE, job_dir / FAILED_FILE
@@ -146,8 +146,15 @@ def _choices(hydra_dir: Path) -> dict[str, str]:
     path = hydra_dir / "hydra.yaml"
     if not path.is_file():
         return {}
-    choices = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.choices") or {}
+    hydra = (_plain_yaml(path) or {}).get("hydra") or {}
+    choices = (hydra.get("runtime") or {}).get("choices") or {}
     return {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra/")}
+
+
+def _plain_yaml(path: Path) -> Any:
+    """A job's YAML as plain data: interpolations stay text (a run directory may come from someone else,
+    and `${oc.env:...}` would copy this machine's environment into the report)."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
 def varying_overrides(overrides: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:

@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     checkpoint = Path(cfg.checkpoint).expanduser()
-    predictor = load(checkpoint, cfg.device)
+    predictor = load(checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
     dataset = build_dataset(dataset_config(predictor.cfg.dataset, cfg.get("dataset")), cfg.split)
     stored_trainer = predictor.cfg.get("trainer") or {}
     batch_size = cfg.batch_size or stored_trainer.get("val_batch_size") or stored_trainer.get("batch_size", 8)

@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     threads = torch.get_num_threads()
     checkpoint = Path(cfg.checkpoint).expanduser()
-    predictor = load(checkpoint, "cpu")
+    predictor = load(checkpoint, "cpu", trust=bool(cfg.trust_checkpoint))
     model = predictor.model.to(memory_format=torch.contiguous_format).eval()
     height = int(cfg.height or predictor.image_size[0])
     width = int(cfg.width or predictor.image_size[1])

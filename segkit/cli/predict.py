@@ -106,11 +106,11 @@ class ImageFiles(Dataset):
             return index, str(error)
 
 
-def load_ensemble(checkpoints: Any, device: str) -> list[Predictor]:
+def load_ensemble(checkpoints: Any, device: str, trust: bool = False) -> list[Predictor]:
     paths = list(checkpoints) if isinstance(checkpoints, (list, tuple, ListConfig)) else [checkpoints]
     if not paths:
         raise ConfigError("checkpoint", "no checkpoint given")
-    predictors = [load(path, device) for path in paths]
+    predictors = [load(path, device, trust=trust) for path in paths]
     first = predictors[0]
     for other in predictors[1:]:
         if other.class_names != first.class_names:
@@ -141,7 +141,7 @@ def run(cfg: DictConfig) -> int:
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     paths = find_inputs(str(cfg.input))
-    predictors = load_ensemble(cfg.checkpoint, cfg.device)
+    predictors = load_ensemble(cfg.checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
     out = Path(cfg.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stems = output_stems(paths)

@@ -5,6 +5,11 @@ run composed (after its overrides), not today's conf/ defaults. The new run goes
 `RUN_DIR/reproductions/<time>` (or `--out`); then its final metrics are compared with the
 original's. With `trainer.deterministic=true` on CPU they are identical; `--check` exits 1 if not.
 Relative paths in the config (dataset.root) resolve against the current directory, as before.
+
+The run directory may come from someone else: before anything is built, its config is checked
+(segkit/engine/trusted.py): only allowlisted segkit / torch / kornia / smp parts, no paths outside the
+working directory to write to, no server to send to. `--trust` skips the check for a run you trust;
+the overrides you pass are yours and are not refused.
 """
 
 from __future__ import annotations
@@ -44,12 +49,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.accelerator=cpu")
     parser.add_argument("--out", type=Path, help="new run directory (default: RUN_DIR/reproductions/<time>)")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the final metrics are identical")
+    parser.add_argument("--trust", action="store_true",
+                        help="build whatever the run's config names (only for a run directory you trust)")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     config = run_dir / ".hydra" / "config.yaml"
     if not config.is_file():
         print(f"error: {config}: not found (is {args.run_dir} a run directory?)", file=sys.stderr)
         return 2
+    if not args.trust:
+        from segkit.engine.trusted import check_run_config
+        from segkit.errors import SegkitError
+
+        try:
+            check_run_config(str(config), args.overrides)
+        except SegkitError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     out = (args.out or run_dir / "reproductions" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     train(config.parent, [f"hydra.run.dir={hydra_value(str(out))}", "hydra.job.name=train", *args.overrides])
 

@@ -41,7 +41,7 @@ from segkit.engine.distributed import (
 )
 from segkit.engine.optim import build_optimizer
 from segkit.engine.progress import Progress
-from segkit.errors import ConfigError, SegkitError
+from segkit.errors import CheckpointError, ConfigError, SegkitError
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics
 from segkit.models import Segmenter
@@ -207,6 +207,16 @@ class Trainer:
         else:
             path = Path(resume)
             state = load_checkpoint(path)
+        # Only tensors and plain values come from the file (weights_only); its stored config is never
+        # built and no path inside it is used: this run's own config and output_dir stay in charge.
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(f"{path}: cannot resume from it, it does not fit this run ({reason})") from None
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -226,7 +236,6 @@ class Trainer:
         else:  # more processes than the checkpoint had: a fresh stream, not a replay of this rank's first steps
             seed_everything(self.tcfg.seed + self.dist.rank + self.dist.world_size * self.global_step,
                             self.tcfg.deterministic)
-        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:

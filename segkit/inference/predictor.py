@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import build
 from segkit.engine.checkpoint import load_checkpoint
+from segkit.engine.trusted import checked_checkpoint_config
 from segkit.errors import CheckpointError, ConfigError
 from segkit.inference.sliding import DEFAULT_TTA_SCALES, predict_logits, predict_probs
 from segkit.models import Segmenter
@@ -177,8 +178,11 @@ def to_batch(image: ImageLike) -> tuple[torch.Tensor, bool]:
     return tensor.float(), single
 
 
-def model_config(config_yaml: str, path: Path) -> DictConfig:
-    """The training config stored in a checkpoint, with pretrained weights switched off."""
+def model_config(config_yaml: str, path: Path, trust: bool = False) -> DictConfig:
+    """The training config stored in a checkpoint, with pretrained weights switched off.
+
+    Unless `trust`, the config is resolved and checked (segkit/engine/trusted.py) before anything is
+    built from it: its model and dataset may only name allowlisted segkit code."""
     try:
         cfg = OmegaConf.create(config_yaml)
     except Exception as error:  # noqa: BLE001 - any YAML problem gets the same one-line report
@@ -186,6 +190,8 @@ def model_config(config_yaml: str, path: Path) -> DictConfig:
         raise CheckpointError(f"{path}: stored config is not valid YAML ({reason})") from None
     if not isinstance(cfg, DictConfig) or cfg.get("model") is None or cfg.get("dataset") is None:
         raise CheckpointError(f"{path}: stored config has no model/dataset section")
+    if not trust:
+        cfg = checked_checkpoint_config(cfg, str(path))
     backbone = cfg.model.get("backbone")
     if isinstance(backbone, DictConfig):  # the checkpoint holds every weight: never download
         backbone.pretrained = False
@@ -193,13 +199,17 @@ def model_config(config_yaml: str, path: Path) -> DictConfig:
     return cfg
 
 
-def load(path: str | Path, device: str | torch.device | None = "auto") -> Predictor:
-    """Rebuild the model from a segkit checkpoint (`best.pt` / `last.pt`) and load its weights."""
+def load(path: str | Path, device: str | torch.device | None = "auto", trust: bool = False) -> Predictor:
+    """Rebuild the model from a segkit checkpoint (`best.pt` / `last.pt`) and load its weights.
+
+    Only tensors and plain values are read, and the stored config may only build segkit's own model
+    and data set code; anything else is refused before it is called. `trust=True` skips that check
+    for a file whose author you trust (a model built by your own code)."""
     path = Path(path).expanduser()
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), str):
         raise CheckpointError(f"{path}: no stored config; the checkpoint was not written by segkit's trainer")
-    cfg = model_config(state["config"], path)
+    cfg = model_config(state["config"], path, trust)
     model = build(cfg.model, "model")
     try:
         model.load_state_dict(state["model"])

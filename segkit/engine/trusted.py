@@ -1,0 +1,277 @@
+"""Configs from files someone else may have written are data: checked against an allowlist before anything is built.
+
+A checkpoint carries the config it was trained with, a run directory its `.hydra/config.yaml`.
+Handing such a config to `hydra.utils.instantiate` would call whatever its author put under
+`_target_` (Hydra's own blocklist stops only a few obvious names). So before segkit builds anything
+from such a file, the whole node is checked, and what gets built is exactly what was checked:
+
+- every `_target_` must be on the allowlist for that use. From a checkpoint segkit builds two things:
+  `model` (segkit's model builder, which picks smp / torchvision architectures and timm encoders by
+  name) and, in segkit-evaluate, `dataset` (segkit's readers); neither may hold another Hydra key
+  (`_target_`, `_partial_`, `_args_`, `_recursive_`, `_convert_`) anywhere inside. A run config may
+  also name the optimizers, schedules, losses, augmentations and trackers of segkit's conf/ tree.
+  Deciding imports nothing the file names;
+- interpolations may point at other keys of the same file, and use only the resolvers allowed for
+  that use: none in a checkpoint (its config is stored resolved), RUN_RESOLVERS in a run config.
+  `oc.create` / `oc.decode` would build new nodes from strings and are refused;
+- the model builder's arguments may not reach files or the network: the encoder must be a timm model
+  name (no `hf-hub:` / `local-dir:`), and `model.options` may not name weights or checkpoints;
+- paths in the file are never written to: a checkpoint's `dataset.cache_dir` is dropped; in a run
+  config the places training writes (`output_root`, tracker directories, `dataset.cache_dir`) must be
+  relative paths below the working directory or on the run directory's own path (a run's output_root
+  holds it), and no tracker may send to a server the file names.
+
+A refusal is one line naming the file, the key and the value; nothing has been called or written.
+Whoever trusts a file skips all of this: `segkit.load(path, trust=True)`, `trust_checkpoint=true`
+on segkit-predict / segkit-evaluate / segkit-export, `segkit-reproduce --trust`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path, PurePath
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, grammar_parser
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+
+from segkit.errors import CheckpointError, UntrustedConfigError
+
+CHECKPOINT_HINT = "segkit.load(path, trust=True), or trust_checkpoint=true on segkit-predict/-evaluate/-export"
+RUN_HINT = "segkit-reproduce --trust"
+
+MODEL_BUILDERS = frozenset({"segkit.models.build_model"})
+DATASET_READERS = frozenset({
+    "segkit.data.readers.synthetic.SyntheticShapes",
+    "segkit.data.readers.folder.FolderDataset",
+    "segkit.data.readers.voc.VocDataset",
+    "segkit.data.readers.cityscapes.CityscapesDataset",
+    "segkit.data.readers.coco.CocoDataset",
+})
+TRAINING_PARTS = frozenset({
+    "segkit.engine.optim.poly", "segkit.engine.optim.cosine", "segkit.engine.optim.step",
+    "segkit.augment.JointAugment", "segkit.losses.CrossEntropy", "segkit.losses.WeightedSum",
+    "segkit.trackers.base.ConsoleTracker", "segkit.trackers.mlflow.MLflowTracker",
+    "segkit.trackers.wandb.WandbTracker", "segkit.trackers.tensorboard.TensorBoardTracker",
+})
+# `<module>.<Class>`: one name directly after the module (so `kornia.augmentation.torch.load`, an
+# attribute path through a re-exported module, is no member), naming a class derived from the base.
+TARGET_FAMILIES = {
+    "torch.optim": ("torch.optim", "Optimizer"),
+    "kornia.augmentation": ("torch.nn", "Module"),
+    "segmentation_models_pytorch.losses": ("torch.nn", "Module"),
+}
+HYDRA_KEY = re.compile(r"^_\w+_$")  # _target_, _partial_, _args_, _recursive_, _convert_ (and future ones)
+# hydra: (the run's own Hydra settings), now: (a time stamp), oc.env / oc.select (values, not nodes).
+RUN_RESOLVERS = frozenset({"hydra", "now", "oc.env", "oc.select"})
+# Keyword arguments that make timm / smp / torchvision read or download weights.
+WEIGHT_OPTIONS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                            "encoder_weights", "weights", "weights_backbone", "cache_dir"})
+WRITE_PATHS = ("output_root", "dataset.cache_dir", "logger.*.output_root", "logger.*.subdir")
+SEND_TO = ("logger.*.tracking_uri", "logger.*.entity")
+
+
+class _Check:
+    """Raises the one-line refusal for `source`, except for keys the user set on the command line."""
+
+    def __init__(self, source: str, hint: str, user_keys: Iterable[str] = ()) -> None:
+        self.source, self.hint, self.user_keys = source, hint, tuple(user_keys)
+
+    def refuse(self, key: str, value: Any, why: str) -> None:
+        if any(key == k or key.startswith((f"{k}.", f"{k}[")) for k in self.user_keys):
+            return  # the user's own value, not the file's
+        raise UntrustedConfigError(f"{self.source}: {key}: {_short(value)} refused ({why}); nothing was built. "
+                                   f"If you trust this file: {self.hint}")
+
+
+def checked_checkpoint_config(cfg: DictConfig, source: str) -> DictConfig:
+    """A checkpoint's stored config, resolved, once building its model and dataset calls only allowlisted code."""
+    check = _Check(source, CHECKPOINT_HINT)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    _check_resolvers(raw, frozenset(), check)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        raise CheckpointError(f"{source}: stored config does not resolve ({str(error).splitlines()[0]})") from None
+    for section, allowed, what in (("model", MODEL_BUILDERS, "model builder"), ("dataset", DATASET_READERS,
+                                                                               "data set readers")):
+        node = plain[section]
+        if not isinstance(node, dict):
+            raise CheckpointError(f"{source}: stored {section} is not a mapping")
+        target = node.get("_target_")
+        if target not in allowed:
+            check.refuse(f"{section}._target_", target, f"not one of segkit's {what} ({', '.join(sorted(allowed))})")
+        for key, name, value in _entries(node, section):
+            if HYDRA_KEY.match(name) and key != f"{section}._target_":
+                check.refuse(key, value, f"a checkpoint's {section} holds data only, no Hydra key that calls "
+                                         "or changes a call")
+    _check_model_arguments(plain["model"], check)
+    if isinstance(plain["dataset"], dict) and plain["dataset"].get("cache_dir") is not None:
+        plain["dataset"]["cache_dir"] = None  # a path from the file is never written to
+    return OmegaConf.create(plain)
+
+
+def check_run_config(path: str, overrides: Sequence[str] = ()) -> None:
+    """Refuse a run directory's `.hydra/config.yaml` (with the user's `overrides` applied) that builds
+    anything off the allowlist, writes outside the working directory or sends data to a server it names."""
+    user_keys = [_override_key(o) for o in overrides]
+    check = _Check(path, RUN_HINT, user_keys)
+    try:
+        cfg = OmegaConf.load(path)
+    except (OSError, OmegaConfBaseException, ValueError) as error:
+        raise UntrustedConfigError(f"{path}: not a readable config ({str(error).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig):
+        raise UntrustedConfigError(f"{path}: not a mapping of config keys")
+    for key in ("defaults", "hydra"):  # a saved config.yaml has neither: they would steer Hydra itself
+        if key in cfg:
+            check.refuse(key, "...", "a saved run config has no defaults list or hydra node")
+    _apply_overrides(cfg, overrides)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    _check_resolvers(raw, RUN_RESOLVERS, check)
+    for key, name, value in _entries(raw, ""):
+        if name == "_target_" and not allowed_training_target(value):
+            check.refuse(key, value, "not a model builder, data set reader, optimizer, schedule, loss, "
+                                     "augmentation or tracker on segkit's allowlist")
+    if isinstance(raw.get("model"), dict) and raw["model"].get("_target_") in MODEL_BUILDERS:
+        try:
+            model = OmegaConf.to_container(cfg.model, resolve=True)
+        except OmegaConfBaseException as error:
+            check.refuse("model", "...", f"it cannot be checked before the run ({str(error).splitlines()[0]})")
+        else:
+            _check_model_arguments(model, check)
+    _check_destinations(cfg, Path(path).resolve().parent.parent, check)
+
+
+def allowed_training_target(target: Any) -> bool:
+    """Whether a run config may name `target`; imports only the allowlisted family modules."""
+    if not isinstance(target, str):
+        return False
+    if target in MODEL_BUILDERS | DATASET_READERS | TRAINING_PARTS:
+        return True
+    module, _, name = target.rpartition(".")
+    if module not in TARGET_FAMILIES or not name.isidentifier() or name.startswith("_"):
+        return False
+    base_module, base_name = TARGET_FAMILIES[module]
+    found = getattr(importlib.import_module(module), name, None)
+    base = getattr(importlib.import_module(base_module), base_name)
+    return isinstance(found, type) and issubclass(found, base)
+
+
+def _check_model_arguments(model: dict[str, Any], check: _Check) -> None:
+    """segkit.models.build_model's arguments: an encoder timm knows by name, options that name no files."""
+    import timm
+
+    backbone = model.get("backbone")
+    name = backbone.get("name") if isinstance(backbone, dict) else None
+    if not (isinstance(name, str) and timm.is_model(name)):
+        check.refuse("model.backbone.name", name, "not a timm model name (hub and local-directory names "
+                                                  "download or read files)")
+    for key, option, value in _entries(model.get("options") or {}, "model.options"):
+        if option in WEIGHT_OPTIONS:
+            check.refuse(key, value, "it would make the encoder read or download weights")
+
+
+def _check_resolvers(node: Any, allowed: frozenset[str], check: _Check) -> None:
+    for key, _, value in _entries(node, ""):
+        if isinstance(value, str) and "${" in value:
+            for resolver in _resolver_names(value):
+                if resolver not in allowed:
+                    names = ", ".join(sorted(allowed)) or "none; a checkpoint's config is stored resolved"
+                    check.refuse(key, value, f"the resolver {resolver!r} is not allowed here (allowed: {names})")
+
+
+def _resolver_names(text: str) -> list[str]:
+    """Resolvers an OmegaConf string calls, nested ones included; escaped `\\${` is plain text."""
+    try:
+        tree = grammar_parser.parse(text)
+    except GrammarParseError:
+        return ["<unparsable interpolation>"]
+    names, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+            names.append(node.resolverName().getText())
+        stack.extend(node.getChild(i) for i in range(getattr(node, "getChildCount", lambda: 0)()))
+    return names
+
+
+def _check_destinations(cfg: DictConfig, run_dir: Path, check: _Check) -> None:
+    for pattern, sends in [(p, False) for p in WRITE_PATHS] + [(p, True) for p in SEND_TO]:
+        for key in _expand(cfg, pattern):
+            try:
+                value = OmegaConf.select(cfg, key, default=None)
+            except OmegaConfBaseException as error:
+                check.refuse(key, "...", f"it cannot be checked before the run ({str(error).splitlines()[0]})")
+                continue
+            if value is None:
+                continue
+            if sends:
+                check.refuse(key, value, "training would send data to a server the file names")
+            elif not _writable_place(str(value), run_dir):
+                check.refuse(key, value, "training writes there; a path from the file must be relative (below the "
+                                         "working directory) or on the run directory's own path")
+
+
+def _writable_place(path: str, run_dir: Path) -> bool:
+    """Relative without `..`, or an absolute directory that holds the run directory or lies inside it
+    (a run's output_root holds its run directory), but never the file system root."""
+    if "://" in path or path.startswith("~"):
+        return False
+    place = PurePath(path)
+    if not place.is_absolute():
+        return ".." not in place.parts
+    place = Path(os.path.normpath(place))
+    return len(place.parts) > 1 and (place in run_dir.parents or place == run_dir or run_dir in place.parents)
+
+
+def _expand(cfg: DictConfig, pattern: str) -> list[str]:
+    """`logger.*.subdir` -> that key for each tracker in cfg; a plain key as it is."""
+    head, star, tail = pattern.partition(".*.")
+    group = cfg.get(head) if star else None
+    if not star or not isinstance(group, DictConfig):
+        return [pattern] if not star else []
+    return [f"{head}.{name}.{tail}" for name, node in group.items_ex(resolve=False)
+            if isinstance(node, DictConfig) and tail in node]
+
+
+def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """The user's `key=value` overrides as Hydra applies them, so their values are what gets checked."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key.startswith("hydra.") or key == "hydra":
+            continue
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if isinstance(node, DictConfig) and leaf in node:
+                del node[leaf]
+        else:
+            OmegaConf.update(cfg, key, override.value(), merge=True, force_add=True)
+
+
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _entries(node: Any, path: str) -> Iterator[tuple[str, str, Any]]:
+    """(dotted key, last key, value) for every mapping entry and list item at any depth ("" names an item)."""
+    if isinstance(node, dict):
+        items = [(f"{path}.{name}" if path else str(name), str(name), value) for name, value in node.items()]
+    elif isinstance(node, list):
+        items = [(f"{path}[{index}]", "", value) for index, value in enumerate(node)]
+    else:
+        return
+    for key, name, value in items:
+        yield key, name, value
+        yield from _entries(value, key)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
