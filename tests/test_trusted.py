@@ -275,3 +275,36 @@ def test_report_reads_a_foreign_sweep_as_text(compose_cfg, tmp_path, monkeypatch
     (row,) = rows_from_sweep(tmp_path / "sweep")
     assert "s3cret" not in f"{row.overrides} {row.model}" and row.model == "${oc.env:SEGKIT_TEST_SECRET}"
     assert not (tmp_path / "made").exists()
+
+
+def test_safetensors_export_loads_without_pickle_and_its_yaml_is_checked(compose_cfg, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from segkit.cli import export as export_cli
+
+    cfg = compose_cfg(["model=unet"])
+    net = build(cfg.model, "model").eval()
+    checkpoint = tmp_path / "best.pt"
+    save_checkpoint({"model": net.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}, checkpoint)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        export_cfg = compose(config_name="export", overrides=[f"checkpoint={checkpoint}", "format=safetensors",
+                                                               "benchmark=false"])
+    files = export_cli.run(export_cfg)["files"]
+    weights, config = tmp_path / "best.safetensors", tmp_path / "best.yaml"
+    assert (files["safetensors"], files["config"]) == (weights, config)
+    assert not weights.read_bytes().startswith(b"PK")  # not a zip of pickles: a JSON header and raw tensors
+
+    loaded = segkit.load(weights, device="cpu")
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(images), net(images))
+
+    stored = OmegaConf.load(config)
+    stored.model = {"_target_": "os.makedirs", "name": str(tmp_path / "made")}
+    config.write_text(OmegaConf.to_yaml(stored))
+    with pytest.raises(UntrustedConfigError, match=r"best\.safetensors: model\._target_: 'os\.makedirs'"):
+        segkit.load(weights, device="cpu")
+    config.unlink()
+    with pytest.raises(CheckpointError, match=r"best\.safetensors: cannot read its config best\.yaml"):
+        segkit.load(weights, device="cpu")
+    assert not (tmp_path / "made").exists()

@@ -14,9 +14,10 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from segkit.cli.common import CONFIG_DIR, run_or_exit
+from segkit.engine.checkpoint import save_safetensors
 from segkit.errors import ConfigError
 from segkit.inference.export import (
     ExportError,
@@ -35,7 +36,8 @@ from segkit.inference.export import (
 from segkit.inference.predictor import load
 
 log = logging.getLogger("segkit")
-FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "all": ("onnx", "torchscript")}
+FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "safetensors": ("safetensors",),
+           "all": ("onnx", "torchscript", "safetensors")}
 
 
 def cpu_name() -> str:
@@ -84,6 +86,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             report_checks("torchscript", path, checks, cfg.atol)
             result["parity"]["torchscript"] = checks
         runners["TorchScript"] = torchscript_runner(module)
+
+    if "safetensors" in FORMATS[cfg.format]:  # no pickle; the config (as checked) in YAML beside it
+        weights, config = save_safetensors(model, OmegaConf.to_yaml(predictor.cfg), stem.with_suffix(".safetensors"))
+        result["files"]["safetensors"], result["files"]["config"] = weights, config
+        log.info("wrote %s and %s", weights, config)
 
     if cfg.benchmark:
         shape = (int(cfg.benchmark_batch), 3, height, width)

@@ -1,4 +1,4 @@
-"""Checkpoints written atomically and read without unpickling arbitrary objects."""
+"""Checkpoints written atomically and read without unpickling arbitrary objects; safetensors + YAML pairs."""
 
 from __future__ import annotations
 
@@ -59,6 +59,68 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a segkit checkpoint (no 'model' entry)")
     return state
+
+
+def save_safetensors(model: torch.nn.Module, config_yaml: str, path: Path) -> tuple[Path, Path]:
+    """The weights as `<stem>.safetensors` (no pickle at all) and the config as plain `<stem>.yaml` beside them.
+
+    Each file is written to a temporary name and renamed. A tensor the model reaches under two names
+    (`encoder` and `net.encoder`) is stored once, under its first name, as safetensors requires."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    tensors = {name: state[name].contiguous() for name in _first_names(model) if name in state}
+    config = config_path(path)
+    for target, write in ((path, lambda tmp: save_file(tensors, str(tmp))),
+                          (config, lambda tmp: tmp.write_text(config_yaml))):
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{target}: cannot write ({error.strerror or error})") from None
+    return path, config
+
+
+def config_path(weights: Path) -> Path:
+    """`best.safetensors` -> `best.yaml`: the config that goes with safetensors weights."""
+    return weights.with_suffix(".yaml")
+
+
+def read_safetensors_config(path: Path) -> str:
+    """The YAML config beside safetensors weights (as written by save_safetensors)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    config = config_path(path)
+    try:
+        return config.read_text()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read its config {config.name} ({error.strerror or error}); "
+                              "segkit-export format=safetensors writes both files") from None
+
+
+def load_safetensors(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights into `model`: every tensor it has (second names included), nothing else."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device="cpu")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, SafetensorError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path}: weights do not fit the stored model ({reason})") from None
+    first = _first_names(model)
+    missing = [name for name in missing if name in first]  # second names are filled through the first
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the stored model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+
+
+def _first_names(model: torch.nn.Module) -> set[str]:
+    """Each parameter and buffer under the first name that reaches it."""
+    return {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
 
 
 def load_latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:

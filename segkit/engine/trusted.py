@@ -97,14 +97,13 @@ def checked_checkpoint_config(cfg: DictConfig, source: str) -> DictConfig:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as error:
         raise CheckpointError(f"{source}: stored config does not resolve ({str(error).splitlines()[0]})") from None
-    for section, allowed, what in (("model", MODEL_BUILDERS, "model builder"), ("dataset", DATASET_READERS,
-                                                                               "data set readers")):
-        node = plain[section]
+    for section, allowed in (("model", MODEL_BUILDERS), ("dataset", DATASET_READERS)):
+        node = plain.get(section)
         if not isinstance(node, dict):
-            raise CheckpointError(f"{source}: stored {section} is not a mapping")
+            raise CheckpointError(f"{source}: stored config has no {section} mapping")
         target = node.get("_target_")
         if target not in allowed:
-            check.refuse(f"{section}._target_", target, f"not one of segkit's {what} ({', '.join(sorted(allowed))})")
+            check.refuse(f"{section}._target_", target, f"the allowlist for {section}: {', '.join(sorted(allowed))}")
         for key, name, value in _entries(node, section):
             if HYDRA_KEY.match(name) and key != f"{section}._target_":
                 check.refuse(key, value, f"a checkpoint's {section} holds data only, no Hydra key that calls "
@@ -239,20 +238,30 @@ def _expand(cfg: DictConfig, pattern: str) -> list[str]:
 
 
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
-    """The user's `key=value` overrides as Hydra applies them, so their values are what gets checked."""
+    """The user's `key=value` overrides as Hydra applies them, so their values are what gets checked.
+    One Hydra cannot parse or apply is left for Hydra to report when the run composes."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
-        key = override.key_or_group
-        if key.startswith("hydra.") or key == "hydra":
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except OverrideParseException:
             continue
-        if override.is_delete():
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            if isinstance(node, DictConfig) and leaf in node:
-                del node[leaf]
-        else:
-            OmegaConf.update(cfg, key, override.value(), merge=True, force_add=True)
+        key = override.key_or_group
+        if key == "hydra" or key.startswith("hydra."):
+            continue
+        try:
+            if not override.is_delete():
+                OmegaConf.update(cfg, key, override.value(), merge=True, force_add=True)
+            else:
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                if isinstance(node, DictConfig) and leaf in node:
+                    del node[leaf]
+        except OmegaConfBaseException:
+            continue
 
 
 def _override_key(override: str) -> str:

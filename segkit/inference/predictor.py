@@ -2,7 +2,9 @@
 
 The checkpoint carries its resolved config, so the model is rebuilt exactly as trained
 (without downloading ImageNet weights: the checkpoint has all of them) and the user never
-touches Hydra. Inputs may be tensors, PIL images or numpy arrays; outputs are class ids.
+touches Hydra. That config may come from someone else: it only builds allowlisted segkit code
+(segkit/engine/trusted.py) unless the caller passes trust=True. Inputs may be tensors, PIL
+images or numpy arrays; outputs are class ids.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import build
-from segkit.engine.checkpoint import load_checkpoint
+from segkit.engine.checkpoint import load_checkpoint, load_safetensors, read_safetensors_config
 from segkit.engine.trusted import checked_checkpoint_config
 from segkit.errors import CheckpointError, ConfigError
 from segkit.inference.sliding import DEFAULT_TTA_SCALES, predict_logits, predict_probs
@@ -188,10 +190,10 @@ def model_config(config_yaml: str, path: Path, trust: bool = False) -> DictConfi
     except Exception as error:  # noqa: BLE001 - any YAML problem gets the same one-line report
         reason = str(error).splitlines()[0]
         raise CheckpointError(f"{path}: stored config is not valid YAML ({reason})") from None
+    if isinstance(cfg, DictConfig) and not trust:
+        cfg = checked_checkpoint_config(cfg, str(path))
     if not isinstance(cfg, DictConfig) or cfg.get("model") is None or cfg.get("dataset") is None:
         raise CheckpointError(f"{path}: stored config has no model/dataset section")
-    if not trust:
-        cfg = checked_checkpoint_config(cfg, str(path))
     backbone = cfg.model.get("backbone")
     if isinstance(backbone, DictConfig):  # the checkpoint holds every weight: never download
         backbone.pretrained = False
@@ -202,19 +204,28 @@ def model_config(config_yaml: str, path: Path, trust: bool = False) -> DictConfi
 def load(path: str | Path, device: str | torch.device | None = "auto", trust: bool = False) -> Predictor:
     """Rebuild the model from a segkit checkpoint (`best.pt` / `last.pt`) and load its weights.
 
+    `best.safetensors` (from `segkit-export format=safetensors`) is read with the `best.yaml` beside it.
     Only tensors and plain values are read, and the stored config may only build segkit's own model
     and data set code; anything else is refused before it is called. `trust=True` skips that check
     for a file whose author you trust (a model built by your own code)."""
     path = Path(path).expanduser()
-    state = load_checkpoint(path)
-    if not isinstance(state.get("config"), str):
-        raise CheckpointError(f"{path}: no stored config; the checkpoint was not written by segkit's trainer")
-    cfg = model_config(state["config"], path, trust)
+    state = None
+    if path.suffix == ".safetensors":
+        config = read_safetensors_config(path)
+    else:
+        state = load_checkpoint(path)
+        config = state.get("config")
+        if not isinstance(config, str):
+            raise CheckpointError(f"{path}: no stored config; the checkpoint was not written by segkit's trainer")
+    cfg = model_config(config, path, trust)
     model = build(cfg.model, "model")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        reason = str(error).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit the stored model ({reason})") from None
+    if state is None:
+        load_safetensors(model, path)
+    else:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            reason = str(error).splitlines()[0]
+            raise CheckpointError(f"{path}: weights do not fit the stored model ({reason})") from None
     target = resolve_device(device)
     return Predictor(model.to(target), cfg, target, source=str(path))
