@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from segkit.cli.common import CONFIG_DIR, register_configs, run_or_exit
 from segkit.errors import ConfigError
-from segkit.tools.checks import check_split, summary_lines, write_preview, write_weights
+from segkit.tools.checks import check_split, problem_kinds, summary_lines, write_preview, write_weights
 
 register_configs()
 
@@ -24,9 +24,10 @@ def run(cfg: DictConfig) -> int:
         raise ConfigError("dataset.ignore_index", f"{dataset.ignore_index} is a real class id "
                           f"(num_classes={dataset.num_classes}); use a value outside [0, num_classes)")
     reports = [check_split(dataset, split) for split in cfg.splits]
-    problems = [f"{report.split}: {problem}" for report in reports for problem in report.problems]
-    for line in problems:
-        print(line)
+    problems = [problem for report in reports for problem in report.problems]
+    for report in reports:
+        for problem in report.problems:
+            print(f"{report.split}: {'warning: ' if getattr(problem, 'warning', False) else ''}{problem}")
     for report in reports:
         print("\n".join(summary_lines(report)))
     train = next((r for r in reports if r.split == "train" and r.pixel_counts is not None), None)
@@ -39,7 +40,11 @@ def run(cfg: DictConfig) -> int:
         source = train or next((r for r in reports if r.dataset is not None), None)
         written = write_preview(cfg.preview, source, cfg.preview_count, cfg.preview_size) if source else None
         print(f"preview -> {written}" if written else "preview: no readable sample to draw")
-    print(f"{len(problems)} problem(s) found" if problems else "no problems found")
+    if problems:
+        counts = ", ".join(f"{kind}: {count}" for kind, count in sorted(problem_kinds(problems).items()))
+        print(f"{len(problems)} problem(s) found ({counts})")
+    else:
+        print("no problems found")
     return 1 if problems else 0
 
 

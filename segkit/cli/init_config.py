@@ -127,9 +127,7 @@ def sample_report(cfg: Any, split: str, count: int) -> tuple[SplitReport, int]:
     report.pixel_counts = np.zeros(dataset.num_classes, dtype=np.int64)
     report.presence = np.zeros(dataset.num_classes, dtype=np.int64)
     for index in indices:
-        problem = check_sample(dataset, index, report)
-        if problem:
-            report.problems.append(problem)
+        report.problems += check_sample(dataset, index, report)
     return report, len(dataset)
 
 

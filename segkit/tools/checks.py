@@ -4,13 +4,16 @@ Training stops at the first bad sample (or skips it with `on_error=skip`); this 
 every sample of every split through the same reader the trainer uses, so what it reports is
 exactly what training would trip over, all at once: missing partners, duplicate stems,
 unreadable or truncated files, JPEG masks, RGB masks without a colour table, size
-mismatches and mask values outside [0, num_classes) and ignore_index.
+mismatches and mask values outside [0, num_classes) and ignore_index; for annotation files
+(COCO), every defect of every image and annotation (`SegmentationDataset.label_problems`).
+Problems carry a kind where the reader gives one, so the report can count them per kind.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,8 +51,8 @@ def check_split(dataset_cfg: DictConfig, split: str) -> SplitReport:
     try:
         with _quiet("segkit.data"):
             dataset = build(dataset_cfg, "dataset", split=split, on_error="skip")
-    except DataError as error:
-        report.problems.append(str(error))
+    except DataError as error:  # several at once when the reader found them all (ProblemsError)
+        report.problems += getattr(error, "problems", [str(error)])
         return report
     report.dataset = dataset
     report.samples = len(dataset)
@@ -57,40 +60,46 @@ def check_split(dataset_cfg: DictConfig, split: str) -> SplitReport:
     report.pixel_counts = np.zeros(dataset.num_classes, dtype=np.int64)
     report.presence = np.zeros(dataset.num_classes, dtype=np.int64)
     for index in range(len(dataset)):
-        problem = check_sample(dataset, index, report)
-        if problem:
-            report.problems.append(problem)
+        report.problems += check_sample(dataset, index, report)
     return report
 
 
-def check_sample(dataset: SegmentationDataset, index: int, report: SplitReport) -> str | None:
-    """The sample's problem (one line naming the file), or None after adding its statistics."""
+def check_sample(dataset: SegmentationDataset, index: int, report: SplitReport) -> list[str]:
+    """The sample's problems (one line each, naming the file); statistics are added when it reads."""
     files = dataset.sample_files(index)
     for role, path in files.items():
         if not path.is_file():
-            return f"{path}: missing {role}"
+            return [f"{path}: missing {role}"]
     mask_file = files.get("mask")
     if mask_file is not None and mask_file.suffix.lower() in JPEG_SUFFIXES:
-        return f"{mask_file}: JPEG mask; lossy compression invents class ids along edges, save masks as PNG"
+        return [f"{mask_file}: JPEG mask; lossy compression invents class ids along edges, save masks as PNG"]
+    labels = dataset.label_problems(index)  # all of them; reading would stop at the first error
+    if any(not problem.warning for problem in labels):
+        return list(labels)
     try:
         image, mask = dataset.read(index)
     except DataError as error:
-        return str(error)
+        return [*labels, str(error)]
     if image.shape[-2:] != mask.shape:
         image_file = files.get("image", dataset.describe(index))
-        return (f"{mask_file or dataset.describe(index)}: size mismatch, mask {tuple(mask.shape)} "
-                f"vs image {tuple(image.shape[-2:])} ({Path(image_file).name})")
+        return [*labels, f"{mask_file or dataset.describe(index)}: size mismatch, mask {tuple(mask.shape)} "
+                f"vs image {tuple(image.shape[-2:])} ({Path(image_file).name})"]
     try:
         dataset.check_mask_values(mask, index)
     except DataError as error:
-        return str(error)
+        return [*labels, str(error)]
     ignored = mask == dataset.ignore_index
     counts = torch.bincount(mask[~ignored], minlength=dataset.num_classes).numpy()
     report.pixel_counts += counts
     report.presence += counts > 0
     report.ignore_pixels += int(ignored.sum())
     report.readable += 1
-    return None
+    return list(labels)
+
+
+def problem_kinds(problems: Sequence[str]) -> Counter:
+    """How many problems of each kind (problems without one count as "other")."""
+    return Counter(getattr(problem, "kind", "other") for problem in problems)
 
 
 def summary_lines(report: SplitReport) -> list[str]:

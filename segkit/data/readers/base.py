@@ -16,6 +16,31 @@ from segkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "skip")
+
+
+class Problem(str):
+    """One line naming a file and what is wrong with it, tagged with its kind (counted by segkit-check-data).
+
+    `warning` problems do not stop reading: the sample is used as drawn (e.g. a polygon that
+    covers no pixel); the others are errors (raise, or leave the sample out with on_error=skip).
+    """
+
+    kind: str
+    warning: bool
+
+    def __new__(cls, text: str, kind: str = "other", warning: bool = False) -> Problem:
+        problem = super().__new__(cls, text)
+        problem.kind, problem.warning = kind, warning
+        return problem
+
+
+class ProblemsError(DataError):
+    """Several problems found at once: the message is the first (and how many more); `problems` has them all."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        more = f" (+{len(problems) - 1} more; segkit-check-data lists them)" if len(problems) > 1 else ""
+        super().__init__(f"{problems[0]}{more}")
+        self.problems = list(problems)
 CACHE_MODES = (False, True, "device")
 
 
@@ -97,16 +122,25 @@ class SegmentationDataset(Dataset):
         """The files behind a sample ({"image": ..., "mask": ...}) for checks; empty if generated."""
         return {}
 
+    def label_problems(self, index: int) -> list[Problem]:
+        """Every defect of a sample's labels that reading it would meet, without decoding it.
+
+        Readers with annotation files (COCO) check them here, so segkit-check-data lists them
+        all; readers of mask files have nothing to add to reading the mask.
+        """
+        return []
+
     def report_layout(self, problems: Sequence[str]) -> None:
-        """Raise the first layout problem (on_error=raise) or log them and go on without those files."""
+        """Raise the layout problems (on_error=raise) or log them and go on without those files."""
         self.layout_problems = list(problems)
-        if not problems:
-            return
-        if self.on_error == "raise":
-            more = f" (+{len(problems) - 1} more; segkit-check-data lists them)" if len(problems) > 1 else ""
-            raise DataError(problems[0] + more)
+        errors = [p for p in problems if not getattr(p, "warning", False)]
+        if errors and self.on_error == "raise":
+            raise ProblemsError(errors)
         for problem in problems:
-            log.warning("dataset.on_error=skip: leaving out %s", problem)
+            if getattr(problem, "warning", False):
+                log.warning("%s", problem)
+            else:
+                log.warning("dataset.on_error=skip: leaving out %s", problem)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.on_error == "raise":

@@ -10,6 +10,12 @@ painted ignore_index first; then the other instances in order of decreasing pixe
 one (a cup on a table) therefore stays visible, and labelled instances win over crowd
 regions. Polygons, uncompressed and compressed RLE are all handled by pycocotools.
 
+Every field is checked where it is read (segkit/data/readers/coco_format.py says what is
+accepted): a defect is one line naming the annotation file, the image, the annotation id and
+the fix. With `on_error=raise` the first stops the run; with `on_error=skip` the affected image
+(or an annotation that points to no image) is left out, logged and counted in `left_out`.
+`segkit-check-data` lists every defect of the file at once.
+
 Each mask is rasterised on its first read and written as a PNG (8-bit, or 16-bit when ids
 exceed 255) under `cache_dir/coco-<hash>`, where the hash covers the annotation file's
 bytes and every setting that changes the masks; later epochs and runs read the PNG. The
@@ -38,11 +44,12 @@ from pycocotools import mask as mask_utils
 
 from segkit.config import DatasetConfig
 from segkit.data.io import read_image, read_mask
-from segkit.data.readers.base import DatasetOptions, SegmentationDataset
+from segkit.data.readers.base import DatasetOptions, Problem, ProblemsError, SegmentationDataset
+from segkit.data.readers.coco_format import read_coco, segmentation_problems
 from segkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-RULE_VERSION = 1  # bump when the drawing rule changes, so old caches are not reused
+RULE_VERSION = 2  # bump when the drawing rule or its checks change, so old caches are not reused
 
 
 @dataclass
@@ -81,8 +88,10 @@ class CocoDataset(SegmentationDataset):
         if split not in annotations:
             raise ConfigError("dataset.annotations", f"no annotation file for split '{split}'")
         self.annotation_file = self.root / annotations[split]
-        raw, data = _load_json(self.annotation_file)
-        selected = _select_categories(data.get("categories", []), categories, self.annotation_file)
+        raw, self.coco = read_coco(self.annotation_file, self.image_dir)
+        if self.coco.fatal:  # the file or its categories: no image can be read
+            raise ProblemsError(self.coco.fatal)
+        selected = _select_categories(self.coco.categories, categories, self.annotation_file)
         names = ["background"] + [c["name"] for c in selected]
         if len(names) != self.num_classes:
             raise ConfigError(
@@ -93,13 +102,19 @@ class CocoDataset(SegmentationDataset):
         if common.get("class_names") is None:
             self.class_names = names
         self.class_of = {int(c["id"]): i + 1 for i, c in enumerate(selected)}
-        self.images = sorted(data.get("images", []), key=lambda img: img["id"])
+        self.report_layout(self.coco.problems)
+        self.left_out = {"images": self.coco.left_out_images, "annotations": self.coco.left_out_annotations}
+        if any(self.left_out.values()):
+            log.warning("dataset.on_error=skip: %s: left out %d images and %d annotations (listed above)",
+                        self.annotation_file, *self.left_out.values())
+        self.images = self.coco.images
+        # Objects of categories left out of dataset.categories are background: not drawn, not checked.
+        self.annotations = {image_id: [a for a in anns if a["category_id"] in self.class_of]
+                            for image_id, anns in self.coco.annotations.items()}
         if not self.images:
-            raise DataError(f"{self.annotation_file}: empty data set, no images listed")
-        self.annotations: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in self.images}
-        for ann in data.get("annotations", []):
-            if ann.get("category_id") in self.class_of and ann.get("image_id") in self.annotations:
-                self.annotations[ann["image_id"]].append(ann)
+            last = Problem(f"{self.annotation_file}: no image left to read; fix: the problems listed with it",
+                           "no image left")
+            raise ProblemsError([*self.coco.problems, last])
         settings = {"classes": sorted(self.class_of.items()), "ignore": self.ignore_index,
                     "rule": RULE_VERSION}
         digest = hashlib.sha256(raw + json.dumps(settings).encode()).hexdigest()[:16]
@@ -119,8 +134,13 @@ class CocoDataset(SegmentationDataset):
         return {"image": self.image_path(index)}
 
     def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = read_image(self.image_path(index))
-        info = self.images[index]
+        path, info = self.image_path(index), self.images[index]
+        if not path.is_file():
+            raise DataError(f"{self.annotation_file}: image {path} (id {info['id']}) not found; "
+                            "fix: check its file_name and dataset.image_dir")
+        image = read_image(path)
+        if tuple(image.shape[-2:]) != (info["height"], info["width"]):
+            raise DataError(self._size_problem(index, tuple(image.shape[-2:])))
         cached = self.cache_dir / f"{info['id']}.png" if self.cache_dir else None
         if cached is not None and cached.is_file():
             return image, read_mask(cached)
@@ -129,32 +149,47 @@ class CocoDataset(SegmentationDataset):
             _write_png_atomic(cached, mask)
         return image, torch.from_numpy(mask.astype(np.int64))
 
+    def label_problems(self, index: int) -> list[Problem]:
+        """The image header's size and every annotation's geometry (the image is not decoded)."""
+        problems = []
+        path = self.image_path(index)
+        if path.is_file():
+            try:
+                with Image.open(path) as img:
+                    size = (img.height, img.width)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                size = None  # reading reports it
+            if size is not None and size != (self.images[index]["height"], self.images[index]["width"]):
+                problems.append(Problem(self._size_problem(index, size), "image size mismatch"))
+        info = self.images[index]
+        problems += segmentation_problems(self.coco, info, self.annotations[info["id"]])[1]
+        return problems
+
+    def _size_problem(self, index: int, size: tuple[int, ...]) -> str:
+        info = self.images[index]
+        return (f"{self.annotation_file}: image {self.image_path(index)} (id {info['id']}) is "
+                f"{size[0]}x{size[1]} (height x width), the annotation file says {info['height']}x{info['width']}; "
+                "fix: correct its height/width (or use the image that was labelled)")
+
     def rasterize(self, index: int) -> np.ndarray:
         """The semantic mask of one image, drawn by the rule in the module docstring."""
         info = self.images[index]
-        height, width = int(info["height"]), int(info["width"])
-        mask = np.zeros((height, width), dtype=np.uint16 if self.wide else np.uint8)
+        shapes, problems = segmentation_problems(self.coco, info, self.annotations[info["id"]])
+        errors = [p for p in problems if not p.warning]
+        if errors:
+            raise ProblemsError(errors)
+        for problem in problems:
+            log.warning("%s", problem)
+        mask = np.zeros((info["height"], info["width"]), dtype=np.uint16 if self.wide else np.uint8)
         drawn = []
-        for ann in self.annotations[info["id"]]:
-            rle = _to_rle(ann.get("segmentation"), height, width)
-            if rle is None:
-                continue
+        for ann, rle in shapes:
             area = int(mask_utils.area(rle))
-            label = self.ignore_index if ann.get("iscrowd") else self.class_of[ann["category_id"]]
-            drawn.append((0 if ann.get("iscrowd") else 1, -area, int(ann.get("id", 0)), label, rle))
+            crowd = bool(ann.get("iscrowd", 0))
+            label = self.ignore_index if crowd else self.class_of[ann["category_id"]]
+            drawn.append((0 if crowd else 1, -area, ann["id"], label, rle))
         for *_, label, rle in sorted(drawn, key=lambda d: d[:3]):
             mask[_decode(rle)] = label
         return mask
-
-
-def _load_json(path: Path) -> tuple[bytes, dict[str, Any]]:
-    try:
-        raw = path.read_bytes()
-        return raw, json.loads(raw)
-    except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found (check dataset.annotations)") from None
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot read annotations ({error})") from None
 
 
 def _select_categories(
@@ -168,17 +203,6 @@ def _select_categories(
     if unknown:
         raise ConfigError("dataset.categories", f"{unknown} are not category names or ids in {path.name}")
     return [by_key[str(w)] for w in wanted]
-
-
-def _to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any] | None:
-    if not segmentation:
-        return None
-    if isinstance(segmentation, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
-        polygons = [p for p in segmentation if len(p) >= 6]
-        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width)) if polygons else None
-    if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        return mask_utils.frPyObjects(segmentation, height, width)
-    return segmentation  # compressed RLE
 
 
 def _decode(rle: dict[str, Any]) -> np.ndarray:
