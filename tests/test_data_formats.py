@@ -20,7 +20,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segkit.cli import init_config
+from segkit.data.io import read_stem_list
 from segkit.data.loading import build_dataset
+from segkit.data.readers.conventions import coco_stuff_171, reduce_zero_label
 from segkit.data.readers.voc import voc_colormap
 from segkit.engine.trainer import fit
 from segkit.errors import ConfigError, DataError
@@ -433,3 +435,165 @@ def test_layout_writers_are_self_consistent(tmp_path):
     before = set(os.listdir(tmp_path))
     write_voc(tmp_path / "v")
     assert set(os.listdir(tmp_path)) - before == {"v"}
+
+
+# --- benchmark conventions: ADE20K, COCO-Stuff 164k, Cityscapes train ids -----------------------
+
+def _benchmark_folders(root: Path, images: str, masks: str, folders: dict[str, str], values: list[int]) -> Path:
+    """`images`/`masks` folders ({split} = each split's folder name) holding label_map(values) masks."""
+    rng = np.random.default_rng(8)
+    for split, folder in folders.items():
+        image_dir, mask_dir = root / images.format(split=folder), root / masks.format(split=folder)
+        image_dir.mkdir(parents=True)
+        mask_dir.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(random_image(rng)).save(image_dir / f"{split}_{i:08d}.jpg")
+            Image.fromarray(label_map(values)).save(mask_dir / f"{split}_{i:08d}.png")
+    return root
+
+
+def write_ade20k(root: Path) -> Path:
+    """ADEChallengeData2016: images/{training,validation}, annotations/...; 0 = other, 1..150 classes."""
+    return _benchmark_folders(root, "images/{split}", "annotations/{split}",
+                              {"train": "training", "val": "validation"}, [0, 1, 150])
+
+
+def write_coco_stuff(root: Path) -> Path:
+    """stuffthingmaps: value = COCO id - 1; 12 is the 12th used value, 181 (wood) the last."""
+    return _benchmark_folders(root, "images/{split}", "annotations/{split}",
+                              {"train": "train2017", "val": "val2017"}, [255, 12, 181])
+
+
+def test_ade20k_reduce_zero_label_as_mmseg(compose_cfg, tmp_path):
+    root = write_ade20k(tmp_path / "ADEChallengeData2016")
+    cfg = compose_cfg([*ONE_STEP, "dataset=ade20k", f"dataset.root={root}", "dataset.image_size=[40,48]",
+                       "trainer.batch_size=2"],
+                      tiny=False)
+    dataset, samples = read_split(cfg, "val")
+    assert len(dataset) == 3 and dataset.num_classes == 150 and dataset.class_names[149] == "flag"
+    # 0 ("other") -> ignore, 1 -> 0, 150 -> 149: MMSeg's gt[gt == 0] = 255; gt -= 1; gt[gt == 254] = 255
+    assert torch.equal(samples[0][1], torch.from_numpy(label_map([255, 0, 149]).astype(np.int64)))
+    assert fit(cfg, tmp_path / "run")["steps"] == 1
+
+
+def test_coco_stuff_171_mapping_is_the_published_one():
+    table = coco_stuff_171(255)
+    used = [value for value in range(182) if table[value] != 255]
+    assert len(used) == 171 and [table[v] for v in used] == list(range(171))
+    # COCO never used category ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91 (PNG value = id - 1).
+    assert sorted(set(range(182)) - set(used)) == [i - 1 for i in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91)]
+    # Spot values of MMSegmentation's coco_stuff164k converter (clsID_to_trID).
+    assert {v: table[v] for v in (0, 10, 12, 24, 26, 27, 30, 91, 181)} == {
+        0: 0, 10: 10, 12: 11, 24: 23, 26: 24, 27: 25, 30: 26, 91: 80, 181: 170}
+    assert table[255] == 255 and table[200] == 255
+    assert torch.equal(reduce_zero_label(torch.tensor([0, 1, 150, 255]), 255), torch.tensor([255, 0, 149, 255]))
+
+
+def test_coco_stuff164k_preset_reads_171_classes(compose_cfg, tmp_path):
+    root = write_coco_stuff(tmp_path / "coco_stuff164k")
+    cfg = compose_cfg([*ONE_STEP, "dataset=coco_stuff164k", f"dataset.root={root}", "dataset.image_size=[40,48]"],
+                      tiny=False)
+    dataset, samples = read_split(cfg, "val")
+    assert dataset.num_classes == 171 and dataset.class_names[11] == "stop sign" and dataset.class_names[-1] == "wood"
+    assert torch.equal(samples[0][1], torch.from_numpy(label_map([255, 11, 170]).astype(np.int64)))
+
+
+def test_cityscapes_train_id_files(compose_cfg, tmp_path):
+    root = write_cityscapes(tmp_path / "cityscapes")
+    for path in (root / "gtFine").rglob("*_gtFine_labelIds.png"):  # as createTrainIdLabelImgs would leave them
+        Image.fromarray(label_map([0, 13, 255])).save(str(path).replace("_labelIds", "_labelTrainIds"))
+    for labels in ("train_ids", "label_ids"):  # both files present: either can be read
+        cfg = compose_cfg([*ONE_STEP, "dataset=cityscapes", f"dataset.root={root}", f"dataset.labels={labels}"],
+                          tiny=False)
+        dataset, samples = read_split(cfg, "val")
+        assert dataset.pairs[0][1].name.endswith(f"_gtFine_label{'TrainIds' if labels == 'train_ids' else 'Ids'}.png")
+        assert torch.equal(samples[0][1], torch.from_numpy(label_map([0, 13, 255]).astype(np.int64)))
+    cfg.dataset.labels = "trainIds"
+    with pytest.raises(ConfigError, match="^dataset.labels: must be label_ids or train_ids"):
+        build_dataset(cfg.dataset, "val")
+
+
+@pytest.mark.parametrize("layout", ["ade20k", "coco_stuff164k", "cityscapes_train_ids"])
+def test_init_config_recognises_benchmark_layouts(tmp_path, layout, capsys):
+    if layout == "ade20k":
+        write_ade20k(tmp_path / "data" / "ADEChallengeData2016")
+    elif layout == "coco_stuff164k":
+        write_coco_stuff(tmp_path / "data")
+    else:
+        root = write_cityscapes(tmp_path / "data")
+        for path in (root / "gtFine").rglob("*_gtFine_labelIds.png"):
+            Image.fromarray(label_map([0, 13, 255])).save(str(path).replace("_labelIds", "_labelTrainIds"))
+            path.unlink()
+    target = init_config.run(init_config.parse_args([str(tmp_path / "data"), "--out", str(tmp_path / "conf")]))
+    out = capsys.readouterr().out
+    assert "problem:" not in out, out
+    loaded = init_config.load_dataset_config(init_config.detect_layout(tmp_path / "data"), target.read_text())
+    if layout == "ade20k":
+        assert out.startswith("layout: ade20k") and loaded.reduce_zero_label and loaded.num_classes == 150
+        assert dict(loaded.split_names) == {"train": "training", "val": "validation"}
+    elif layout == "coco_stuff164k":
+        assert out.startswith("layout: coco_stuff164k") and loaded.id_mapping == "coco_stuff_171"
+        assert loaded.num_classes == 171 and len(loaded.class_names) == 171
+    else:
+        assert out.startswith("layout: cityscapes") and loaded.labels == "train_ids"
+
+
+# --- metadata files as editors and tools write them ---------------------------------------------
+
+def test_split_lists_with_bom_crlf_blank_lines_and_spaces(compose_cfg, tmp_path):
+    cfg, root = compose_layout(compose_cfg, tmp_path, "folder_split_file")
+    for stem in ("s00", "s01"):  # ids with spaces
+        for kind, suffix in (("images", "jpg"), ("masks", "png")):
+            (root / kind / f"{stem}.{suffix}").rename(root / kind / f"my {stem}.{suffix}")
+    text = "\ufeff# train ids\r\n\r\nmy s00  \r\n\t my s01\r\n   \r\ns02\r\n# s03 left out\r\n"
+    (root / "splits" / "train.txt").write_bytes(text.encode("utf-8"))
+    assert read_stem_list(root / "splits" / "train.txt") == ["my s00", "my s01", "s02"]
+    assert [p[0].stem for p in build_dataset(cfg.dataset, "train").pairs] == ["my s00", "my s01", "s02"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("s00\nsé01\n".encode("latin-1"), "not UTF-8 text (byte 5); save it as UTF-8"),
+    ("s00\n".encode("utf-16"), "not UTF-8 text"),
+    (b"s00\ns01\r\ns00\n", "train.txt:3: stem 's00' is listed twice (also line 1)"),
+])
+def test_split_list_defects_are_one_line(compose_cfg, tmp_path, content, message):
+    cfg, root = compose_layout(compose_cfg, tmp_path, "folder_split_file")
+    (root / "splits" / "train.txt").write_bytes(content)
+    with pytest.raises(DataError) as error:
+        build_dataset(cfg.dataset, "train")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_split_list_stem_with_extension_gets_a_hint(compose_cfg, tmp_path):
+    cfg, root = compose_layout(compose_cfg, tmp_path, "folder_split_file")
+    (root / "splits" / "train.txt").write_text("s00.jpg\ns01\n")
+    with pytest.raises(DataError, match="no 's00.jpg.*' in .*; list stems without the extension$"):
+        build_dataset(cfg.dataset, "train")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('["bg", "red", "green"]', "expected an object"),
+    ('{"class_names": "abc"}', "class_names must be a list of non-empty names, got 'abc'"),
+    ('{"class_names": ["bg", 1, "green"]}', "class_names must be a list of non-empty names"),
+    ('{"class_names": ["bg", "", "green"]}', "class_names must be a list of non-empty names"),
+    ('{"class_names": ["bg", "red"]}', "2 class_names but dataset.num_classes=3"),
+    ('{"colors": "red"}', "colors must be a list of [r, g, b] integer triples"),
+    ('{"colors": [[0, 0, 0], [255, 0], [0, 255, 0]]}', "colors must be a list of [r, g, b]"),
+    ('{"colors": [[0, 0, 0], ["255", 0, 0], [0, 255, 0]]}', "colors must be a list of [r, g, b]"),
+    ('{"colors": [[0, 0, 0], [256, 0, 0], [0, 255, 0]]}', "colors must be a list of [r, g, b]"),
+    ('{"colors": [[0, 0, 0], [255.0, 0, 0], [0, 255, 0]]}', "colors must be a list of [r, g, b]"),
+    ('{"class_names": ["bg", "red", "green"],}', "cannot read dataset description"),
+])
+def test_dataset_json_wrong_types_are_one_line(compose_cfg, tmp_path, content, message):
+    cfg, root = compose_layout(compose_cfg, tmp_path, "folder_rgb_colors")
+    (root / "dataset.json").write_text(content)
+    with pytest.raises(DataError) as error:
+        build_dataset(cfg.dataset, "train")
+    assert str(error.value).startswith(f"{root / 'dataset.json'}: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_dataset_json_with_bom_is_read(compose_cfg, tmp_path):
+    cfg, root = compose_layout(compose_cfg, tmp_path, "folder_rgb_colors")
+    (root / "dataset.json").write_bytes(b"\xef\xbb\xbf" + (root / "dataset.json").read_bytes())
+    assert build_dataset(cfg.dataset, "train").class_names == ["bg", "red", "green"]

@@ -1,6 +1,8 @@
 """`segkit-init-config ROOT [--name NAME]`: look at a data set and write conf/dataset/<name>.yaml for it.
 
-It recognises the layout (folder, camvid-like, voc, cityscapes, coco), reads a sample of
+It recognises the layout (folder, camvid-like, voc, cityscapes with label or train ids, coco,
+and the benchmark layouts of ADE20K and COCO-Stuff 164k, which take their preset's classes and
+id convention), reads a sample of
 masks for the class count, ignore value, remap or colour table, reads image headers for
 the size, writes split lists when everything is in one folder, then builds the new config's
 reader and reads samples through it, so the file it leaves behind trains as it is:
@@ -56,7 +58,7 @@ def config_name(text: str) -> str:
 def propose(layout: Layout, args: argparse.Namespace, name: str) -> dict[str, Any]:
     """The dataset keys of the new config."""
     settings: dict[str, Any] = {"name": name, "root": str(layout.root.resolve()), **layout.settings}
-    if layout.schema == "folder":
+    if layout.schema == "folder" and not layout.preset:
         labels, notes = label_settings(summarize_masks(spread(layout.masks, args.sample)))
         layout.notes += notes
         settings.update(labels)
@@ -71,7 +73,7 @@ def propose(layout: Layout, args: argparse.Namespace, name: str) -> dict[str, An
         layout.notes.append(f"{len(sizes)} image sizes; most common {height}x{width} ({count} of {total})")
         if len({h > w for h, w in sizes}) > 1:  # portrait and landscape: a square wastes least
             height = width = max(height, width)
-    settings["image_size"] = fit_size(height, width)
+    settings.setdefault("image_size", fit_size(height, width))  # a benchmark preset keeps its own
     return settings
 
 

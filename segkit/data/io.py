@@ -108,20 +108,32 @@ def _key(rgb: np.ndarray) -> np.ndarray:
 
 
 def read_stem_list(path: Path) -> list[str]:
-    """Stems listed in `path`, in file order; a stem listed twice is an error naming the file."""
+    """Stems listed in `path`, in file order; a stem listed twice is an error naming the file.
+
+    One stem per line, as editors on any system save it: UTF-8 with or without a byte-order
+    mark, Unix or Windows line endings, blank lines and `#` comment lines skipped, spaces
+    around a stem trimmed and spaces inside it kept (`my image 01`).
+    """
     try:
-        lines = path.read_text().splitlines()
+        raw = path.read_bytes()
     except OSError as error:
         raise DataError(f"{path}: cannot read split list ({error.strerror or error})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: split list is not UTF-8 text (byte {error.start}); "
+                        "save it as UTF-8") from None
     stems: list[str] = []
-    seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        stem = line.split("#", 1)[0].strip()
-        if not stem:
+    seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stem = line.strip().lstrip("\ufeff").strip()  # a second BOM where files were concatenated
+        if not stem or stem.startswith("#"):
             continue
+        if "\x00" in stem:
+            raise DataError(f"{path}:{number}: a NUL byte; is this a text file (UTF-16 is not read)?")
         if stem in seen:
-            raise DataError(f"{path}:{number}: stem '{stem}' is listed twice")
-        seen.add(stem)
+            raise DataError(f"{path}:{number}: stem '{stem}' is listed twice (also line {seen[stem]})")
+        seen[stem] = number
         stems.append(stem)
     return stems
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from segkit.data.readers.pairs import files_by_stem
@@ -28,6 +29,7 @@ SPLIT_TEMPLATES = [
     ("{split}", "{split}annot", "camvid"), ("{split}", "{split}_labels", "camvid"),
     ("{split}", "{split}_masks", "camvid"),
 ]
+PRESETS = Path(__file__).resolve().parents[2] / "conf" / "dataset"  # benchmark layouts take their preset's keys
 FLAT_TEMPLATES = [
     ("images", "masks"), ("images", "labels"), ("images", "annotations"), ("image", "label"),
     ("image", "mask"), ("imgs", "masks"), ("img", "mask"),
@@ -36,7 +38,7 @@ FLAT_TEMPLATES = [
 
 @dataclass
 class Layout:
-    kind: str  # folder | camvid | voc | cityscapes | coco
+    kind: str  # folder | camvid | voc | cityscapes | coco | ade20k | coco_stuff164k
     schema: str  # the dataset schema the config uses (folder, voc, cityscapes, coco)
     root: Path
     settings: dict[str, Any] = field(default_factory=dict)  # dataset keys the layout decides
@@ -44,17 +46,45 @@ class Layout:
     masks: list[Path] = field(default_factory=list)  # training masks (empty for coco)
     needs_split: bool = False  # one folder for everything: list files must be written
     notes: list[str] = field(default_factory=list)
+    preset: bool = False  # a benchmark whose classes and id convention come from conf/dataset/<kind>.yaml
 
 
 def detect_layout(root: Path) -> Layout:
     """The first layout that matches, checked from the most specific (coco) to flat folders."""
     if not root.is_dir():
         raise DataError(f"{root}: directory not found")
-    for detector in (_coco, _cityscapes, _voc, _split_folders, _flat_folders):
+    for detector in (_ade20k, _coco_stuff, _coco, _cityscapes, _voc, _split_folders, _flat_folders):
         layout = detector(root)
         if layout is not None:
             return layout
-    raise DataError(f"{root}: no known layout (folder, camvid-like, voc, cityscapes, coco)")
+    raise DataError(f"{root}: no known layout (folder, camvid-like, voc, cityscapes, coco, ade20k, coco_stuff164k)")
+
+
+def _preset_layout(kind: str, root: Path, images: Path, masks: Path) -> Layout | None:
+    """A benchmark layout whose class list and id convention are those of conf/dataset/<kind>.yaml."""
+    pairs = _pairs(images, masks)
+    if not pairs:
+        return None
+    preset = yaml.safe_load((PRESETS / f"{kind}.yaml").read_text())
+    keys = ("image_dir", "mask_dir", "split_names", "reduce_zero_label", "id_mapping", "num_classes",
+            "ignore_index", "image_size", "class_names")
+    layout = Layout(kind, "folder", root, {key: preset[key] for key in keys if key in preset}, preset=True)
+    layout.images, layout.masks = [i for i, _ in pairs], [m for _, m in pairs]
+    layout.notes.append(f"{kind} layout: classes and label ids as conf/dataset/{kind}.yaml")
+    return layout
+
+
+def _ade20k(root: Path) -> Layout | None:
+    for base in (root, root / "ADEChallengeData2016"):
+        layout = _preset_layout("ade20k", base, base / "images" / "training", base / "annotations" / "training")
+        if layout is not None:
+            return layout
+    return None
+
+
+def _coco_stuff(root: Path) -> Layout | None:
+    """stuffthingmaps_trainval2017 PNGs in annotations/train2017, next to images/train2017."""
+    return _preset_layout("coco_stuff164k", root, root / "images" / "train2017", root / "annotations" / "train2017")
 
 
 def _coco(root: Path) -> Layout | None:
@@ -93,6 +123,11 @@ def _cityscapes(root: Path) -> Layout | None:
         return None
     layout = Layout("cityscapes", "cityscapes", root)
     layout.images = sorted((root / "leftImg8bit" / "train").glob("*/*_leftImg8bit.png"))
+    label_ids = next((root / "gtFine" / "train").glob("*/*_gtFine_labelIds.png"), None)
+    train_ids = next((root / "gtFine" / "train").glob("*/*_gtFine_labelTrainIds.png"), None)
+    layout.settings["labels"] = "train_ids" if train_ids and not label_ids else "label_ids"
+    if train_ids and not label_ids:
+        layout.notes.append("only *_labelTrainIds.png label files: labels: train_ids")
     return layout
 
 

@@ -1,9 +1,11 @@
 """Cityscapes fine: leftImg8bit/{split}/{city}/X_leftImg8bit.png <-> gtFine/.../X_gtFine_labelIds.png.
 
-The label files hold the 34 full label ids; training uses the 19 evaluated classes
-("train ids"). A lookup table maps each label id to its train id and every other value
-(void classes, license plate, anything unknown) to ignore_index, as the official
-cityscapesScripts do.
+`labels: label_ids` (default) reads the *_labelIds.png files of the download, which hold the 34
+full label ids; training uses the 19 evaluated classes ("train ids"). A lookup table maps each
+label id to its train id and every other value (void classes, license plate, anything unknown)
+to ignore_index, as the official cityscapesScripts do.
+`labels: train_ids` reads the *_labelTrainIds.png files that cityscapesScripts'
+createTrainIdLabelImgs writes (and MMSegmentation's converter): 0..18 already, 255 ignored.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from typing import Any
 from segkit.config import DatasetConfig
 from segkit.data.readers.base import DatasetOptions
 from segkit.data.readers.pairs import PairedFiles, require_dir
+from segkit.errors import ConfigError
 
 # label id -> train id, for the 19 evaluated classes (cityscapesScripts helpers/labels.py).
 LABEL_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
+LABEL_FILES = {"label_ids": "_gtFine_labelIds.png", "train_ids": "_gtFine_labelTrainIds.png"}
 CITYSCAPES_CLASSES = [
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
@@ -40,7 +44,8 @@ class CityscapesSchema(DatasetConfig, DatasetOptions):
     image_dir: str = "leftImg8bit/{split}"
     mask_dir: str = "gtFine/{split}"
     image_suffix: str = "_leftImg8bit.png"
-    mask_suffix: str = "_gtFine_labelIds.png"
+    labels: str = "label_ids"  # label_ids (*_labelIds.png, mapped to train ids) | train_ids (*_labelTrainIds.png)
+    mask_suffix: str | None = None  # null = the files of `labels`
     num_classes: int = 19
     class_names: list[str] | None = field(default_factory=lambda: list(CITYSCAPES_CLASSES))
     image_size: list[int] = field(default_factory=lambda: [512, 1024])
@@ -55,11 +60,15 @@ class CityscapesDataset(PairedFiles):
         image_dir: str = "leftImg8bit/{split}",
         mask_dir: str = "gtFine/{split}",
         image_suffix: str = "_leftImg8bit.png",
-        mask_suffix: str = "_gtFine_labelIds.png",
+        labels: str = "label_ids",
+        mask_suffix: str | None = None,
         **common: Any,
     ) -> None:
+        if labels not in LABEL_FILES:
+            raise ConfigError("dataset.labels", f"must be label_ids or train_ids, got {labels!r}")
         ignore = int(common["ignore_index"])
-        remap = {label: LABEL_TO_TRAIN_ID.get(label, ignore) for label in range(256)}
+        remap = {label: LABEL_TO_TRAIN_ID.get(label, ignore) for label in range(256)} if labels == "label_ids" else {}
+        mask_suffix = mask_suffix or LABEL_FILES[labels]
         super().__init__(split=split, remap=remap, **common)
         self.root = Path(root).expanduser()
         self.image_dir = self.root / image_dir.format(split=split)

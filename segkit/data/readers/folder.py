@@ -1,6 +1,9 @@
 """Images and masks in two directories, matched by file stem (`img1.jpg` <-> `img1.png`).
 
 Options on top of the two directories:
+- `split_names`: the folder name of each split where it is not train / val (ADE20K: training, validation).
+- `reduce_zero_label` (ADE20K) and `id_mapping: coco_stuff_171` (COCO-Stuff 164k): benchmark id
+  conventions, see segkit/data/readers/conventions.py; conf/dataset/{ade20k,coco_stuff164k}.yaml use them.
 - `split_file`: a list of stems per split (e.g. `splits/{split}.txt` or `splits/fold{fold}/{split}.txt`,
   written by `segkit-split`), when one directory holds every split.
 - `dataset.json` in the root: `{"class_names": [...], "colors": [[r, g, b], ...]}`, used where the
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 from segkit.config import DatasetConfig
-from segkit.data.io import ColorTable, read_color_mask, read_stem_list
+from segkit.data.io import IMAGE_SUFFIXES, ColorTable, read_color_mask, read_stem_list
 from segkit.data.readers.base import DatasetOptions
 from segkit.data.readers.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir
 from segkit.errors import ConfigError, DataError
@@ -30,9 +33,12 @@ from segkit.errors import ConfigError, DataError
 class FolderSchema(DatasetConfig, DatasetOptions):
     _target_: str = "segkit.data.readers.folder.FolderDataset"
     root: str = "???"
-    image_dir: str = "images/{split}"  # `{split}` is replaced by train / val / test
+    image_dir: str = "images/{split}"  # `{split}` is replaced by train / val / test (or its split_names entry)
     mask_dir: str = "masks/{split}"
+    split_names: dict[str, str] = field(default_factory=dict)  # folder name of a split, e.g. {train: training}
     remap: dict[int, int] = field(default_factory=dict)  # mask value -> class id (or ignore_index)
+    reduce_zero_label: bool = False  # ADE20K: 0 ("other") -> ignore_index, every other id - 1 (as MMSeg)
+    id_mapping: str | None = None  # a published id mapping before remap: coco_stuff_171 (COCO-Stuff 164k PNGs)
     split_file: str | None = None  # stems of each split, relative to root; may use {split} and {fold}
     fold: int | None = None  # fills {fold} in split_file (k-fold lists from segkit-split)
     dataset_json: str | None = "dataset.json"  # class names/colors file in root, used if present
@@ -48,6 +54,7 @@ class FolderDataset(PairedFiles):
         root: str,
         image_dir: str = "images/{split}",
         mask_dir: str = "masks/{split}",
+        split_names: Mapping[str, str] | None = None,
         remap: Mapping[int, int] | None = None,
         split_file: str | None = None,
         fold: int | None = None,
@@ -58,8 +65,9 @@ class FolderDataset(PairedFiles):
     ) -> None:
         super().__init__(split=split, remap=remap, **common)
         self.root = Path(root).expanduser()
-        self.image_dir = self.root / image_dir.format(split=split)
-        self.mask_dir = self.root / mask_dir.format(split=split)
+        folder = (split_names or {}).get(split, split)
+        self.image_dir = self.root / image_dir.format(split=folder)
+        self.mask_dir = self.root / mask_dir.format(split=folder)
         info = self._read_dataset_json(dataset_json)
         if common.get("class_names") is None and info.get("class_names"):
             self.class_names = list(info["class_names"])
@@ -77,16 +85,30 @@ class FolderDataset(PairedFiles):
         return read_color_mask(path, self.color_table)
 
     def _read_dataset_json(self, name: str | None) -> dict[str, Any]:
+        """class_names / colors from <root>/dataset.json, each checked: one line naming the file and key."""
         path = self.root / name if name else None
         if path is None or not path.is_file():
             return {}
         try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
+            info = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise DataError(f"{path}: cannot read dataset description ({error})") from None
-        names = info.get("class_names")
-        if names is not None and len(names) != self.num_classes:
-            raise DataError(f"{path}: {len(names)} class_names but dataset.num_classes={self.num_classes}")
+        if not isinstance(info, dict):
+            raise DataError(f"{path}: expected an object like {{\"class_names\": [...], \"colors\": [...]}}, "
+                            f"got a {type(info).__name__}")
+        names, colors = info.get("class_names"), info.get("colors")
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+                raise DataError(f"{path}: class_names must be a list of non-empty names, got {names!r:.80}")
+            if len(names) != self.num_classes:
+                raise DataError(f"{path}: {len(names)} class_names but dataset.num_classes={self.num_classes}")
+        if colors is not None:
+            rgb = isinstance(colors, list) and all(
+                isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
+                for c in colors)
+            if not rgb:
+                raise DataError(f"{path}: colors must be a list of [r, g, b] integer triples (0..255), "
+                                f"got {colors!r:.80}")
         return info
 
     def _split_path(self, split_file: str | None, fold: int | None) -> Path | None:
@@ -118,7 +140,9 @@ class FolderDataset(PairedFiles):
                 continue
             if stem not in images:
                 where = masks.get(stem, self.split_path)
-                problems.append(f"{where}: missing image, no '{stem}.*' in {self.image_dir}")
+                hint = ("; list stems without the extension" if Path(stem).suffix.lower() in IMAGE_SUFFIXES
+                        and Path(stem).stem in images else "")
+                problems.append(f"{where}: missing image, no '{stem}.*' in {self.image_dir}{hint}")
             elif stem not in masks:
                 problems.append(f"{images[stem]}: missing mask, no '{stem}.*' in {self.mask_dir}")
             else:

@@ -1,5 +1,8 @@
 """Readers whose samples are (image file, mask file) pairs: pairing by stem, reading, value remapping.
 
+Mask values go through, in this order: `reduce_zero_label` (ADE20K), a published `id_mapping`
+(COCO-Stuff's 171 classes; segkit/data/readers/conventions.py), then the user's `remap`.
+
 Folder, VOC and Cityscapes differ only in where the pairs come from, so they share this class.
 Pairing collects every problem (missing partner, duplicate stem) instead of stopping at the
 first, so `segkit-check-data` can list them all and `on_error=skip` can leave them out.
@@ -15,6 +18,7 @@ import torch
 
 from segkit.data.io import IMAGE_SUFFIXES, read_image, read_mask
 from segkit.data.readers.base import SegmentationDataset
+from segkit.data.readers.conventions import named_remap, reduce_zero_label
 from segkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -23,9 +27,12 @@ log = logging.getLogger(__name__)
 class PairedFiles(SegmentationDataset):
     """Subclasses fill `self.pairs` (and call `report_layout`); `remap` maps raw mask values."""
 
-    def __init__(self, *, split: str, remap: Mapping[int, int] | None = None, **common) -> None:
+    def __init__(self, *, split: str, remap: Mapping[int, int] | None = None, reduce_zero_label: bool = False,
+                 id_mapping: str | None = None, **common) -> None:
         super().__init__(split=split, **common)
         self.remap = {int(k): int(v) for k, v in (remap or {}).items()}
+        self.reduce_zero_label = reduce_zero_label
+        self.id_table = named_remap(id_mapping, self.ignore_index)
         self.pairs: list[tuple[Path, Path]] = []
 
     def __len__(self) -> int:
@@ -40,7 +47,10 @@ class PairedFiles(SegmentationDataset):
 
     def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        return read_image(image_path, self.decode_device), apply_remap(self.read_mask(mask_path), self.remap)
+        mask = self.read_mask(mask_path)
+        if self.reduce_zero_label:
+            mask = reduce_zero_label(mask, self.ignore_index)
+        return read_image(image_path, self.decode_device), apply_remap(apply_remap(mask, self.id_table), self.remap)
 
     def read_mask(self, path: Path) -> torch.Tensor:
         """Raw class ids of a mask file; readers with colour-coded masks override this."""
