@@ -193,6 +193,8 @@ CASES = [
          "duplicate image id", (IMAGE_1, "id 1")),
     Case("image_listed_under_two_ids", _set(lambda d: image(d, 2), "file_name", IMAGE_1), "duplicate file_name",
          (IMAGE_1,)),
+    Case("image_listed_twice", _append("images", lambda d: dict(image(d, 1))), "image listed twice",
+         (IMAGE_1, "listed 2 times"), warning=True),
     # --- annotations: keys, ids and references ---
     Case("annotation_is_a_list", _append("annotations", lambda d: [1, 2, 3]), "wrong type", ("annotations[5]",)),
     Case("annotation_without_image_id", _delete(A1, "image_id"), "missing key", (ANN_101, "image_id")),

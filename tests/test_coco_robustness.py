@@ -32,11 +32,11 @@ ORPHANS = {"annotation_without_image_id", "annotation_image_id_string", "annotat
            "image_id_string", "annotation_is_a_list"}
 
 
-def coco_dataset(annotation_file: Path, on_error: str = "raise") -> CocoDataset:
+def coco_dataset(annotation_file: Path, on_error: str = "raise", **options) -> CocoDataset:
     root = annotation_file.parents[1]
     return CocoDataset(split="train", root=str(root), annotations={"train": str(annotation_file.relative_to(root))},
                        image_dir="images", name="coco", num_classes=4, ignore_index=255, image_size=[40, 48],
-                       on_error=on_error, cache_dir=str(root / "cache"))
+                       on_error=on_error, cache_dir=str(root / "cache"), **options)
 
 
 def read_all(dataset: CocoDataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -161,6 +161,16 @@ def test_masks_keep_the_drawing_rule_and_warned_polygons_are_drawn(tmp_path):
     mask = coco_dataset(write_case(tmp_path, mutate))[0][1]
     assert mask[6, 12] == 0 and mask[12, 6] == 2 and mask[12, 22] == 2  # the crossing's lobes are the dog (2)
     assert mask[34, 5] == 3 and mask[34, 40] == 255  # cat (compressed RLE), crowd region ignored
+
+
+def test_crowd_regions_as_their_class_for_cvat_brush_masks(tmp_path):
+    path = write_case(tmp_path, None)
+    ignored, as_class = coco_dataset(path)[0][1], coco_dataset(path, crowd="class")[0][1]
+    assert ignored[34, 40] == 255 and as_class[34, 40] == 1  # the crowd RLE of cars (category 3 -> class 1)
+    assert torch.equal(ignored[ignored != 255], as_class[ignored != 255])
+    assert len(list((tmp_path / "cache").glob("coco-*"))) == 2  # each setting caches its own masks
+    with pytest.raises(SegkitError, match="^dataset.crowd: must be ignore or class"):
+        coco_dataset(path, crowd="person")
 
 
 @pytest.mark.parametrize("size", [(1, 1), (7, 5), (40, 48), (333, 500)])

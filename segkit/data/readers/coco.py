@@ -8,7 +8,9 @@ Drawing rule, so that every run makes the same mask: crowd regions (`iscrowd: 1`
 painted ignore_index first; then the other instances in order of decreasing pixel area
 (ties by annotation id), each over the previous ones. A smaller object lying on a larger
 one (a cup on a table) therefore stays visible, and labelled instances win over crowd
-regions. Polygons, uncompressed and compressed RLE are all handled by pycocotools.
+regions. `crowd: class` paints crowd regions with their category instead, for files whose
+`iscrowd: 1` RLE masks are objects (some tools, CVAT among them, export brush masks that way).
+Polygons, uncompressed and compressed RLE are all handled by pycocotools.
 
 Every field is checked where it is read (segkit/data/readers/coco_format.py says what is
 accepted): a defect is one line naming the annotation file, the image, the annotation id and
@@ -65,6 +67,7 @@ class CocoSchema(DatasetConfig, DatasetOptions):
         }
     )
     categories: list[Any] | None = None  # subset of category names or ids (null = all), in class order
+    crowd: str = "ignore"  # iscrowd regions: ignore | class (tools that export brush masks as iscrowd RLE)
     cache_dir: str | None = None  # null = <root>/.segkit_cache, or ~/.cache/segkit when root is read-only
     num_classes: int = 81  # background + categories
     image_size: list[int] = field(default_factory=lambda: [512, 512])
@@ -79,10 +82,14 @@ class CocoDataset(SegmentationDataset):
         annotations: dict[str, str],
         image_dir: str = "{split}2017",
         categories: Sequence[Any] | None = None,
+        crowd: str = "ignore",
         cache_dir: str | None = None,
         **common: Any,
     ) -> None:
         super().__init__(split=split, **common)
+        if crowd not in ("ignore", "class"):
+            raise ConfigError("dataset.crowd", f"must be ignore or class, got {crowd!r}")
+        self.crowd_label = crowd
         self.root = Path(root).expanduser()
         self.image_dir = self.root / image_dir.format(split=split)
         if split not in annotations:
@@ -116,7 +123,7 @@ class CocoDataset(SegmentationDataset):
                            "no image left")
             raise ProblemsError([*self.coco.problems, last])
         settings = {"classes": sorted(self.class_of.items()), "ignore": self.ignore_index,
-                    "rule": RULE_VERSION}
+                    "rule": RULE_VERSION, "crowd": crowd}
         digest = hashlib.sha256(raw + json.dumps(settings).encode()).hexdigest()[:16]
         self.cache_dir = _cache_dir(self.root, cache_dir, f"coco-{digest}")
         self.wide = max(self.num_classes - 1, self.ignore_index) > 255  # 16-bit PNG masks
@@ -185,7 +192,8 @@ class CocoDataset(SegmentationDataset):
         for ann, rle in shapes:
             area = int(mask_utils.area(rle))
             crowd = bool(ann.get("iscrowd", 0))
-            label = self.ignore_index if crowd else self.class_of[ann["category_id"]]
+            ignored = crowd and self.crowd_label == "ignore"
+            label = self.ignore_index if ignored else self.class_of[ann["category_id"]]
             drawn.append((0 if crowd else 1, -area, ann["id"], label, rle))
         for *_, label, rle in sorted(drawn, key=lambda d: d[:3]):
             mask[_decode(rle)] = label
