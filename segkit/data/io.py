@@ -119,14 +119,14 @@ def read_stem_list(path: Path) -> list[str]:
     except OSError as error:
         raise DataError(f"{path}: cannot read split list ({error.strerror or error})") from None
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: split list is not UTF-8 text (byte {error.start}); "
                         "save it as UTF-8") from None
     stems: list[str] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
-        stem = line.strip().lstrip("\ufeff").strip()  # a second BOM where files were concatenated
+        stem = line.strip().lstrip("\ufeff").strip()  # a byte-order mark, also where files were concatenated
         if not stem or stem.startswith("#"):
             continue
         if "\x00" in stem:
