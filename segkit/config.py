@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from segkit.errors import ConfigError, SegkitError
+from segkit.metrics import MetricConfig
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 
@@ -43,7 +44,10 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     val_every_n_epochs: int = 1
     log_every_n_steps: int = 10
-    monitor: str = "val/miou"  # higher is better
+    monitor: str = "val/miou"  # any logged value: val/miou, val/loss, val/<metrics name>, train/loss, ...
+    monitor_mode: str = "auto"  # max | min | auto (min for names ending in "loss", else max)
+    save_top_k: int = 0  # also keep the k best checkpoints, epoch=E-<monitor>=S.pt, besides best.pt / last.pt
+    ema_decay: float | None = None  # e.g. 0.999: validate, select and save an EMA of the weights (timm ModelEmaV3)
     early_stopping_patience: int | None = None  # in validations without improvement
     resume: str | None = None  # auto | path to a checkpoint
     stop_after_steps: int | None = None  # stop early as if interrupted (time-boxed jobs); resume continues
@@ -94,6 +98,7 @@ class TrainConfig:
     scheduler: Any = None
     augmentation: Any = None
     logger: Any = None
+    metrics: dict[str, MetricConfig] = field(default_factory=dict)  # conf/metrics/: extra torchmetrics metrics
     task_name: str = "train"
     output_root: str = "outputs"
 
@@ -147,10 +152,15 @@ def validate_config(cfg: DictConfig) -> None:
     if len(dataset.image_size) != 2 or min(dataset.image_size) <= 0:
         raise ConfigError("dataset.image_size", f"must be [height, width] > 0, got {list(dataset.image_size)}")
     model_classes = _select(cfg, "model.num_classes")
-    if model_classes is not None and model_classes != dataset.num_classes:
+    if model_classes == 1:
+        _check_binary_task(cfg)
+    elif model_classes is not None and model_classes != dataset.num_classes:
         raise ConfigError(
-            "model.num_classes", f"{model_classes} does not match dataset.num_classes={dataset.num_classes}"
+            "model.num_classes", f"{model_classes} does not match dataset.num_classes={dataset.num_classes} "
+            "(or 1 for a binary task with one output)"
         )
+    elif _loss_modes(cfg.get("loss")) & {"binary"}:
+        raise ConfigError("loss", "a binary loss (one logit per pixel) needs model.num_classes=1")
     crop = _select(cfg, "augmentation.crop_size")
     if crop is not None:
         if len(crop) != 2 or min(crop) <= 0:
@@ -161,8 +171,44 @@ def validate_config(cfg: DictConfig) -> None:
                 f"{list(crop)} is larger than dataset.image_size {list(dataset.image_size)}; "
                 "lower the crop or raise the image size",
             )
+    if trainer.monitor_mode not in ("auto", "max", "min"):
+        raise ConfigError("trainer.monitor_mode", f"must be auto, max or min; got {trainer.monitor_mode!r}")
+    if trainer.save_top_k < 0:
+        raise ConfigError("trainer.save_top_k", f"must be >= 0, got {trainer.save_top_k}")
+    if trainer.ema_decay is not None and not 0.0 < trainer.ema_decay < 1.0:
+        raise ConfigError("trainer.ema_decay", f"must be in (0, 1) (e.g. 0.999) or null, got {trainer.ema_decay}")
     if trainer.resume not in (None, "auto") and not str(trainer.resume).endswith(".pt"):
         raise ConfigError("trainer.resume", f"must be auto or a path to a .pt checkpoint, got {trainer.resume!r}")
+
+
+def _check_binary_task(cfg: DictConfig) -> None:
+    """model.num_classes=1: one logit per pixel, foreground where sigmoid > 0.5, on a two-class data set."""
+    if cfg.dataset.num_classes != 2:
+        raise ConfigError("model.num_classes", f"1 (binary, one logit) needs dataset.num_classes=2 "
+                          f"(background, foreground), got {cfg.dataset.num_classes}")
+    if modes := _loss_modes(cfg.get("loss")) - {"binary"}:
+        raise ConfigError("loss", f"model.num_classes=1 gives one logit per pixel, but the loss has "
+                          f"{'/'.join(sorted(modes))} terms; use loss=dice_bce (or mode: binary terms)")
+
+
+# Losses that take one logit per pixel, and those that take one per class.
+_BINARY_LOSSES = {"segkit.losses.BinaryCrossEntropy"}
+_MULTICLASS_LOSSES = {"segkit.losses.CrossEntropy", "segkit.losses.GeneralizedDice", "segkit.losses.OhemCrossEntropy"}
+
+
+def _loss_modes(node: Any) -> set[str]:
+    """'binary' / 'multiclass' / 'multilabel' for every loss term in the config (smp's `mode` or the class)."""
+    if not hasattr(node, "items"):
+        return set()
+    modes = {str(node["mode"])} if "mode" in node else set()
+    target = node.get("_target_")
+    if target in _BINARY_LOSSES:
+        modes.add("binary")
+    elif target in _MULTICLASS_LOSSES:
+        modes.add("multiclass")
+    for value in node.values():
+        modes |= _loss_modes(value)
+    return modes
 
 
 def _select(cfg: DictConfig, key: str) -> Any:

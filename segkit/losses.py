@@ -1,6 +1,8 @@
-"""Losses: torch's cross-entropy, smp's dice/focal/tversky/lovasz, and a weighted sum of them.
+"""Losses: torch's cross-entropy, smp's dice/jaccard/focal/tversky/lovasz, the few smp lacks
+(generalized Dice, OHEM cross-entropy, a BCE that averages over valid pixels only), and a weighted sum.
 
 Every loss takes logits (B, C, H, W) and int64 targets (B, H, W) and skips ignore_index pixels.
+Binary tasks (model.num_classes=1): logits (B, 1, H, W), targets 0/1 (conf/loss/dice_bce.yaml).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segkit.errors import ConfigError
@@ -19,10 +22,9 @@ class CrossEntropy(nn.CrossEntropyLoss):
     def __init__(
         self, ignore_index: int = 255, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0
     ) -> None:
-        if isinstance(class_weights, str):
-            raise ConfigError("loss.class_weights", f"{class_weights!r} must be resolved before building the loss")
-        weight = torch.tensor(list(class_weights), dtype=torch.float32) if class_weights is not None else None
-        super().__init__(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        super().__init__(
+            weight=_weight_tensor(class_weights), ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
 
 
 class WeightedSum(nn.Module):
@@ -39,6 +41,107 @@ class WeightedSum(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sum(self.weights[name] * term(logits, target) for name, term in self.terms.items())
+
+
+def _valid_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    return target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+
+
+class BinaryCrossEntropy(nn.Module):
+    """BCE on a single logit (B, 1, H, W) against 0/1 masks (B, H, W), averaged over non-ignored pixels.
+
+    (smp's SoftBCEWithLogitsLoss zeroes ignored pixels but still divides by all of them.)
+    """
+
+    def __init__(self, ignore_index: int | None = 255, pos_weight: float | None = None) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.pos_weight = pos_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logit = logits[:, 0]
+        valid = _valid_mask(target, self.ignore_index)
+        pos_weight = None if self.pos_weight is None else logit.new_tensor(self.pos_weight)
+        losses = F.binary_cross_entropy_with_logits(
+            logit, (target == 1).to(logit.dtype), pos_weight=pos_weight, reduction="none"
+        )
+        return (losses * valid).sum() / valid.sum().clamp_min(1)
+
+
+class GeneralizedDice(nn.Module):
+    """Generalized Dice loss (Sudre et al. 2017) over the batch, multiclass softmax.
+
+    GDL = 1 - 2 sum_c w_c sum_i p_ci g_ci / sum_c w_c sum_i (p_ci + g_ci), w_c = 1 / (sum_i g_ci)^2,
+    so rare classes weigh as much as common ones. A class absent from the batch's targets would get
+    an infinite weight; it gets the largest finite weight instead (as MONAI does), so predicting it
+    still costs. Ignored pixels count in neither sum.
+    """
+
+    def __init__(self, ignore_index: int | None = 255, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        num_classes = logits.shape[1]
+        valid = _valid_mask(target, self.ignore_index).unsqueeze(1)
+        probs = logits.softmax(1) * valid
+        onehot = F.one_hot(torch.where(valid[:, 0], target, 0), num_classes).permute(0, 3, 1, 2) * valid
+        onehot = onehot.to(probs.dtype)
+        dims = (0, 2, 3)
+        target_sum = onehot.sum(dims)
+        weights = 1.0 / target_sum.square()
+        finite = torch.isfinite(weights)
+        largest = torch.where(finite, weights, 0.0).amax()
+        weights = torch.where(finite, weights, largest)
+        intersection = (weights * (probs * onehot).sum(dims)).sum()
+        denominator = (weights * (probs.sum(dims) + target_sum)).sum()
+        return 1.0 - 2.0 * intersection / denominator.clamp_min(self.eps)
+
+
+class OhemCrossEntropy(nn.Module):
+    """Cross-entropy over the hard pixels only (online hard example mining, as MMSeg and PaddleSeg).
+
+    A pixel is hard when the probability of its true class is below `threshold`; at least `min_kept`
+    of the valid pixels (the least confident) are kept per batch however easy they are. The loss is
+    the mean over the kept pixels. Selection stays on the device (no host sync).
+    """
+
+    def __init__(self, ignore_index: int = 255, threshold: float = 0.7, min_kept: int = 100_000,
+                 class_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError("loss.threshold", f"must be in (0, 1], got {threshold}")
+        if min_kept < 0:
+            raise ConfigError("loss.min_kept", f"must be >= 0, got {min_kept}")
+        self.ignore_index = ignore_index
+        self.threshold = threshold
+        self.min_kept = min_kept
+        self.register_buffer("weight", _weight_tensor(class_weights), persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != self.ignore_index
+        safe_target = torch.where(valid, target, 0)
+        with torch.no_grad():
+            true_prob = logits.softmax(1).gather(1, safe_target.unsqueeze(1))[:, 0]
+            # Ignored pixels get probability 2: above every threshold, last in the ranking.
+            ranked = torch.where(valid, true_prob, 2.0).flatten()
+            threshold = logits.new_tensor(self.threshold)
+            if self.min_kept > 0:
+                kth = ranked.kthvalue(min(self.min_kept, ranked.numel())).values
+                threshold = torch.maximum(threshold, kth)
+            kept = valid & (true_prob <= threshold)
+        losses = F.cross_entropy(logits, safe_target, weight=self.weight, reduction="none")
+        pixel_weight = kept.to(losses.dtype)
+        if self.weight is not None:
+            pixel_weight = pixel_weight * self.weight[safe_target]
+        return (losses * kept).sum() / pixel_weight.sum().clamp_min(1e-12)
+
+
+def _weight_tensor(class_weights: Sequence[float] | None) -> torch.Tensor | None:
+    if isinstance(class_weights, str):
+        raise ConfigError("loss.class_weights", f"{class_weights!r} must be resolved before building the loss")
+    return torch.tensor(list(class_weights), dtype=torch.float32) if class_weights is not None else None
 
 
 def median_frequency_weights(pixel_counts: torch.Tensor) -> list[float]:

@@ -1,7 +1,8 @@
 """`segkit-evaluate checkpoint=<run>/checkpoints/best.pt`: metrics, masks, pictures, report.
 
 Writes into the output directory:
-  metrics.json        mIoU, mean Dice, pixel accuracy, IoU / Dice per class, confusion matrix
+  metrics.json        mIoU, mean Dice, pixel accuracy, IoU / Dice / precision / recall per class, confusion
+                      matrix, and the `metrics:` the training config chose (stage test)
   per_image.jsonl     one JSON object per image (filename, mask path, pixel accuracy, IoU, mIoU)
   per_image/          predicted masks, single-channel PNG class ids at the original image size
   report/report.html  summary, per-class table, charts and the worst images (with report/images/)
@@ -30,6 +31,7 @@ from segkit.errors import ConfigError
 from segkit.inference.evaluation import EvalResult, ImageResult, evaluate, image_path
 from segkit.inference.predictor import Predictor, load
 from segkit.inference.sliding import MODES, clean_mask
+from segkit.metrics import build_metrics
 from segkit.reporting.html import write_report
 from segkit.reporting.plots import (
     save_comparison,
@@ -92,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         predictor, dataset, loader, mode=cfg.mode, tta=tta_option(cfg),
         crop_size=cfg.crop_size, stride=cfg.stride, worst_n=cfg.worst_n if cfg.report else 0,
         on_image=save_masks, postprocess=postprocessor(cfg), progress_bar=cfg.progress_bar,
+        extra_metrics=build_metrics(predictor.cfg.get("metrics"), "test", predictor.device),
     )
     meta = {
         "checkpoint": str(checkpoint), "dataset": dataset.name, "split": cfg.split, "images": len(dataset),
@@ -156,15 +159,19 @@ def write_evaluation_report(
 
 def print_summary(summary: dict[str, Any], class_names: list[str]) -> None:
     table = Table(title="per class", show_edge=False)
-    for column in ("class", "IoU", "Dice"):
+    columns = {"IoU": "per_class_iou", "Dice": "per_class_dice", "precision": "per_class_precision",
+               "recall": "per_class_recall"}
+    for column in ("class", *columns):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name in class_names:
-        iou, dice = summary["per_class_iou"][name], summary["per_class_dice"][name]
-        table.add_row(name, *("n/a" if v != v else f"{v:.4f}" for v in (iou, dice)))
+        values = [summary[key][name] for key in columns.values()]
+        table.add_row(name, *("n/a" if v != v else f"{v:.4f}" for v in values))
     console = Console()
     console.print(table)
     console.print(f"mIoU {summary['miou']:.4f}   mean Dice {summary['mdice']:.4f}   "
                   f"pixel accuracy {summary['pixel_acc']:.4f}")
+    for name, value in (summary.get("metrics") or {}).items():
+        console.print(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}")
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")

@@ -1,8 +1,9 @@
 """The training loop: plain PyTorch, one class, read top to bottom.
 
 `fit(cfg, output_dir)` builds every part from the composed config, trains with per-iteration
-LR steps, validates with a confusion matrix on the device, keeps `last.pt` / `best.pt`, and
-writes the run record (`epochs.csv`, `metrics.json`). Inside the step loop nothing is read
+LR steps, validates with a confusion matrix (and the loss and the configured metrics) on the device,
+keeps `last.pt` / `best.pt` and the top-k checkpoints by `trainer.monitor`, optionally an EMA of the
+weights, and writes the run record (`epochs.csv`, `metrics.json`). Inside the step loop nothing is read
 back to the host except every `trainer.log_every_n_steps` steps.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
 
 from segkit.augment import JointAugment
 from segkit.config import build, validate_config
@@ -43,7 +45,7 @@ from segkit.engine.optim import build_optimizer
 from segkit.engine.progress import Progress
 from segkit.errors import CheckpointError, ConfigError, SegkitError
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
-from segkit.metrics import SegmentationMetrics
+from segkit.metrics import SegmentationMetrics, build_metrics
 from segkit.models import Segmenter
 from segkit.trackers.base import Trackers, flatten
 
@@ -134,6 +136,8 @@ class Trainer:
         self.forward = torch.compile(self.train_module) if self.tcfg.compile else self.train_module
         self.augment: JointAugment = build(cfg.augmentation, "augmentation").to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        # The exponential moving average of the weights is what gets validated, selected and saved as `model`.
+        self.ema = ModelEmaV3(self.model, decay=self.tcfg.ema_decay) if self.tcfg.ema_decay else None
         self.autocast_dtype = AUTOCAST_DTYPES[self.tcfg.precision]
         self.scaler = build_grad_scaler(self.device, self.tcfg.precision)
         self.trackers = Trackers(
@@ -169,15 +173,19 @@ class Trainer:
         self.total_steps = self.tcfg.max_steps or self.tcfg.max_epochs * self.steps_per_epoch
         self.scheduler = build(cfg.scheduler, "scheduler")(self.optimizer, total_steps=self.total_steps)
         self.metrics = SegmentationMetrics(
-            self.train_set.num_classes, self.train_set.ignore_index, self.train_set.class_names, self.device
+            self.train_set.num_classes, self.train_set.ignore_index, self.train_set.class_names, self.device,
+            build_metrics(cfg.get("metrics"), "val", self.device),
         )
+        self.monitor_mode = monitor_mode(self.tcfg.monitor, self.tcfg.monitor_mode)
 
         # Progress state: everything needed to continue exactly where a checkpoint left off.
         self.epoch = 0
         self.global_step = 0
         self.samples_done_in_epoch = 0  # over all processes, so a resume may use another process count
-        self.best_score = -math.inf
+        self.best_score = -math.inf if self.monitor_mode == "max" else math.inf
         self.best_epoch = -1
+        self.top_k: list[dict[str, Any]] = []  # best first: {"score", "epoch", "file"} (trainer.save_top_k)
+        self.shown_validation: dict[str, float] = {}  # the prog_bar metrics of the last validation
         self.validations_without_improvement = 0
         self.history: list[dict[str, Any]] = []
         self.bad_steps_in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -217,7 +225,10 @@ class Trainer:
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        # With EMA, `model` holds the averaged weights and `train_model` the raw ones.
+        self.model.load_state_dict(state.get("train_model", state["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -229,6 +240,8 @@ class Trainer:
         self.best_score = progress["best_score"]
         self.best_epoch = progress["best_epoch"]
         self.validations_without_improvement = progress["validations_without_improvement"]
+        self.top_k = list(progress.get("top_k", []))
+        self._prune_unranked_checkpoints()
         self.history = list(state.get("history", []))
         rank_states = [state["rng"], *state.get("rng_other_ranks", [])]
         if self.dist.rank < len(rank_states):
@@ -275,12 +288,13 @@ class Trainer:
             epoch_record.update(self._last_train_stats)
             if (self.epoch + 1) % self.tcfg.val_every_n_epochs == 0 or self._done(next_epoch=True):
                 with self._explain_out_of_memory("validation", self.tcfg.val_batch_size or self.tcfg.batch_size):
-                    epoch_record.update(self._validate_and_track())
+                    epoch_record.update(self._validate_and_track(epoch_record))
             self.history.append(epoch_record)
             self._append_csv(epoch_record)
             self.epoch += 1
             self.samples_done_in_epoch = 0
             self._save("last.pt")
+            self._prune_unranked_checkpoints()  # only now that last.pt records the new ranking
             if self._early_stop():
                 log.info("early stopping: %s did not improve for %d validations",
                          self.tcfg.monitor, self.validations_without_improvement)
@@ -354,6 +368,7 @@ class Trainer:
             if batches % accumulate:
                 continue
             self._optimizer_step()
+            self._update_ema()
             at_log_step = self.global_step % self.tcfg.log_every_n_steps == 0
             if at_log_step:
                 elapsed = time.perf_counter() - window_start  # one host sync per logging window
@@ -366,7 +381,7 @@ class Trainer:
                 }
                 self._check_bad_steps()
                 self.trackers.log_metrics(stats, self.global_step)
-                progress.show(stats)
+                progress.show({**stats, **self.shown_validation})
                 window_start, window_images = time.perf_counter(), 0
             if self.global_step >= self.total_steps:
                 break
@@ -443,38 +458,95 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        self.model.eval()
+        """Metrics and mean loss (`loss`) of the validated weights (the EMA ones with trainer.ema_decay)."""
+        forward = self._validation_forward()
         self.metrics.reset()
+        loss_sum = torch.zeros((), device=self.device)
+        images_seen = torch.zeros((), device=self.device)
         for images, masks in self.val_loader:  # on the device already
             images = images.float().div_(255)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                logits = self.forward(images)
+                logits = forward(images)
             self.metrics.update(logits, masks)
-        return self.metrics.compute()
+            loss_sum += self.loss_fn(logits.float(), masks) * images.shape[0]
+            images_seen += images.shape[0]
+        result = self.metrics.compute()
+        result["loss"] = self._mean_loss(loss_sum, images_seen)
+        return result
 
-    def _validate_and_track(self) -> dict[str, Any]:
+    def _validation_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.ema is not None:
+            return self.ema.module  # always in eval mode
+        self.model.eval()
+        return self.forward
+
+    def _validate_and_track(self, train_record: dict[str, Any]) -> dict[str, Any]:
         result = self.validate()
         record = {
+            "val/loss": result["loss"],
             "val/miou": result["miou"],
             "val/mdice": result["mdice"],
             "val/pixel_acc": result["pixel_acc"],
+            **{f"val/{key}": value for key, value in result.items() if key.startswith("foreground_")},
             **{f"val/iou_{name}": value for name, value in result["per_class_iou"].items()},
+            **{f"val/{name}": value for name, value in result.get("metrics", {}).items()
+               if isinstance(value, (int, float))},
         }
         self.trackers.log_metrics(record, self.global_step)
-        score = record.get(self.tcfg.monitor)
+        self.shown_validation = {f"val/{name}": record[f"val/{name}"] for name in self.metrics.prog_bar_names
+                                 if f"val/{name}" in record}
+        logged = {**train_record, **record}
+        score = logged.get(self.tcfg.monitor)
         if score is None:
-            raise ConfigError("trainer.monitor", f"{self.tcfg.monitor!r} is not one of {', '.join(record)}")
+            raise ConfigError("trainer.monitor", f"{self.tcfg.monitor!r} is not one of {', '.join(logged)}")
         self.last_validation = result
-        if score > self.best_score:
+        if self._better(score, self.best_score):
             self.best_score, self.best_epoch = score, self.epoch
             self.validations_without_improvement = 0
             self.best_validation = result
             self._save("best.pt")
         else:
             self.validations_without_improvement += 1
+        self._keep_top_k(score)
         return record
+
+    # ------------------------------------------------------------------ checkpoint selection and EMA
+    def _better(self, score: float, reference: float) -> bool:
+        """Strictly better by trainer.monitor_mode; NaN never is."""
+        return score > reference if self.monitor_mode == "max" else score < reference
+
+    def _keep_top_k(self, score: float) -> None:
+        """Save this validation's weights if they rank among the best trainer.save_top_k. Files that
+        fall out of the ranking are deleted after last.pt records the new ranking, so a crash at any
+        point leaves a ranking whose files all exist (_prune_unranked_checkpoints removes the rest)."""
+        k = self.tcfg.save_top_k
+        if k == 0 or not self.tcfg.save_checkpoints or math.isnan(score):
+            return
+        if len(self.top_k) >= k and not self._better(score, self.top_k[-1]["score"]):
+            return
+        name = f"epoch={self.epoch:03d}-{self.tcfg.monitor.replace('/', '_')}={score:.4f}.pt"
+        entry = {"score": score, "epoch": self.epoch, "file": name}
+        # Stable sort: an equal score arriving later ranks below the earlier one.
+        ranked = sorted([*self.top_k, entry], key=lambda e: e["score"], reverse=self.monitor_mode == "max")
+        self.top_k = ranked[:k]
+        if entry in self.top_k:
+            self._save(name)
+
+    def _prune_unranked_checkpoints(self) -> None:
+        if not self.dist.is_main or not self.checkpoint_dir.is_dir():
+            return
+        ranked = {entry["file"] for entry in self.top_k}
+        for path in self.checkpoint_dir.glob("epoch=*.pt"):
+            if path.name not in ranked:
+                path.unlink(missing_ok=True)
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            # Decay 0 at the first step (a copy), trainer.ema_decay after: a function of the step, so a
+            # resumed run averages exactly as an uninterrupted one.
+            self.ema.update(self.model, step=self.global_step)
 
     # ------------------------------------------------------------------ outputs
     def _save(self, name: str) -> None:
@@ -484,7 +556,8 @@ class Trainer:
         if not self.dist.is_main:
             return
         state = {
-            "model": self.model.state_dict(),
+            "model": (self.ema.module if self.ema is not None else self.model).state_dict(),
+            **({"train_model": self.model.state_dict()} if self.ema is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -495,6 +568,7 @@ class Trainer:
                 "best_score": self.best_score,
                 "best_epoch": self.best_epoch,
                 "validations_without_improvement": self.validations_without_improvement,
+                "top_k": self.top_k,
             },
             "history": self.history,
             "rng": rng_states[0],
@@ -526,19 +600,28 @@ class Trainer:
             "stop_reason": self.stop_reason,
             "bad_steps": int(self.bad_steps_total),
             "monitor": self.tcfg.monitor,
-            "best_score": None if self.best_score == -math.inf else self.best_score,
+            "monitor_mode": self.monitor_mode,
+            "best_score": self.best_score if math.isfinite(self.best_score) else None,
             "best_epoch": self.best_epoch,
             "epochs": self.epoch,
             "steps": self.global_step,
             "best": _without_confusion(best),
             "final": _without_confusion(getattr(self, "last_validation", None)),
             "class_names": self.train_set.class_names,
+            "top_k": self.top_k,
         }
         if self.dist.is_main:
             (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         if best is not None:
             log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
         return summary
+
+
+def monitor_mode(monitor: str, mode: str) -> str:
+    """trainer.monitor_mode, with auto = min for losses (names ending in "loss"), max otherwise."""
+    if mode == "auto":
+        return "min" if monitor.endswith("loss") else "max"
+    return mode
 
 
 def peak_memory_stats(device: torch.device) -> dict[str, float]:

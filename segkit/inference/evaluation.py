@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from segkit.data.readers.base import SegmentationDataset
 from segkit.engine.progress import Progress
 from segkit.inference.predictor import Predictor
-from segkit.metrics import SegmentationMetrics, summarize_confusion
+from segkit.metrics import ConfiguredMetric, SegmentationMetrics, summarize_confusion
 
 
 @dataclass
@@ -82,15 +82,17 @@ def evaluate(
     on_image: Callable[[ImageResult], None] | None = None,
     postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress_bar: bool = True,
+    extra_metrics: Sequence[ConfiguredMetric] = (),
 ) -> EvalResult:
     """Run the model over `loader` (built on `dataset`, in order) and collect the metrics.
 
     `postprocess` maps one predicted (H, W) mask to another (e.g. `clean_mask`); the metrics
-    are then those of the post-processed masks.
+    are then those of the post-processed masks. `extra_metrics` (segkit.metrics.build_metrics) are
+    updated next to the confusion matrix.
     """
     num_classes, ignore = dataset.num_classes, dataset.ignore_index
     names = dataset.class_names
-    metrics = SegmentationMetrics(num_classes, ignore, names, predictor.device)
+    metrics = SegmentationMetrics(num_classes, ignore, names, predictor.device, extra_metrics)
     result = EvalResult(summary={})
     heap: list[tuple[float, int, ImageResult]] = []  # max-heap on mIoU via negation: keeps the worst N
     progress = Progress(len(loader), "evaluate", enabled=progress_bar)
@@ -102,7 +104,7 @@ def evaluate(
             preds = scores.argmax(1)
             if postprocess is not None:
                 preds = torch.stack([postprocess(pred) for pred in preds])
-            metrics.update(preds, masks)
+            metrics.update(scores, masks, preds=preds)
             for image, target, pred in zip(images, masks.cpu(), preds.cpu(), strict=True):
                 item = _image_result(dataset, index, image, target, pred, num_classes, ignore, names)
                 result.records.append(_record(item))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segkit.metrics import class_scores
+
 MODES = ("whole", "slide", "auto")
 DEFAULT_TTA_SCALES = (0.75, 1.0, 1.25)
 
@@ -89,13 +91,16 @@ def forward_logits(
     crop_size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """One pass of the model, whole image or sliding window; logits (B, C, H, W) in float32."""
+    """One pass of the model, whole image or sliding window; logits (B, C, H, W) in float32.
+
+    A binary model's single logit comes back as two-class logits (segkit.metrics.class_scores).
+    """
     mode = resolve_mode(mode, images.shape[-2], images.shape[-1], crop_size)
     if mode == "slide":
         if crop_size is None:
             raise ValueError("mode='slide' needs crop_size")
-        return slide_logits(model, images, crop_size, stride)
-    return model(images).float()
+        return class_scores(slide_logits(model, images, crop_size, stride))
+    return class_scores(model(images).float())
 
 
 @torch.no_grad()

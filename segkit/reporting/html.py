@@ -56,6 +56,7 @@ def write_report(
     """Write report_dir/report.html. `charts`: title -> image; `worst`: dicts with filename,
     miou, pixel_accuracy and image (the comparison figure)."""
     iou, dice = summary["per_class_iou"], summary["per_class_dice"]
+    precision, recall = summary.get("per_class_precision", {}), summary.get("per_class_recall", {})
     confusion = np.asarray(summary["confusion_matrix"])
     pixels = confusion.sum(1) if confusion.size else np.zeros(len(class_names))
     rows = []
@@ -64,6 +65,7 @@ def write_report(
         rows.append(
             f'<tr class="class-row"><td class="name"><span class="swatch" style="background:{color}"></span>'
             f"{html.escape(name)}</td><td>{_fmt(iou[name])}</td><td>{_fmt(dice[name])}</td>"
+            f"<td>{_fmt(precision.get(name))}</td><td>{_fmt(recall.get(name))}</td>"
             f"<td>{int(pixels[i]) if i < len(pixels) else 0}</td></tr>"
         )
     meta_rows = "".join(
@@ -84,6 +86,9 @@ def write_report(
     cards = "".join(
         f'<div class="card">{label}<b>{_fmt(summary[key])}</b></div>'
         for label, key in (("mIoU", "miou"), ("mean Dice", "mdice"), ("pixel accuracy", "pixel_acc"))
+    ) + "".join(  # the metrics the config chose (segkit.metrics.build_metrics), where they are single numbers
+        f'<div class="card">{html.escape(name)}<b>{_fmt(value)}</b></div>'
+        for name, value in (summary.get("metrics") or {}).items() if isinstance(value, (int, float))
     )
     title = html.escape(str(meta.get("checkpoint", "")))
     page = f"""<!DOCTYPE html>
@@ -95,7 +100,8 @@ def write_report(
 <table class="meta">{meta_rows}</table>
 <h2>Per class</h2>
 <table id="per-class"><thead>
-<tr><th>class</th><th>IoU</th><th>Dice</th><th>pixels (ground truth)</th></tr></thead>
+<tr><th>class</th><th>IoU</th><th>Dice</th><th>precision</th><th>recall</th><th>pixels (ground truth)</th></tr>
+</thead>
 <tbody>{"".join(rows)}</tbody></table>
 <h2>Charts</h2>
 {chart_html}
