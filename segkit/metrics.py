@@ -179,21 +179,23 @@ def summarize_confusion(confusion: torch.Tensor, class_names: Sequence[str]) -> 
     return result
 
 
-def class_boundaries(labels: torch.Tensor, num_classes: int, width: int) -> torch.Tensor:
-    """(B, C, H, W) bool: the pixels of each class within `width` pixels (chessboard distance) of
-    the class's contour. As the Boundary IoU reference (Cheng et al. 2021) pads with background, the
-    image border counts as contour. Labels outside [0, num_classes) (ignore) belong to no class."""
+def class_boundaries(labels: torch.Tensor, num_classes: int, width: int, valid: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) bool: the valid pixels of each class within `width` pixels (chessboard distance) of
+    a valid pixel of another class. As the Boundary IoU reference (Cheng et al. 2021) pads with
+    background, the image border counts as another class; ignored pixels (valid False) count as nothing,
+    so an ignored region neither holds nor creates contours."""
     classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1, 1)
-    inside = (labels.unsqueeze(1) == classes).float()
-    outside = F.pad(1.0 - inside, (width,) * 4, value=1.0)
+    inside = labels.unsqueeze(1) == classes
+    valid = valid.unsqueeze(1)
+    outside = F.pad((~inside & valid).float(), (width,) * 4, value=1.0)
     near_outside = F.max_pool2d(outside, kernel_size=2 * width + 1, stride=1)  # dilation of the outside
-    return (inside > 0) & (near_outside > 0)
+    return inside & valid & (near_outside > 0)
 
 
 class BoundaryIoU(Metric):
     """Boundary IoU (Cheng et al., CVPR 2021): IoU of the predicted and true class contours, each a
     band `width` pixels wide, per class then averaged over the classes seen. mIoU barely moves when
-    edges are wrong; this does. ignore_index pixels count in neither band.
+    edges are wrong; this does. ignore_index pixels count in neither band and make no contour.
     Inputs: class ids (B, H, W) for prediction and target."""
 
     full_state_update = False
@@ -207,9 +209,9 @@ class BoundaryIoU(Metric):
         self.add_state("union", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        valid = (target != self.ignore_index).unsqueeze(1) if self.ignore_index is not None else True
-        pred_band = class_boundaries(preds, self.num_classes, self.width) & valid
-        target_band = class_boundaries(target, self.num_classes, self.width) & valid
+        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=bool)
+        pred_band = class_boundaries(preds, self.num_classes, self.width, valid)
+        target_band = class_boundaries(target, self.num_classes, self.width, valid)
         self.intersection += (pred_band & target_band).sum((0, 2, 3))
         self.union += (pred_band | target_band).sum((0, 2, 3))
 

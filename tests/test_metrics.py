@@ -6,9 +6,15 @@ import math
 
 import pytest
 import torch
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+)
 
-from segkit.metrics import SegmentationMetrics, summarize_confusion
+from segkit.errors import ConfigError
+from segkit.metrics import BoundaryIoU, SegmentationMetrics, build_metrics, class_scores, summarize_confusion
 
 NUM_CLASSES, IGNORE = 5, 255
 
@@ -56,3 +62,109 @@ def test_dice_from_confusion():
     result = summarize_confusion(cm, ["a", "b"])
     assert result["per_class_dice"]["a"] == pytest.approx(2 * 8 / (10 + 10))
     assert result["mdice"] == pytest.approx(0.8)
+
+
+def test_precision_and_recall_per_class_from_confusion():
+    # rows: targets, columns: predictions. Class c never appears anywhere: no values.
+    cm = torch.tensor([[6, 2, 0], [1, 3, 0], [0, 0, 0]])
+    result = summarize_confusion(cm, ["a", "b", "c"])
+    assert result["per_class_precision"]["a"] == pytest.approx(6 / 7)
+    assert result["per_class_precision"]["b"] == pytest.approx(3 / 5)
+    assert result["per_class_recall"]["a"] == pytest.approx(6 / 8)
+    assert result["per_class_recall"]["b"] == pytest.approx(3 / 4)
+    assert math.isnan(result["per_class_precision"]["c"]) and math.isnan(result["per_class_recall"]["c"])
+    assert "foreground_iou" not in result
+
+
+def test_two_classes_report_the_foreground():
+    cm = torch.tensor([[5, 1], [2, 4]])
+    result = summarize_confusion(cm, ["background", "cell"])
+    assert result["foreground_iou"] == pytest.approx(4 / 7)
+    assert result["foreground_dice"] == pytest.approx(8 / 11)
+    assert result["foreground_precision"] == pytest.approx(4 / 5)
+    assert result["foreground_recall"] == pytest.approx(4 / 6)
+
+
+def test_a_single_logit_is_foreground_where_its_sigmoid_exceeds_a_half():
+    logit = torch.tensor([-2.0, -0.1, 0.1, 3.0]).view(1, 1, 1, 4)
+    scores = class_scores(logit)
+    assert scores.argmax(1).tolist() == [[[0, 0, 1, 1]]]
+    assert torch.allclose(scores.softmax(1)[:, 1], torch.sigmoid(logit[:, 0]))
+    metrics = SegmentationMetrics(2, IGNORE, ["bg", "fg"], torch.device("cpu"))
+    metrics.update(logit, torch.tensor([[[0, 1, 1, IGNORE]]]))
+    assert metrics.compute()["confusion_matrix"] == [[1, 0], [1, 1]]
+
+
+def test_boundary_iou_by_hand():
+    # 1 x 6 x 6; target: class 1 in the 4x4 square rows/cols 1..4; prediction: that square shifted right by 1.
+    target = torch.zeros(1, 6, 6, dtype=torch.long)
+    target[0, 1:5, 1:5] = 1
+    pred = torch.zeros(1, 6, 6, dtype=torch.long)
+    pred[0, 1:5, 2:6] = 1
+    metric = BoundaryIoU(num_classes=2, ignore_index=IGNORE, width=1)
+    metric.update(pred, target)
+    # width 1: a class's band is its pixels with a pixel of another class (or the image edge) in
+    # their 3x3 neighbourhood. Class 1 bands: target = the 12-pixel ring of its square; prediction =
+    # its ring, which also touches the right image edge. They share rows 1 and 4 at columns 2..4
+    # (6 pixels): IoU 6 / (12 + 12 - 6).
+    # Class 0 (background): every background pixel touches the image edge or the square, so the bands are
+    # the backgrounds themselves (20 pixels each); they share 16: IoU 16 / 24.
+    expected = (6 / 18 + 16 / 24) / 2
+    assert float(metric.compute()) == pytest.approx(expected, abs=1e-6)
+
+    perfect = BoundaryIoU(num_classes=2, width=1)
+    perfect.update(target, target)
+    assert float(perfect.compute()) == pytest.approx(1.0)
+
+
+def test_boundary_iou_skips_ignored_pixels():
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 2:6, 2:6] = 1
+    pred = target.clone()
+    pred[0, :, 6:] = 1  # wrong only where the target is ignored
+    target[0, :, 6:] = IGNORE
+    metric = BoundaryIoU(num_classes=2, ignore_index=IGNORE, width=1)
+    metric.update(pred, target)
+    plain = BoundaryIoU(num_classes=2, ignore_index=IGNORE, width=1)
+    plain.update(torch.where(target == IGNORE, 0, pred), target)
+    assert float(metric.compute()) == pytest.approx(float(plain.compute()))
+
+
+def test_configured_metrics_run_next_to_the_confusion_matrix():
+    node = {
+        "f1": {"metric": "torchmetrics.classification.MulticlassF1Score",
+               "params": {"num_classes": 3, "ignore_index": IGNORE, "average": "macro"}, "stages": ["val", "test"]},
+        "ece": {"metric": "torchmetrics.classification.MulticlassCalibrationError",
+                "params": {"num_classes": 3, "ignore_index": IGNORE}, "input": "probs", "stages": ["test"],
+                "prog_bar": True},
+    }
+    assert [m.name for m in build_metrics(node, "val", torch.device("cpu"))] == ["f1"]
+    extra = build_metrics(node, "test", torch.device("cpu"))
+    metrics = SegmentationMetrics(3, IGNORE, ["a", "b", "c"], torch.device("cpu"), extra)
+    assert metrics.prog_bar_names == ["ece"]
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=gen)
+    target = torch.randint(0, 3, (2, 8, 8), generator=gen)
+    target[:, 0] = IGNORE
+    metrics.update(logits, target)
+    result = metrics.compute()["metrics"]
+    expected_f1 = MulticlassF1Score(3, ignore_index=IGNORE, average="macro")(logits.argmax(1), target)
+    expected_ece = MulticlassCalibrationError(3, ignore_index=IGNORE)(logits.softmax(1), target)
+    assert result["f1"] == pytest.approx(float(expected_f1))
+    assert result["ece"] == pytest.approx(float(expected_ece))
+
+
+@pytest.mark.parametrize(
+    ("entry", "key"),
+    [
+        ({"metric": "os.system"}, "metrics.bad.metric"),  # only torchmetrics / segkit.metrics classes
+        ({"metric": "torchmetrics.NoSuchMetric"}, "metrics.bad.metric"),
+        ({"metric": "torchmetrics.classification.MulticlassF1Score", "params": {"classes": 3}}, "metrics.bad.params"),
+        ({"metric": "segkit.metrics.BoundaryIoU", "stages": ["train"]}, "metrics.bad.stages"),
+        ({"metric": "segkit.metrics.BoundaryIoU", "input": "logits"}, "metrics.bad.input"),
+    ],
+)
+def test_bad_metric_entries_name_the_key(entry, key):
+    with pytest.raises(ConfigError) as info:
+        build_metrics({"bad": entry}, "val", torch.device("cpu"))
+    assert info.value.key == key
