@@ -48,6 +48,8 @@ class TrainerConfig:
     monitor_mode: str = "auto"  # max | min | auto (min for names ending in "loss", else max)
     save_top_k: int = 0  # also keep the k best checkpoints, epoch=E-<monitor>=S.pt, besides best.pt / last.pt
     ema_decay: float | None = None  # e.g. 0.999: validate, select and save an EMA of the weights (timm ModelEmaV3)
+    log_images_every_n_val: int = 0  # every N validations: overlays of a fixed validation sample to the trackers
+    log_images_count: int = 4  # the first N validation images
     early_stopping_patience: int | None = None  # in validations without improvement
     resume: str | None = None  # auto | path to a checkpoint
     stop_after_steps: int | None = None  # stop early as if interrupted (time-boxed jobs); resume continues
@@ -173,6 +175,9 @@ def validate_config(cfg: DictConfig) -> None:
             )
     if trainer.monitor_mode not in ("auto", "max", "min"):
         raise ConfigError("trainer.monitor_mode", f"must be auto, max or min; got {trainer.monitor_mode!r}")
+    for key in ("log_images_every_n_val", "log_images_count"):
+        if trainer[key] < 0:
+            raise ConfigError(f"trainer.{key}", f"must be >= 0, got {trainer[key]}")
     if trainer.save_top_k < 0:
         raise ConfigError("trainer.save_top_k", f"must be >= 0, got {trainer.save_top_k}")
     if trainer.ema_decay is not None and not 0.0 < trainer.ema_decay < 1.0:

@@ -155,3 +155,37 @@ def test_importing_trackers_does_not_import_their_libraries():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_validation_overlays_reach_every_tracker(compose_cfg, tmp_path, caplog, monkeypatch, mlflow_root):
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(["logger=[mlflow,wandb,tensorboard]", f"output_root={mlflow_root}", "task_name=overlays",
+                       "trainer.max_epochs=3", "trainer.log_images_every_n_val=2", "trainer.log_images_count=3"])
+    assert fit(cfg, run_dir)["status"] == "FINISHED"
+    assert not [r for r in caplog.records if "tracker" in r.getMessage() and r.levelname == "WARNING"]
+
+    # The 2nd validation of 3 (step 8): 3 rows of image | prediction | ground truth | errors, 32x32 tiles.
+    (saved,) = run_dir.glob("val_images/*.png")
+    assert saved.name == "step_0000008.png"
+    from PIL import Image
+
+    with Image.open(saved) as picture:
+        assert picture.size == (2 + 4 * 34, 2 + 3 * 34)
+
+    _, run = only_run(client_for(mlflow_root), "overlays")
+    images = [a.path for a in client_for(mlflow_root).list_artifacts(run.info.run_id, "images")]
+    assert any("overlays+step+8+" in path and path.endswith(".png") for path in images), images  # MLflow naming
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    (logged,) = events.Images("val/overlays")
+    assert logged.step == 8 and (logged.width, logged.height) == (2 + 4 * 34, 2 + 3 * 34)
+
+    (offline,) = run_dir.glob("wandb/offline-run-*")
+    assert list(offline.glob("files/media/images/val/overlays_8_*.png"))

@@ -45,8 +45,9 @@ from segkit.engine.optim import build_optimizer
 from segkit.engine.progress import Progress
 from segkit.errors import CheckpointError, ConfigError, SegkitError
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
-from segkit.metrics import SegmentationMetrics, build_metrics
+from segkit.metrics import SegmentationMetrics, build_metrics, class_scores
 from segkit.models import Segmenter
+from segkit.reporting.plots import comparison_grid, save_png, stable_palette
 from segkit.trackers.base import Trackers, flatten
 
 log = logging.getLogger(__name__)
@@ -495,6 +496,7 @@ class Trainer:
                if isinstance(value, (int, float))},
         }
         self.trackers.log_metrics(record, self.global_step)
+        self._log_validation_images()
         self.shown_validation = {f"val/{name}": record[f"val/{name}"] for name in self.metrics.prog_bar_names
                                  if f"val/{name}" in record}
         logged = {**train_record, **record}
@@ -511,6 +513,24 @@ class Trainer:
             self.validations_without_improvement += 1
         self._keep_top_k(score)
         return record
+
+    @torch.no_grad()
+    def _log_validation_images(self) -> None:
+        """Every trainer.log_images_every_n_val validations: the first trainer.log_images_count validation
+        images with prediction, ground truth and errors, to every tracker and <run>/val_images/."""
+        every, count = self.tcfg.log_images_every_n_val, min(self.tcfg.log_images_count, len(self.val_set))
+        number = 1 + sum("val/loss" in record for record in self.history)  # this validation's, also after resume
+        if not every or not count or number % every or not self.dist.is_main:
+            return
+        images, masks = zip(*(self.val_set[i] for i in range(count)), strict=True)
+        model = self.ema.module if self.ema is not None else self.model  # bare: DDP would wait for peers
+        with self._autocast():
+            logits = model(torch.stack(images).to(self.device).float().div_(255))
+        preds = class_scores(logits.float()).argmax(1).cpu()
+        palette = stable_palette(self.val_set.num_classes, self.val_set.colors)
+        grid = comparison_grid(images, preds, masks, palette, self.val_set.ignore_index)
+        save_png(grid, self.output_dir / "val_images" / f"step_{self.global_step:07d}.png")
+        self.trackers.log_image("val/overlays", grid, self.global_step)
 
     # ------------------------------------------------------------------ checkpoint selection and EMA
     def _better(self, score: float, reference: float) -> bool:

@@ -163,6 +163,22 @@ def error_map(
     return out.round().astype(np.uint8)
 
 
+def comparison_grid(
+    images: Sequence[np.ndarray | torch.Tensor],
+    preds: Sequence[np.ndarray | torch.Tensor],
+    targets: Sequence[np.ndarray | torch.Tensor],
+    palette: np.ndarray,
+    ignore_index: int = 255,
+) -> np.ndarray:
+    """(H, W, 3) uint8: one row per image, image | prediction overlay | ground-truth overlay | errors."""
+    tiles = []
+    for image, pred, target in zip(images, preds, targets, strict=True):
+        tiles += [to_hwc(image), overlay(image, pred, palette, ignore_index=ignore_index),
+                  overlay(image, target, palette, ignore_index=ignore_index),
+                  error_map(image, pred, target, ignore_index)]
+    return np.asarray(image_grid(tiles, columns=4))
+
+
 def save_png(array: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)

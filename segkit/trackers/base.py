@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +27,9 @@ class Tracker:
 
     def log_artifact(self, path: Path) -> None:
         """A file produced by the run (config, checkpoint, chart)."""
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> None:
+        """An (H, W, 3) uint8 picture at a global step (validation overlays)."""
 
     def finish(self, status: str) -> None:
         """`status` is FINISHED, FAILED or KILLED."""
@@ -61,6 +66,9 @@ class Trackers(Tracker):
 
     def log_artifact(self, path: Path) -> None:
         self._each("log_artifact", path)
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> None:
+        self._each("log_image", name, image, step)
 
     def finish(self, status: str) -> None:
         self._each("finish", status)

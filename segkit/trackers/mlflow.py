@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 
@@ -97,6 +99,10 @@ class MLflowTracker(Tracker):
     def log_artifact(self, path: Path) -> None:
         if self.run_id is not None and Path(path).is_file():
             self.client.log_artifact(self.run_id, str(path))
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> None:
+        # key + step: the UI's image panel shows the series with a step slider.
+        self.client.log_image(self.run_id, image, key=metric_key(name), step=step)
 
     def finish(self, status: str) -> None:
         if self.log_checkpoint and self.run_dir is not None:

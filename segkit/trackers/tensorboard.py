@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 
@@ -31,6 +33,9 @@ class TensorBoardTracker(Tracker):
         for key, value in metrics.items():
             if value is not None and not math.isnan(value):
                 self.writer.add_scalar(key, value, step)
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> None:
+        self.writer.add_image(name, image, step, dataformats="HWC")
 
     def finish(self, status: str) -> None:
         self.writer.add_text("status", status)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 
@@ -59,6 +61,11 @@ class WandbTracker(Tracker):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(image)}, step=step)
 
     def log_artifact(self, path: Path) -> None:
         path = Path(path).resolve()
