@@ -66,6 +66,9 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         self.stride = stride
         self.freeze_encoder = freeze_encoder
+        # Temperature scaling (segkit-calibrate): logits / T. 1 while training; a checkpoint's fitted T is
+        # set by segkit.load, so predict, evaluate and export all give calibrated probabilities.
+        self.temperature = 1.0
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         if freeze_encoder:
@@ -96,7 +99,8 @@ class Segmenter(nn.Module):
             out = out["out"]
         if out.shape[-2:] != x.shape[-2:]:
             out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return out[..., :height, :width]
+        out = out[..., :height, :width]
+        return out / self.temperature if self.temperature != 1.0 else out
 
 
 class EncoderHead(nn.Module):

@@ -38,6 +38,8 @@ from segkit.reporting.plots import (
     save_confusion,
     save_iou_bars,
     save_mask_png,
+    save_png,
+    save_reliability_diagram,
     save_training_curves,
     stable_palette,
 )
@@ -95,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         crop_size=cfg.crop_size, stride=cfg.stride, worst_n=cfg.worst_n if cfg.report else 0,
         on_image=save_masks, postprocess=postprocessor(cfg), progress_bar=cfg.progress_bar,
         extra_metrics=build_metrics(predictor.cfg.get("metrics"), "test", predictor.device),
+        calibration_bins=int(cfg.calibration_bins), uncertainty=bool(cfg.uncertainty_maps),
     )
     meta = {
         "checkpoint": str(checkpoint), "dataset": dataset.name, "split": cfg.split, "images": len(dataset),
@@ -123,13 +126,21 @@ class MaskWriter:
         directory.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, item: ImageResult) -> None:
-        pred = item.pred
         path = image_path(self.dataset, item.index)
+        size = None
         if path is not None:
             with Image.open(path) as img:
                 width, height = img.size
-            pred = unletterbox(pred, (height, width), self.dataset.image_size)
-        save_mask_png(pred, self.directory / f"{item.stem}_pred.png")
+            size = (height, width)
+        save_mask_png(self._original_size(item.pred, size), self.directory / f"{item.stem}_pred.png")
+        # Uncertainty maps (uncertainty_maps=true): 8-bit greyscale, 255 = confidence 1 / entropy 1.
+        for name, values in (("confidence", item.confidence), ("entropy", item.entropy)):
+            if values is not None:
+                grey = (self._original_size(values, size) * 255).round().to(torch.uint8).numpy()
+                save_png(grey, self.directory / f"{item.stem}_{name}.png")
+
+    def _original_size(self, values: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        return values if size is None else unletterbox(values, size, self.dataset.image_size)
 
 
 def write_evaluation_report(
@@ -142,6 +153,8 @@ def write_evaluation_report(
     charts = {
         "IoU per class": save_iou_bars(summary["per_class_iou"], images / "iou_per_class.png", palette),
         "Confusion matrix": save_confusion(summary["confusion_matrix"], names, images / "confusion.png"),
+        "Reliability diagram": save_reliability_diagram(summary["calibration"], images / "reliability.png")
+        if "calibration" in summary else None,
         "Training curves": save_training_curves(checkpoint.parent.parent / "epochs.csv",
                                                 images / "training_curves.png"),
     }

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from segkit.cli.common import CONFIG_DIR, run_or_exit
 from segkit.data.io import IMAGE_SUFFIXES
 from segkit.errors import ConfigError, DataError
+from segkit.inference.calibration import confidence_and_entropy
 from segkit.inference.predictor import Predictor, load
 from segkit.inference.sliding import MODES, clean_mask
 from segkit.reporting.plots import overlay, save_mask_png, save_png, stable_palette
@@ -183,6 +184,9 @@ def write_outputs(out: Path, stem: str, image: torch.Tensor, prob: torch.Tensor,
     if cfg.probabilities:
         (out / "probs").mkdir(exist_ok=True)
         np.save(out / "probs" / f"{stem}.npy", prob.numpy().astype(np.float16))
+    if cfg.uncertainty:  # 8-bit greyscale, 255 = confidence 1 / entropy 1 (segkit.inference.calibration)
+        for name, values in zip(("confidence", "entropy"), confidence_and_entropy(prob[None]), strict=True):
+            save_png((values[0] * 255).round().to(torch.uint8).numpy(), out / name / f"{stem}.png")
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="predict", version_base="1.3")

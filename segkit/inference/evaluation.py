@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from segkit.data.readers.base import SegmentationDataset
 from segkit.engine.progress import Progress
+from segkit.inference.calibration import ReliabilityBins, confidence_and_entropy
 from segkit.inference.predictor import Predictor
 from segkit.metrics import ConfiguredMetric, SegmentationMetrics, summarize_confusion
 
@@ -36,6 +37,8 @@ class ImageResult:
     pixel_accuracy: float | None
     miou: float | None
     per_class_iou: dict[str, float | None]
+    confidence: torch.Tensor | None = None  # float (H, W) in [0, 1], with uncertainty=True
+    entropy: torch.Tensor | None = None  # float (H, W) in [0, 1] (normalised by log C)
 
 
 @dataclass
@@ -83,12 +86,16 @@ def evaluate(
     postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress_bar: bool = True,
     extra_metrics: Sequence[ConfiguredMetric] = (),
+    calibration_bins: int = 0,
+    uncertainty: bool = False,
 ) -> EvalResult:
     """Run the model over `loader` (built on `dataset`, in order) and collect the metrics.
 
     `postprocess` maps one predicted (H, W) mask to another (e.g. `clean_mask`); the metrics
     are then those of the post-processed masks. `extra_metrics` (segkit.metrics.build_metrics) are
-    updated next to the confusion matrix.
+    updated next to the confusion matrix. `calibration_bins` > 0 adds the expected calibration error
+    and its reliability diagram data as summary["calibration"]; `uncertainty` gives every ImageResult
+    its confidence and entropy maps.
     """
     num_classes, ignore = dataset.num_classes, dataset.ignore_index
     names = dataset.class_names
@@ -96,6 +103,7 @@ def evaluate(
     result = EvalResult(summary={})
     heap: list[tuple[float, int, ImageResult]] = []  # max-heap on mIoU via negation: keeps the worst N
     progress = Progress(len(loader), "evaluate", enabled=progress_bar)
+    reliability = ReliabilityBins(calibration_bins, predictor.device) if calibration_bins else None
     index = 0
     with torch.no_grad():
         for images, masks in loader:
@@ -105,8 +113,14 @@ def evaluate(
             if postprocess is not None:
                 preds = torch.stack([postprocess(pred) for pred in preds])
             metrics.update(scores, masks, preds=preds)
-            for image, target, pred in zip(images, masks.cpu(), preds.cpu(), strict=True):
+            probs = scores.float().softmax(1) if reliability is not None or uncertainty else None
+            if reliability is not None:
+                reliability.update(probs, masks, ignore)
+            maps = [m.cpu() for m in confidence_and_entropy(probs)] if uncertainty else [[None] * len(preds)] * 2
+            for image, target, pred, confidence, entropy in zip(images, masks.cpu(), preds.cpu(), *maps,
+                                                                 strict=True):
                 item = _image_result(dataset, index, image, target, pred, num_classes, ignore, names)
+                item.confidence, item.entropy = confidence, entropy
                 result.records.append(_record(item))
                 if on_image is not None:
                     on_image(item)
@@ -120,6 +134,8 @@ def evaluate(
             progress.advance(1)
     progress.close()
     result.summary = metrics.compute()
+    if reliability is not None:
+        result.summary["calibration"] = {**reliability.compute(), "temperature": predictor.temperature}
     result.worst = [item for _, _, item in sorted(heap, key=lambda e: (-e[0], -e[1]))]
     return result
 

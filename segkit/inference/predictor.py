@@ -10,6 +10,7 @@ images or numpy arrays; outputs are class ids.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -70,6 +71,11 @@ class Predictor:
         self.precision = str(trainer.get("precision", "32"))
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def temperature(self) -> float:
+        """Logits are divided by it (segkit-calibrate); 1.0 when the checkpoint was never calibrated."""
+        return float(getattr(self.model, "temperature", 1.0))
 
     def __repr__(self) -> str:
         return f"Predictor({self.source or type(self.model.net).__name__}, classes={self.class_names})"
@@ -201,6 +207,15 @@ def model_config(config_yaml: str, path: Path, trust: bool = False) -> DictConfi
     return cfg
 
 
+def stored_temperature(state: Mapping[str, Any], path: Path) -> float:
+    """The temperature segkit-calibrate stored in the checkpoint (1.0 when never calibrated)."""
+    calibration = state.get("calibration") or {}
+    temperature = calibration.get("temperature", 1.0) if isinstance(calibration, Mapping) else None
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise CheckpointError(f"{path}: calibration.temperature must be a positive number, got {temperature!r}")
+    return float(temperature)
+
+
 def load(path: str | Path, device: str | torch.device | None = "auto", trust: bool = False) -> Predictor:
     """Rebuild the model from a segkit checkpoint (`best.pt` / `last.pt`) and load its weights.
 
@@ -227,5 +242,6 @@ def load(path: str | Path, device: str | torch.device | None = "auto", trust: bo
         except RuntimeError as error:
             reason = str(error).splitlines()[0]
             raise CheckpointError(f"{path}: weights do not fit the stored model ({reason})") from None
+        model.temperature = stored_temperature(state, path)
     target = resolve_device(device)
     return Predictor(model.to(target), cfg, target, source=str(path))

@@ -90,6 +90,9 @@ def write_report(
         f'<div class="card">{html.escape(name)}<b>{_fmt(value)}</b></div>'
         for name, value in (summary.get("metrics") or {}).items() if isinstance(value, (int, float))
     )
+    calibration = summary.get("calibration")
+    if calibration:  # expected calibration error (segkit.inference.calibration)
+        cards += f'<div class="card">ECE ({calibration["n_bins"]} bins)<b>{_fmt(calibration["ece"])}</b></div>'
     title = html.escape(str(meta.get("checkpoint", "")))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>segkit evaluation: {title}</title>

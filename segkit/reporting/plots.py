@@ -12,6 +12,7 @@ import csv
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -234,6 +235,35 @@ def save_comparison(
                frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def save_reliability_diagram(calibration: Mapping[str, Any], path: Path) -> Path:
+    """Accuracy against mean confidence per bin (bars), the diagonal of perfect calibration, and
+    the share of pixels per bin; `calibration` as ReliabilityBins.compute() gives it."""
+    bins = calibration["bins"]
+    centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    width = bins[0]["upper"] - bins[0]["lower"]
+    fig = _figure(4.8, 5.2)
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    top.bar(centres, [b["accuracy"] or 0.0 for b in bins], width=width, edgecolor="black", linewidth=0.5,
+            color="#4c72b0", label="accuracy")
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    top.plot(centres, [b["confidence"] if b["confidence"] is not None else np.nan for b in bins], "o",
+             color="#dd8452", markersize=3, label="mean confidence")
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    temperature = calibration.get("temperature", 1.0)
+    top.set_title(f"Reliability: ECE {calibration['ece']:.4f} (temperature {temperature:.3g})", fontsize=10)
+    top.legend(fontsize=8, loc="upper left")
+    total = max(1, sum(b["count"] for b in bins))
+    bottom.bar(centres, [b["count"] / total for b in bins], width=width, color="grey", edgecolor="black",
+               linewidth=0.5)
+    bottom.set_xlabel("confidence (largest softmax probability)")
+    bottom.set_ylabel("pixels")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
