@@ -109,3 +109,22 @@ def test_summary_json_names_the_mode(compose_cfg, tmp_path):
     fit(compose_cfg(["trainer.monitor=train/loss"]), tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["monitor"] == "train/loss" and metrics["monitor_mode"] == "min"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.num_classes=1"], "model.num_classes"),  # one logit needs a two-class data set
+        (["model.num_classes=1", "dataset.num_classes=2", "dataset.class_names=null"], "loss"),  # ce_dice
+        (["loss=dice_bce"], "loss"),  # a binary loss on a 4-class model
+        (["trainer.monitor_mode=up"], "trainer.monitor_mode"),
+        (["trainer.save_top_k=-1"], "trainer.save_top_k"),
+        (["trainer.ema_decay=1.0"], "trainer.ema_decay"),
+        (["trainer.log_images_count=-2"], "trainer.log_images_count"),
+    ],
+)
+def test_inconsistent_settings_fail_at_start_naming_the_key(compose_cfg, tmp_path, overrides, key):
+    with pytest.raises(ConfigError) as info:
+        fit(compose_cfg(overrides), tmp_path)
+    assert info.value.key == key
+    assert not (tmp_path / "checkpoints").exists()

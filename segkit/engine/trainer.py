@@ -241,7 +241,7 @@ class Trainer:
         self.best_score = progress["best_score"]
         self.best_epoch = progress["best_epoch"]
         self.validations_without_improvement = progress["validations_without_improvement"]
-        self.top_k = list(progress.get("top_k", []))
+        self.top_k = list(progress.get("top_k", []))[: self.tcfg.save_top_k or None]  # k may have been lowered
         self._prune_unranked_checkpoints()
         self.history = list(state.get("history", []))
         rank_states = [state["rng"], *state.get("rng_other_ranks", [])]
@@ -555,7 +555,9 @@ class Trainer:
             self._save(name)
 
     def _prune_unranked_checkpoints(self) -> None:
-        if not self.dist.is_main or not self.checkpoint_dir.is_dir():
+        """Delete epoch=*.pt files outside the ranking (none with save_top_k=0: a resume that leaves the
+        key out keeps what an earlier run ranked)."""
+        if not self.tcfg.save_top_k or not self.dist.is_main or not self.checkpoint_dir.is_dir():
             return
         ranked = {entry["file"] for entry in self.top_k}
         for path in self.checkpoint_dir.glob("epoch=*.pt"):
