@@ -45,8 +45,9 @@ def test_every_backbone_builds(compose_cfg, option):
 def test_every_loss_builds_and_ignores_void(compose_cfg, option):
     cfg = compose_cfg([f"loss={option}"])
     loss_fn = build(cfg.loss, "loss")
-    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
-    target = torch.randint(0, 4, (2, 8, 8))
+    binary = option == "dice_bce"  # one logit per pixel, 0/1 targets (model.num_classes=1)
+    logits = torch.randn(2, 1 if binary else 4, 8, 8, requires_grad=True)
+    target = torch.randint(0, 2 if binary else 4, (2, 8, 8))
     target[:, :2] = 255
     loss = loss_fn(logits, target)
     loss.backward()
