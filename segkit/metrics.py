@@ -21,8 +21,9 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from segkit.errors import ConfigError
 
-# Metric classes a config (possibly one stored in someone else's checkpoint) may name.
-METRIC_MODULES = ("torchmetrics", "segkit.metrics")
+# Where the metric classes a config names may live: a config may come from someone else's checkpoint,
+# and these compute from the tensors given (others in torchmetrics load networks, e.g. FID, CLIPScore).
+METRIC_MODULES = ("torchmetrics.classification", "torchmetrics.segmentation", "segkit.metrics")
 STAGES = ("val", "test")  # val: validation during training; test: segkit-evaluate
 INPUTS = ("labels", "probs")
 
@@ -84,15 +85,21 @@ def build_metrics(node: Mapping[str, Any] | None, stage: str, device: torch.devi
 
 def _metric_class(path: str, key: str) -> type[Metric]:
     module_name, _, class_name = path.rpartition(".")
-    if not module_name or not any(module_name == m or module_name.startswith(m + ".") for m in METRIC_MODULES):
-        raise ConfigError(key, f"{path!r} is not a class in {' or '.join(METRIC_MODULES)}")
+    refusal = f"{path!r} is not a Metric class in {', '.join(METRIC_MODULES)}"
+    if not _in_metric_modules(module_name):  # decided before importing anything the config names
+        raise ConfigError(key, refusal)
     try:
         metric_class = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
         raise ConfigError(key, f"{path!r} does not exist") from None
-    if not (isinstance(metric_class, type) and issubclass(metric_class, Metric)):
-        raise ConfigError(key, f"{path!r} is not a torchmetrics Metric")
+    if not (isinstance(metric_class, type) and issubclass(metric_class, Metric)
+            and _in_metric_modules(metric_class.__module__)):  # a re-exported name is judged by its origin
+        raise ConfigError(key, refusal)
     return metric_class
+
+
+def _in_metric_modules(module_name: str) -> bool:
+    return any(module_name == m or module_name.startswith(m + ".") for m in METRIC_MODULES)
 
 
 class SegmentationMetrics:

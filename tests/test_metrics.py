@@ -158,6 +158,7 @@ def test_configured_metrics_run_next_to_the_confusion_matrix():
     ("entry", "key"),
     [
         ({"metric": "os.system"}, "metrics.bad.metric"),  # only torchmetrics / segkit.metrics classes
+        ({"metric": "torchmetrics.image.fid.FrechetInceptionDistance"}, "metrics.bad.metric"),  # loads a network
         ({"metric": "torchmetrics.NoSuchMetric"}, "metrics.bad.metric"),
         ({"metric": "torchmetrics.classification.MulticlassF1Score", "params": {"classes": 3}}, "metrics.bad.params"),
         ({"metric": "segkit.metrics.BoundaryIoU", "stages": ["train"]}, "metrics.bad.stages"),

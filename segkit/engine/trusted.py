@@ -55,6 +55,7 @@ DATASET_READERS = frozenset({
 TRAINING_PARTS = frozenset({
     "segkit.engine.optim.poly", "segkit.engine.optim.cosine", "segkit.engine.optim.step",
     "segkit.augment.JointAugment", "segkit.losses.CrossEntropy", "segkit.losses.WeightedSum",
+    "segkit.losses.BinaryCrossEntropy", "segkit.losses.GeneralizedDice", "segkit.losses.OhemCrossEntropy",
     "segkit.trackers.base.ConsoleTracker", "segkit.trackers.mlflow.MLflowTracker",
     "segkit.trackers.wandb.WandbTracker", "segkit.trackers.tensorboard.TensorBoardTracker",
 })
