@@ -64,7 +64,7 @@ def loaded_dom(page, profile) -> str:
 def test_every_image_loads_and_every_class_is_in_the_table(report, tmp_path):
     dom = loaded_dom(report, tmp_path / "profile")
     images = re.findall(r"<img [^>]*>", dom)
-    assert len(images) == 3 + 3  # IoU bars, confusion matrix, training curves + the 3 worst images
+    assert len(images) == 4 + 3  # IoU bars, confusion matrix, reliability diagram, training curves + 3 worst images
     broken = [tag for tag in images if 'data-loaded="yes"' not in tag]
     assert not broken, broken
     table = re.search(r'<table id="per-class">(.*?)</table>', dom, re.S).group(1)
