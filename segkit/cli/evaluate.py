@@ -27,6 +27,7 @@ from rich.table import Table
 from segkit.cli.common import CONFIG_DIR, dumps, json_safe, run_or_exit
 from segkit.data.geometry import unletterbox
 from segkit.data.loading import build_dataset, build_loader
+from segkit.engine.run_lock import guard_run_dir
 from segkit.errors import ConfigError
 from segkit.inference.evaluation import EvalResult, ImageResult, evaluate, image_path
 from segkit.inference.predictor import Predictor, load
@@ -77,16 +78,21 @@ def postprocessor(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | N
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as configured; returns what metrics.json holds."""
+    checkpoint = Path(cfg.checkpoint).expanduser()
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, checkpoint)
+    with guard_run_dir(out_dir, "evaluation"):  # no other live process writes into the same run directory
+        return evaluate_into(out_dir, checkpoint, cfg)
+
+
+def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-    checkpoint = Path(cfg.checkpoint).expanduser()
     predictor = load(checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
     dataset = build_dataset(dataset_config(predictor.cfg.dataset, cfg.get("dataset")), cfg.split)
     stored_trainer = predictor.cfg.get("trainer") or {}
     batch_size = cfg.batch_size or stored_trainer.get("val_batch_size") or stored_trainer.get("batch_size", 8)
     loader = build_loader(dataset, batch_size=int(batch_size), num_workers=cfg.num_workers, train=False,
                           seed=0, pin_memory=predictor.device.type == "cuda")
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("evaluating %s on %s/%s (%d images, mode=%s%s) -> %s", checkpoint, dataset.name, cfg.split,
              len(dataset), cfg.mode, ", tta" if cfg.tta else "", out_dir)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.cli.common import CONFIG_DIR, run_or_exit
 from segkit.engine.checkpoint import save_safetensors
+from segkit.engine.run_lock import guard_run_dir
 from segkit.errors import ConfigError
 from segkit.inference.export import (
     ExportError,
@@ -56,17 +57,22 @@ def check_shapes(size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    checkpoint = Path(cfg.checkpoint).expanduser()
+    stem = Path(cfg.output).expanduser() if cfg.output else checkpoint.with_suffix("")
+    with guard_run_dir(stem.parent, "export"):  # no other live process writes into the same run directory
+        return export_to(stem, checkpoint, cfg)
+
+
+def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
     if cfg.format not in FORMATS:
         raise ConfigError("format", f"must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     threads = torch.get_num_threads()
-    checkpoint = Path(cfg.checkpoint).expanduser()
     predictor = load(checkpoint, "cpu", trust=bool(cfg.trust_checkpoint))
     model = predictor.model.to(memory_format=torch.contiguous_format).eval()
     height = int(cfg.height or predictor.image_size[0])
     width = int(cfg.width or predictor.image_size[1])
-    stem = Path(cfg.output).expanduser() if cfg.output else checkpoint.with_suffix("")
     result: dict[str, Any] = {"files": {}, "parity": {}, "timings": []}
     runners = {"PyTorch eager": lambda x: _torch_forward(model, x)}
 

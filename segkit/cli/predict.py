@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segkit.cli.common import CONFIG_DIR, run_or_exit
 from segkit.data.io import IMAGE_SUFFIXES
+from segkit.engine.run_lock import guard_run_dir
 from segkit.errors import ConfigError, DataError
 from segkit.inference.calibration import confidence_and_entropy
 from segkit.inference.predictor import Predictor, load
@@ -139,11 +140,16 @@ def ensemble_probabilities(
 
 def run(cfg: DictConfig) -> int:
     """Predict every input; returns the number of files that failed."""
+    out = Path(cfg.output).expanduser()
+    with guard_run_dir(out, "prediction"):  # no other live process writes into the same run directory
+        return predict_into(out, cfg)
+
+
+def predict_into(out: Path, cfg: DictConfig) -> int:
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     paths = find_inputs(str(cfg.input))
     predictors = load_ensemble(cfg.checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
-    out = Path(cfg.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stems = output_stems(paths)
     palette = stable_palette(predictors[0].num_classes, predictors[0].colors)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from segkit.engine.watchdog import exit_with_launcher
 from segkit.errors import ConfigError, SegkitError
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[DistContex
     with an error instead of waiting forever.
     """
     _export_submitit_environment()
+    # First of all: a worker must not outlive its launcher (torchrun puts each worker in its own session).
+    exit_with_launcher(f"rank {os.environ.get('RANK', '0')}",
+                       "the checkpoints written so far are intact; restart with trainer.resume=auto")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistContext(), device

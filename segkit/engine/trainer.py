@@ -43,6 +43,7 @@ from segkit.engine.distributed import (
 )
 from segkit.engine.optim import build_optimizer
 from segkit.engine.progress import Progress
+from segkit.engine.run_lock import RunLock
 from segkit.errors import CheckpointError, ConfigError, SegkitError
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics, build_metrics, class_scores
@@ -58,9 +59,11 @@ AUTOCAST_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bf
 def fit(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train as configured; return the run summary (also written to `metrics.json`)."""
     validate_config(cfg)
+    run_lock = RunLock()  # taken by the Trainer once it knows the run directory and its rank
     try:
-        return Trainer(cfg, Path(output_dir)).fit()
+        return Trainer(cfg, Path(output_dir), run_lock).fit()
     finally:
+        run_lock.release()
         shutdown_distributed()
 
 
@@ -108,7 +111,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, output_dir: Path, run_lock: RunLock | None = None) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
         # One process, or one of several started by torchrun / submitit (segkit/engine/distributed.py).
@@ -116,6 +119,10 @@ class Trainer:
         with peer_failures_as_errors(self.dist):
             # Each process's Hydra dates its own run directory; all follow rank 0's.
             self.output_dir = Path(broadcast_from_main(str(output_dir), self.dist))
+            # One live run per directory, taken before anything is read or written there (rank 0 holds it).
+            # fit() passes the lock; a Trainer built directly (tests, notebooks) takes none.
+            if run_lock is not None:
+                run_lock.acquire_for_job(self.output_dir, self.dist, "training")
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if cfg.dataset.get("gpu_decode") and self.device.type != "cuda":
             raise ConfigError("dataset.gpu_decode", f"nvjpeg needs a CUDA device, training runs on {self.device}; "
