@@ -13,12 +13,14 @@ from .kill_campaign import GONE_WITHIN_S, Kill, differing_weights, run_campaign,
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks in /proc")
 
-EPOCHS = 6  # 12 optimizer steps; each random kill comes after a new checkpoint of its launch
+# 20 optimizer steps: headroom for the random kills, which come after a new checkpoint of their launch and
+# may each let a fast machine train a few epochs more; the marked kills come after a checkpoint exists.
+EPOCHS = 10
 KILLS = [
     Kill("launcher", "random", delay_s=0.5),  # SIGKILL to torchrun's process group
-    Kill("rank1", "random", delay_s=0.2),  # torchrun alive: it ends the other rank
     Kill("launcher", "validation", delay_s=0.3, intrude=True),  # a partial confusion matrix on each rank
     Kill("launcher", "checkpoint_write", delay_s=0.3),  # between last.pt -> last.prev.pt and tmp -> last.pt
+    Kill("rank1", "random", delay_s=0.2),  # torchrun alive: it ends the other rank
 ]
 
 
