@@ -16,6 +16,7 @@ A process nobody launched (`python train.py`, perhaps under nohup) is not watche
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -27,8 +28,10 @@ WATCH_INTERVAL_S = 0.5
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 DEATH_SIGNAL = signal.SIGUSR1  # our own: SIGTERM already means "stop after this step"
 
+EXIT_GRACE_S = 2.0  # the most that writing the one line may take
+
 _armed: dict[str, object] = {}
-_exit_lock = threading.Lock()
+_exiting = threading.Lock()
 
 
 def launched_by_supervisor() -> bool:
@@ -71,8 +74,15 @@ def _watch(launcher: int) -> None:
 
 
 def _launcher_gone() -> None:
-    with _exit_lock:  # the signal handler and the thread may both fire: one line, one exit
-        sys.stderr.write(f"error: {_armed['who']} (pid {os.getpid()}): {_armed['launcher']} is gone, "
-                         f"exiting{_armed['advice']}\n")
-        sys.stderr.flush()
-        os._exit(1)  # now: no cleanup that could wait on peers that are gone too
+    # Both paths may fire, and the main thread may be stuck writing to a full pipe while holding
+    # sys.stderr's lock: no lock is waited for here, the line goes straight to fd 2, and a timer exits
+    # anyway should even that write block.
+    if not _exiting.acquire(blocking=False):
+        return  # the other path is exiting already
+    timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
+    line = f"error: {_armed['who']} (pid {os.getpid()}): {_armed['launcher']} is gone, exiting{_armed['advice']}\n"
+    with contextlib.suppress(OSError):  # stderr closed, or its reader died with the launcher
+        os.write(2, line.encode())
+    os._exit(1)  # now: no cleanup that could wait on peers that are gone too
