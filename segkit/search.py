@@ -240,8 +240,9 @@ class Search:
             seed = hash((seed, len(study.trials), self.worker)) % 2**31
         study.sampler = instantiate(self.sweeper.sampler, **({"seed": seed} if seed is not None else {}))
         url = storage_url(self.sweeper, self.config.output_root)
-        log.info("study %r in %s (%s); watch it with: optuna-dashboard %s", study.study_name, url,
-                 "new" if created else f"{len(study.trials)} trials so far", url)
+        shown = _without_password(url)
+        log.info("study %r in %s (%s); watch it with: optuna-dashboard %s", study.study_name, shown,
+                 "new" if created else f"{len(study.trials)} trials so far", shown)
         returns = []
         while batch := self.ask(study, space):
             returns.append(self.launch(study, batch, fixed))
@@ -408,14 +409,15 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, train: Callable[..., dict
     outcome: dict[str, Any] = {"study_name": study.study_name, "number": number, "objectives": objectives,
                                "directions": directions(objectives, cfg), "params": trial.params,
                                "retry_of": study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")}
-    if summary is None:
-        outcome["state"] = "FAIL"
-        study.tell(number, state=optuna.trial.TrialState.FAIL)
-    elif str(summary.get("stop_reason") or "").startswith("pruned"):
+    stop_reason = str((summary or {}).get("stop_reason") or "")
+    if stop_reason.startswith("SIG"):
+        return summary  # Ctrl-C / SIGTERM: train.py exits, and the search queues the trial again
+    if stop_reason.startswith("pruned"):
         outcome["state"] = "PRUNED"
         study.tell(number, state=optuna.trial.TrialState.PRUNED)
-    elif summary.get("status") != "FINISHED" or summary.get("best_score") is None:
-        return summary  # stopped by a signal (train.py exits) or never validated: the search retries it
+    elif summary is None or summary.get("best_score") is None:  # failed (failed.json), or never validated
+        outcome["state"] = "FAIL"
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
     else:
         measured = measure_objectives(cfg, objectives, summary)
         for name, value in measured.items():
