@@ -15,6 +15,10 @@ URL by `hydra.sweeper.storage`):
   `trainer.monitor` to the trial and stops it when the pruner says so, measures the extra objectives
   (inference latency on the run's device, parameter count), tells the study the outcome, writes
   `trial.json` into the job directory and tags the job's MLflow run with the trial number and state.
+
+Optuna's ask-and-tell API has no public accessor for a trial's storage id, which a second process needs
+to report to a trial it did not ask for; `study._storage`, `trial._trial_id` and `study._study_id` are
+used for that (and for the heartbeat) and nothing else.
 """
 
 from __future__ import annotations
