@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from segkit.cli import report
-from segkit.search import as_override, search_space
+from segkit.search import as_override, directions, search_space
 
 from .conftest import CONF_DIR, ROOT
 
@@ -94,6 +94,11 @@ def test_hydra_sweep_syntax_becomes_optuna_distributions():
     assert as_override("model", "unet") == "model=unet" and as_override("trainer.compile", True) == \
         "trainer.compile=true"
     assert as_override("trainer.resume", "/a b/last.pt") == 'trainer.resume="/a b/last.pt"'
+
+
+def test_the_score_objective_follows_the_monitor_direction(compose_cfg):
+    assert directions(["miou", "latency_ms", "params"], compose_cfg()) == ["maximize", "minimize", "minimize"]
+    assert directions(["miou"], compose_cfg(["trainer.monitor=val/loss"])) == ["minimize"]
 
 
 def test_three_trials_are_stored_and_the_best_is_reported(tmp_path):
