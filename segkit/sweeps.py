@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 FAILED_FILE = "failed.json"
 METRICS_FILE = "metrics.json"
+TRIAL_FILE = "trial.json"  # an Optuna trial's outcome (segkit/search.py)
 
 
 def run_sweep_job(job: Callable[[], T], cfg: DictConfig, output_dir: str | Path,
@@ -103,10 +104,11 @@ class JobRecord:
     path: Path
     overrides: list[str]
     choices: dict[str, str] = field(default_factory=dict)
-    status: str = "INCOMPLETE"  # FINISHED | KILLED | FAILED | INCOMPLETE (running, or crashed hard)
+    status: str = "INCOMPLETE"  # FINISHED | PRUNED | STOPPED | FAILED | INCOMPLETE (running, or crashed hard)
     error: str | None = None
     metrics: dict[str, Any] | None = None
     seconds: float | None = None
+    trial: dict[str, Any] | None = None  # trial.json of a search job: number, state, objective values
 
     @property
     def ok(self) -> bool:
@@ -139,6 +141,11 @@ def read_job(job_dir: Path) -> JobRecord:
         ended = None
     if started is not None and ended is not None:
         record.seconds = max(0.0, (ended - started) / 1e9)
+    trial_file = job_dir / TRIAL_FILE
+    if trial_file.is_file():
+        record.trial = json.loads(trial_file.read_text())
+        if record.trial.get("state") == "PRUNED":
+            record.status = "PRUNED"
     return record
 
 
@@ -182,8 +189,11 @@ class SweepSummary(Callback):
 def summary_text(sweep_dir: Path, jobs: list[JobRecord]) -> str:
     ok = sum(job.ok for job in jobs)
     failed = sum(job.status == "FAILED" for job in jobs)
-    other = len(jobs) - ok - failed
+    pruned = sum(job.status == "PRUNED" for job in jobs)
+    other = len(jobs) - ok - failed - pruned
     head = f"sweep {sweep_dir}: {len(jobs)} jobs, {ok} ok, {failed} failed"
+    if pruned:
+        head += f", {pruned} pruned"
     if other:
         head += f", {other} other (stopped or incomplete)"
     _, distinct = varying_overrides([job.overrides for job in jobs])
@@ -202,6 +212,7 @@ def summary_record(jobs: list[JobRecord]) -> dict[str, Any]:
     return {
         "ok": [job.name for job in jobs if job.ok],
         "failed": [job.name for job in jobs if job.status == "FAILED"],
+        "pruned": [job.name for job in jobs if job.status == "PRUNED"],
         "jobs": [{"job": job.name, "status": job.status, "overrides": job.overrides, "error": job.error,
                   "best_miou": best_miou(job)} for job in jobs],
     }

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from hydra import compose, initialize_config_dir
 
 from segkit.cli import report
@@ -123,32 +122,3 @@ def test_launcher_presets_compose():
     assert slurm._target_.endswith("SlurmLauncher")
     assert (slurm.partition, slurm.timeout_min, slurm.gpus_per_node) == ("gpu", 240, 1)
     assert slurm.tasks_per_node == 1
-
-
-def test_optuna_preset_composes():
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweeper = _hydra_cfg(["hparams_search=optuna"]).sweeper
-    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
-    assert sweeper.storage is None and sweeper.max_failure_rate == 1.0
-    assert set(sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "loss.weights.dice",
-                                   "trainer.batch_size"}
-
-
-def test_optuna_tpe_search_runs_three_trials(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweep_dir = tmp_path / "optuna"
-    tiny = [o for o in SWEEP_TINY if not o.startswith("dataset.train_size")]
-    result = run(["train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
-                  "hydra.sweeper.sampler.n_startup_trials=2", "dataset.train_size=16",  # fits batch 16
-                  *tiny, "logger=none", f"output_root={tmp_path}", f"hydra.sweep.dir={sweep_dir}"])
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    optimized = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    trials = [yaml.safe_load((sweep_dir / str(i) / ".hydra" / "overrides.yaml").read_text()) for i in range(3)]
-    scores = [json.loads((sweep_dir / str(i) / "metrics.json").read_text())["best_score"] for i in range(3)]
-    assert not (sweep_dir / "3").exists()
-    # The study's best value is the best val/miou train.py returned, and its params are that trial's overrides.
-    best = max(range(3), key=lambda i: scores[i])
-    assert optimized["best_value"] == pytest.approx(scores[best])
-    assert {f"{k}={v}" for k, v in optimized["best_params"].items()} <= set(trials[best])
-    lrs = {next(o for o in overrides if o.startswith("optimizer.lr=")) for overrides in trials}
-    assert len(lrs) == 3  # sampled, not one fixed value

@@ -1,10 +1,12 @@
 """`segkit-report SWEEP_DIR` (or `--experiment NAME`): rank every run of a sweep.
 
 Writes `leaderboard.md`, `leaderboard.csv` and `leaderboard_heatmap.png` (best val mIoU by
-model x loss) into the sweep directory or `--out`. Runs come from the job directories of a
-multirun (metrics.json / failed.json) or from an MLflow experiment. The parameter count is read
-from the run's checkpoint (buffers excluded), so it is blank when checkpoints were not kept;
-the time is the span from Hydra writing `.hydra/config.yaml` to the run's last record.
+model x loss) into the sweep directory or `--out`; for a multi-objective Optuna search
+(hparams_search=optuna_pareto) also `pareto_front.png` and the non-dominated runs in the markdown.
+Runs come from the job directories of a multirun (metrics.json / failed.json / trial.json) or from
+an MLflow experiment. The parameter count is read from the run's checkpoint (buffers excluded), so
+it is blank when checkpoints were not kept; the time is the span from Hydra writing
+`.hydra/config.yaml` to the run's last record.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Row:
     loss: str | None = None
     error: str | None = None
     shown_overrides: list[str] = field(default_factory=list)  # the ones that differ between rows
+    objectives: dict[str, float] = field(default_factory=dict)  # a search trial's measured objectives
+    directions: dict[str, str] = field(default_factory=dict)  # objective -> maximize | minimize
 
 
 # ---------------------------------------------------------------------- sources
@@ -49,12 +53,15 @@ def rows_from_sweep(sweep_dir: Path) -> list[Row]:
 
 def _row_from_job(job: JobRecord) -> Row:
     best = (job.metrics or {}).get("best") or {}
+    trial = job.trial or {}
     return Row(
         job=job.name, overrides=job.overrides, status=job.status, best_miou=best_miou(job),
         per_class_iou=dict(best.get("per_class_iou") or {}), seconds=job.seconds,
         params=count_parameters(job.path),
         model=job.choices.get("model") or _override(job.overrides, "model"),
         loss=job.choices.get("loss") or _override(job.overrides, "loss"), error=job.error,
+        objectives=dict(zip(trial.get("objectives", []), trial.get("values") or [], strict=False)),
+        directions=dict(zip(trial.get("objectives", []), trial.get("directions") or [], strict=False)),
     )
 
 
@@ -91,9 +98,11 @@ def _row_from_run(client: Any, run: Any) -> Row:
     seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
     run_dir = Path(tags["run_dir"]) if tags.get("run_dir") else None
     overrides = json.loads(tags.get("overrides", "[]"))
+    pruned = tags.get("optuna.state") == "PRUNED"  # a search trial stopped by its pruner (segkit/search.py)
     return Row(
-        job=tags.get("job_num") or run.info.run_name or run.info.run_id[:8], overrides=overrides,
-        status=run.info.status, best_miou=miou, per_class_iou=per_class, seconds=seconds,
+        job=tags.get("optuna.trial") or tags.get("job_num") or run.info.run_name or run.info.run_id[:8],
+        overrides=overrides, status="PRUNED" if pruned else run.info.status, best_miou=miou,
+        per_class_iou=per_class, seconds=seconds,
         params=count_parameters(run_dir) if run_dir else None,
         model=tags.get("choice.model") or run.data.params.get("model.arch"),
         loss=tags.get("choice.loss") or _override(overrides, "loss"), error=tags.get("error"),
@@ -136,11 +145,69 @@ def count_parameters(run_dir: Path) -> int | None:
 
 # ---------------------------------------------------------------------- outputs
 def rank(rows: list[Row]) -> list[Row]:
-    """Best mIoU first; runs without a score (failed, incomplete) last, in job order."""
+    """Best mIoU first; pruned runs (scores of unfinished trainings) after the finished ones; runs
+    without a score (failed, incomplete) last, in job order."""
     _, shown = varying_overrides([r.overrides for r in rows])
     for row, overrides in zip(rows, shown, strict=True):
         row.shown_overrides = overrides
-    return sorted(rows, key=lambda r: (not _finite(r.best_miou), -(r.best_miou or 0.0)))
+    return sorted(rows, key=lambda r: (not _finite(r.best_miou), r.status == "PRUNED", -(r.best_miou or 0.0)))
+
+
+# ---------------------------------------------------------------------- accuracy versus cost
+def pareto_front(rows: Sequence[Row], directions: dict[str, str]) -> list[Row]:
+    """The rows no other row beats on every objective at once (`directions`: name -> maximize/minimize)."""
+    signs = {name: 1.0 if way == "maximize" else -1.0 for name, way in directions.items()}
+    scored = [r for r in rows if all(_finite(r.objectives.get(name)) for name in signs)]
+
+    def dominates(a: Row, b: Row) -> bool:
+        better_or_equal = all(signs[n] * a.objectives[n] >= signs[n] * b.objectives[n] for n in signs)
+        return better_or_equal and any(signs[n] * a.objectives[n] > signs[n] * b.objectives[n] for n in signs)
+
+    return [r for r in scored if not any(dominates(other, r) for other in scored)]
+
+
+def objective_directions(rows: Sequence[Row]) -> dict[str, str]:
+    """The objectives the search trials measured, with their directions ({} for a plain sweep)."""
+    found: dict[str, str] = {}
+    for row in rows:
+        found.update({name: way for name, way in row.directions.items() if name not in found})
+    return found
+
+
+def pareto_markdown(front: Sequence[Row], directions: dict[str, str]) -> str:
+    arrows = ", ".join(f"{name} {'↑' if way == 'maximize' else '↓'}" for name, way in directions.items())
+    lines = ["", f"## Pareto front ({arrows})", "",
+             "Non-dominated runs (no other run is at least as good on every objective and better on one): "
+             + ", ".join(f"#{row.job}" for row in front) + ".", "",
+             "| job | " + " | ".join(directions) + " | overrides |", "|" + "---|" * (len(directions) + 2)]
+    for row in sorted(front, key=lambda r: -r.objectives[next(iter(directions))]):
+        values = [_num(row.objectives[name], 4 if name == "miou" else 2) for name in directions]
+        lines.append(f"| {row.job} | " + " | ".join(values) + " | " + " ".join(f"`{o}`" for o in row.shown_overrides)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_pareto_plot(rows: Sequence[Row], front: Sequence[Row], directions: dict[str, str], path: Path) -> None:
+    """mIoU against the first cost objective: every scored trial, the front drawn and labelled."""
+    from matplotlib.figure import Figure
+
+    y_name = next(iter(directions))
+    x_name = next(name for name in directions if name != y_name)
+    scored = [r for r in rows if _finite(r.objectives.get(x_name)) and _finite(r.objectives.get(y_name))]
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.scatter([r.objectives[x_name] for r in scored], [r.objectives[y_name] for r in scored], color="lightgrey",
+               edgecolor="grey", label="trials")
+    line = sorted(front, key=lambda r: r.objectives[x_name])
+    ax.plot([r.objectives[x_name] for r in line], [r.objectives[y_name] for r in line], "o-", color="tab:red",
+            drawstyle="steps-post", label="Pareto front")
+    for row in line:
+        ax.annotate(f"#{row.job}", (row.objectives[x_name], row.objectives[y_name]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel({"latency_ms": "inference latency (ms / image)", "params": "parameters"}.get(x_name, x_name))
+    ax.set_ylabel("best val mIoU" if y_name == "miou" else y_name)
+    ax.legend()
+    fig.savefig(path, dpi=120)
 
 
 def class_names(rows: Sequence[Row]) -> list[str]:
@@ -168,7 +235,9 @@ def markdown(rows: Sequence[Row], source: str) -> str:
     common, _ = varying_overrides([r.overrides for r in rows])
     ok = sum(r.status == "FINISHED" for r in rows)
     failed = sum(r.status == "FAILED" for r in rows)
-    lines = [f"# Leaderboard: {source}", "", f"{len(rows)} runs: {ok} ok, {failed} failed."]
+    pruned = sum(r.status == "PRUNED" for r in rows)
+    counts = f"{len(rows)} runs: {ok} ok, {failed} failed" + (f", {pruned} pruned" if pruned else "")
+    lines = [f"# Leaderboard: {source}", "", counts + "."]
     if common:
         lines += ["", "Common overrides: " + " ".join(f"`{o}`" for o in common)]
     header = ["rank", "job", "overrides", "status", "best val mIoU", *[f"IoU {c}" for c in classes], "time",
@@ -273,6 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = ["leaderboard.md", "leaderboard.csv"]
     if write_heatmap(rows, out / "leaderboard_heatmap.png"):
         written.append("leaderboard_heatmap.png")
+    directions = objective_directions(rows)
+    if len(directions) > 1:
+        front = pareto_front(rows, directions)
+        text += pareto_markdown(front, directions)
+        (out / "leaderboard.md").write_text(text)
+        write_pareto_plot(rows, front, directions, out / "pareto_front.png")
+        written.append("pareto_front.png")
     print(text)
     print("wrote " + ", ".join(str(out / name) for name in written))
     return 0

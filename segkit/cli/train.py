@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from segkit.cli.common import CONFIG_DIR, register_configs, run_or_exit
 from segkit.engine.trainer import fit
+from segkit.search import run_trial, trial_number
 from segkit.sweeps import run_sweep_job
 
 register_configs()
@@ -18,14 +19,18 @@ register_configs()
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the best monitored metric, which Hydra sweepers (Optuna) optimise."""
+    """Returns the best monitored metric (what a plain Hydra sweeper would optimise)."""
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # A failing job (a bad combination) is written to <job dir>/failed.json and marked FAILED
         # in the trackers; it returns None and the sweep goes on (segkit/sweeps.py).
-        summary = run_or_exit(lambda: run_sweep_job(lambda: fit(cfg, output_dir), cfg, output_dir,
-                                                    hydra_cfg.overrides.task))
+        def job(on_validation=None):
+            return run_sweep_job(lambda: fit(cfg, output_dir, on_validation), cfg, output_dir,
+                                 hydra_cfg.overrides.task)
+
+        # A trial of hparams_search=optuna reports each validation to its study (segkit/search.py).
+        summary = run_or_exit(lambda: run_trial(cfg, output_dir, job) if trial_number() is not None else job())
         if summary is None:
             return None
     else:

@@ -56,12 +56,17 @@ log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
-def fit(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+# Called after each validation with (epoch, that epoch's record); a returned string stops the run
+# (status STOPPED, the string its stop_reason): how a hyperparameter search prunes a trial.
+ValidationHook = Callable[[int, dict[str, Any]], str | None]
+
+
+def fit(cfg: DictConfig, output_dir: str | Path, on_validation: ValidationHook | None = None) -> dict[str, Any]:
     """Train as configured; return the run summary (also written to `metrics.json`)."""
     validate_config(cfg)
     run_lock = RunLock()  # taken by the Trainer once it knows the run directory and its rank
     try:
-        return Trainer(cfg, Path(output_dir), run_lock).fit()
+        return Trainer(cfg, Path(output_dir), run_lock=run_lock, on_validation=on_validation).fit()
     finally:
         run_lock.release()
         shutdown_distributed()
@@ -111,9 +116,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, output_dir: Path, run_lock: RunLock | None = None) -> None:
+    def __init__(self, cfg: DictConfig, output_dir: Path, *, run_lock: RunLock | None = None,
+                 on_validation: ValidationHook | None = None) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
+        self.on_validation = on_validation
         # One process, or one of several started by torchrun / submitit (segkit/engine/distributed.py).
         self.dist, self.device = init_distributed(select_device(self.tcfg.accelerator), self.tcfg.dist_timeout_s)
         with peer_failures_as_errors(self.dist):
@@ -294,15 +301,23 @@ class Trainer:
                 return True
             epoch_record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
             epoch_record.update(self._last_train_stats)
+            hook_stop = None
             if (self.epoch + 1) % self.tcfg.val_every_n_epochs == 0 or self._done(next_epoch=True):
                 with self._explain_out_of_memory("validation", self.tcfg.val_batch_size or self.tcfg.batch_size):
                     epoch_record.update(self._validate_and_track(epoch_record))
+                if self.on_validation is not None:  # rank 0 decides, so all processes stop together
+                    asked = self.on_validation(self.epoch, epoch_record) if self.dist.is_main else None
+                    hook_stop = broadcast_from_main(asked, self.dist)
             self.history.append(epoch_record)
             self._append_csv(epoch_record)
             self.epoch += 1
             self.samples_done_in_epoch = 0
             self._save("last.pt")
             self._prune_unranked_checkpoints()  # only now that last.pt records the new ranking
+            if hook_stop is not None:
+                self.stop_reason = hook_stop
+                log.info("stopped: %s", hook_stop)
+                return True
             if self._early_stop():
                 log.info("early stopping: %s did not improve for %d validations",
                          self.tcfg.monitor, self.validations_without_improvement)

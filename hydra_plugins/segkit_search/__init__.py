@@ -1,0 +1,1 @@
+"""segkit's Hydra sweeper over current Optuna (the search itself lives in segkit/search.py)."""
