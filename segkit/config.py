@@ -89,6 +89,21 @@ class DatasetConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
+PRIVACY_ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+
+@dataclass
+class PrivacyConfig:
+    """conf/privacy/dp.yaml (segkit/privacy.py): the seed guide's DP trainer keys plus the accountant."""
+
+    noise_multiplier: float | None = None  # sigma; null = solved from target_epsilon for the planned steps
+    max_grad_norm: float = 1.0  # per-sample gradient clipping bound C
+    target_epsilon: float | None = None  # budget: solve sigma for it, or stop before exceeding it
+    target_delta: float = 1.0e-5  # should be well below 1 / (training samples)
+    accountant: str = "rdp"  # rdp | prv | gdp (Opacus accountants)
+    secure_mode: bool = False  # Opacus' cryptographically safe noise (slower; not reproducible by seed)
+
+
 @dataclass
 class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -101,6 +116,7 @@ class TrainConfig:
     augmentation: Any = None
     logger: Any = None
     metrics: dict[str, MetricConfig] = field(default_factory=dict)  # conf/metrics/: extra torchmetrics metrics
+    privacy: Any = None  # privacy=dp: DP-SGD with Opacus (segkit/privacy.py)
     task_name: str = "train"
     output_root: str = "outputs"
 

@@ -48,6 +48,12 @@ from segkit.errors import CheckpointError, ConfigError, SegkitError
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics, build_metrics, class_scores
 from segkit.models import Segmenter
+from segkit.privacy import (
+    PoissonBatches,
+    PrivateTraining,
+    check_privacy_config,
+    make_model_private_compatible,
+)
 from segkit.reporting.plots import comparison_grid, save_png, stable_palette
 from segkit.trackers.base import Trackers, flatten
 
@@ -142,6 +148,11 @@ class Trainer:
 
         # Everything that can fail on a config value is built before any data is read.
         self.model: Segmenter = build(cfg.model, "model").to(self.device)
+        if cfg.get("privacy") is not None:  # DP-SGD (segkit/privacy.py): refuse what does not combine, fix BatchNorm
+            check_privacy_config(cfg)
+            if self.dist.enabled:
+                raise ConfigError("privacy", "DP-SGD runs in one process; start it without torchrun/submitit tasks")
+            self.model = make_model_private_compatible(self.model)
         if self.tcfg.activation_checkpointing:
             self.model.set_grad_checkpointing(True)
         if self.channels_last:
@@ -164,10 +175,14 @@ class Trainer:
         self.val_set = build_dataset(cfg.dataset, "val")
         # Batches arrive on the device: from the device cache, or prefetched from the DataLoader.
         workers = self.tcfg.num_workers
-        self.train_loader = device_batches(
-            self.train_set, batch_size=self.tcfg.batch_size, num_workers=workers, train=True,
-            seed=self.tcfg.seed, device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
-        )
+        if cfg.get("privacy") is not None:  # Poisson sampling, which the privacy accountant assumes
+            self.train_loader = PoissonBatches(self.train_set, batch_size=self.tcfg.batch_size, num_workers=workers,
+                                               seed=self.tcfg.seed, device=self.device)
+        else:
+            self.train_loader = device_batches(
+                self.train_set, batch_size=self.tcfg.batch_size, num_workers=workers, train=True,
+                seed=self.tcfg.seed, device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
+            )
         self.val_loader = device_batches(
             self.val_set, batch_size=self.tcfg.val_batch_size or self.tcfg.batch_size, num_workers=workers,
             train=False, seed=self.tcfg.seed, device=self.device, rank=self.dist.rank,
@@ -186,6 +201,14 @@ class Trainer:
         accumulate = self.tcfg.accumulate_grad_batches
         self.steps_per_epoch = max(1, len(self.train_loader) // accumulate)
         self.total_steps = self.tcfg.max_steps or self.tcfg.max_epochs * self.steps_per_epoch
+        self.private: PrivateTraining | None = None
+        if cfg.get("privacy") is not None:
+            # Opacus wraps the model (per-sample gradients) and the optimizer (clip + noise); training ends
+            # before the step that would spend more than privacy.target_epsilon.
+            self.private = PrivateTraining(cfg.privacy, self.model, self.optimizer, self.train_loader,
+                                           planned_steps=self.total_steps)
+            self.optimizer = self.private.optimizer
+            self.total_steps = min(self.total_steps, self.private.max_steps)
         self.scheduler = build(cfg.scheduler, "scheduler")(self.optimizer, total_steps=self.total_steps)
         self.metrics = SegmentationMetrics(
             self.train_set.num_classes, self.train_set.ignore_index, self.train_set.class_names, self.device,
@@ -258,6 +281,8 @@ class Trainer:
         self.top_k = list(progress.get("top_k", []))[: self.tcfg.save_top_k or None]  # k may have been lowered
         self._prune_unranked_checkpoints()
         self.history = list(state.get("history", []))
+        if self.private is not None:
+            self.private.load_state_dict(state["privacy"])
         rank_states = [state["rng"], *state.get("rng_other_ranks", [])]
         if self.dist.rank < len(rank_states):
             set_rng_state(rank_states[self.dist.rank])
@@ -302,6 +327,9 @@ class Trainer:
             epoch_record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
             epoch_record.update(self._last_train_stats)
             hook_stop = None
+            if self.private is not None:
+                epoch_record["privacy/epsilon"] = self.private.epsilon()
+                self.trackers.log_metrics({"privacy/epsilon": epoch_record["privacy/epsilon"]}, self.global_step)
             if (self.epoch + 1) % self.tcfg.val_every_n_epochs == 0 or self._done(next_epoch=True):
                 with self._explain_out_of_memory("validation", self.tcfg.val_batch_size or self.tcfg.batch_size):
                     epoch_record.update(self._validate_and_track(epoch_record))
@@ -455,6 +483,8 @@ class Trainer:
         """One batch, already on the device (segkit.data.loading.device_batches): uint8 images, int masks."""
         images = images.float().div_(255)
         images, masks = self.augment(images, masks)
+        if self.private is not None:  # per-sample gradients of each sample's own loss (fp32; Opacus clips them)
+            return self.private.backward(self.loss_fn, images, masks)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
@@ -464,6 +494,12 @@ class Trainer:
         return loss.detach()
 
     def _optimizer_step(self) -> None:
+        if self.private is not None:  # DPOptimizer: clip per sample, add noise, step, account
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.global_step += 1
+            return
         if self.tcfg.gradient_clip_val is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.gradient_clip_val)
@@ -618,6 +654,7 @@ class Trainer:
             "rng": rng_states[0],
             "rng_other_ranks": rng_states[1:],
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            **({"privacy": self.private.state_dict()} if self.private is not None else {}),
         }
         save_checkpoint(state, self.checkpoint_dir / name, keep_previous=name == "last.pt")
 
@@ -653,6 +690,7 @@ class Trainer:
             "final": _without_confusion(getattr(self, "last_validation", None)),
             "class_names": self.train_set.class_names,
             "top_k": self.top_k,
+            **({"privacy": self.private.summary()} if self.private is not None else {}),
         }
         if self.dist.is_main:
             (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

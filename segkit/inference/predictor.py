@@ -234,6 +234,10 @@ def load(path: str | Path, device: str | torch.device | None = "auto", trust: bo
             raise CheckpointError(f"{path}: no stored config; the checkpoint was not written by segkit's trainer")
     cfg = model_config(config, path, trust)
     model = build(cfg.model, "model")
+    if cfg.get("privacy") is not None:  # trained with DP-SGD: BatchNorm was replaced by GroupNorm
+        from segkit.privacy import make_model_private_compatible
+
+        model = make_model_private_compatible(model)
     if state is None:
         load_safetensors(model, path)
     else:
