@@ -105,6 +105,25 @@ class PrivacyConfig:
 
 
 @dataclass
+class FederatedConfig:
+    """conf/federated/*.yaml (segkit/federated.py): a Flower federation of segkit clients."""
+
+    strategy: str = "FedAvg"  # a Flower strategy class: FedAvg, FedProx, FedAdam, FedYogi, FedMedian, ...
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # extra arguments of that class
+    num_clients: int = 3
+    min_fit_clients: int | None = None  # clients a round needs (the rest may fail); null = all
+    rounds: int = 3
+    local_epochs: int = 1  # epochs of the ordinary training loop on each client per round
+    proximal_mu: float = 0.01  # FedProx's mu (its strategy sends it to the clients)
+    partition: str = "iid"  # iid | dirichlet (skewed by each image's rarest present class)
+    dirichlet_alpha: float = 0.5  # smaller = more skewed
+    mode: str = "simulation"  # simulation (all on this machine) | server | client
+    server_address: str = "127.0.0.1:8080"  # server: where to listen; client: where to connect
+    client_id: int = 0  # mode=client: which shard this site trains
+    round_timeout_s: float = 600.0  # a client silent this long counts as failed for the round
+
+
+@dataclass
 class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -117,6 +136,7 @@ class TrainConfig:
     logger: Any = None
     metrics: dict[str, MetricConfig] = field(default_factory=dict)  # conf/metrics/: extra torchmetrics metrics
     privacy: Any = None  # privacy=dp: DP-SGD with Opacus (segkit/privacy.py)
+    federated: Any = None  # federated=fedavg: a Flower federation (segkit/federated.py)
     task_name: str = "train"
     output_root: str = "outputs"
 

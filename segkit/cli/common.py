@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from segkit.config import CheckDataConfig, PrivacyConfig, TrainConfig
+from segkit.config import CheckDataConfig, FederatedConfig, PrivacyConfig, TrainConfig
 from segkit.errors import SegkitError, one_line
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -58,6 +58,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="check_data_schema", node=CheckDataConfig)
     cs.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
+    cs.store(group="federated", name="federated_schema", node=FederatedConfig)
     for name, schema in (
         ("synthetic", SyntheticSchema), ("folder", FolderSchema), ("voc", VocSchema),
         ("cityscapes", CityscapesSchema), ("coco", CocoSchema),

@@ -17,6 +17,15 @@ from segkit.sweeps import run_sweep_job
 register_configs()
 
 
+def train(cfg: DictConfig, output_dir: str, on_validation=None) -> dict | None:
+    """One training, or one side of a Flower federation (`federated=...`, segkit/federated.py)."""
+    if cfg.get("federated") is not None:
+        from segkit.federated import run
+
+        return run(cfg, output_dir)
+    return fit(cfg, output_dir, on_validation)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Returns the best monitored metric (what a plain Hydra sweeper would optimise)."""
@@ -26,7 +35,7 @@ def main(cfg: DictConfig) -> float | None:
         # A failing job (a bad combination) is written to <job dir>/failed.json and marked FAILED
         # in the trackers; it returns None and the sweep goes on (segkit/sweeps.py).
         def job(on_validation=None):
-            return run_sweep_job(lambda: fit(cfg, output_dir, on_validation), cfg, output_dir,
+            return run_sweep_job(lambda: train(cfg, output_dir, on_validation), cfg, output_dir,
                                  hydra_cfg.overrides.task)
 
         # A trial of hparams_search=optuna reports each validation to its study (segkit/search.py).
@@ -34,7 +43,9 @@ def main(cfg: DictConfig) -> float | None:
         if summary is None:
             return None
     else:
-        summary = run_or_exit(lambda: fit(cfg, output_dir))
+        summary = run_or_exit(lambda: train(cfg, output_dir))
+        if summary is None:  # a federated client: the server keeps the record
+            return None
     if str(summary.get("stop_reason") or "").startswith("SIG"):
         print(f"error: interrupted by {summary['stop_reason']} at step {summary['steps']}; resume with "
               f"hydra.run.dir={output_dir} trainer.resume=auto", file=sys.stderr)

@@ -20,6 +20,25 @@ from segkit.config import build
 from segkit.data.readers.base import SegmentationDataset
 
 
+class Shard(torch.utils.data.Dataset):
+    """Part of a split (a federated client's shard); everything else (classes, size, cache) is the split's."""
+
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[self.indices[index]]
+
+    def __getattr__(self, name: str) -> Any:  # num_classes, ignore_index, image_size, cache, ...
+        return getattr(self.__dict__["dataset"], name)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
 def build_dataset(dataset_cfg: DictConfig, split: str) -> SegmentationDataset:
     return build(dataset_cfg, "dataset", split=split)
 

@@ -16,7 +16,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from timm.utils import ModelEmaV3
 
 from segkit.augment import JointAugment
 from segkit.config import build, validate_config
-from segkit.data.loading import build_dataset, device_batches
+from segkit.data.loading import Shard, build_dataset, device_batches
 from segkit.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from segkit.engine.distributed import (
     broadcast_from_main,
@@ -123,7 +123,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, output_dir: Path, *, run_lock: RunLock | None = None,
-                 on_validation: ValidationHook | None = None) -> None:
+                 on_validation: ValidationHook | None = None, train_indices: Sequence[int] | None = None) -> None:
+        """`train_indices`: train on these samples of the training split only (a federated client's shard)."""
         self.cfg = cfg
         self.tcfg = cfg.trainer
         self.on_validation = on_validation
@@ -172,6 +173,8 @@ class Trainer:
         )
 
         self.train_set = build_dataset(cfg.dataset, "train")
+        if train_indices is not None:
+            self.train_set = Shard(self.train_set, list(train_indices))
         self.val_set = build_dataset(cfg.dataset, "val")
         # Batches arrive on the device: from the device cache, or prefetched from the DataLoader.
         workers = self.tcfg.num_workers
@@ -313,6 +316,14 @@ class Trainer:
             self.trackers.log_artifact(self.output_dir / "metrics.json")
             self.trackers.finish({"STOPPED": "KILLED"}.get(status, status))
         return summary
+
+    def train_epochs(self, count: int) -> dict[str, Any]:
+        """Train `count` epochs without validating, saving or tracking: a federated client's local round."""
+        for _ in range(count):
+            self._train_epoch()
+            self.epoch += 1
+            self.samples_done_in_epoch = 0
+        return self._last_train_stats
 
     def _loop(self) -> bool:
         """Returns True when stopped early by `stop_after_steps`."""
