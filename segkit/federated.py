@@ -228,7 +228,8 @@ class GlobalModel:
         load_weights(self.trainer.model, parameters)
         round_number = self.rounds_done + server_round
         self.trainer.epoch, self.trainer.global_step = round_number - 1, round_number
-        record = {"round": round_number, "train/loss": self.clients_train_loss, **self.trainer._validate_and_track()}
+        record: dict[str, Any] = {"round": round_number, "train/loss": self.clients_train_loss}
+        record.update(self.trainer._validate_and_track(record))
         self.trainer.history.append(record)
         self.trainer._append_csv(record)
         self.trainer.epoch = round_number
