@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from segkit.errors import SegkitError
+from segkit.extras import require_extra
 
 INPUT, OUTPUT = "images", "logits"
 
@@ -37,6 +38,7 @@ def export_onnx(
     model: nn.Module, path: Path, size: Sequence[int], opset: int = 17, dynamic: bool = True
 ) -> Path:
     """Write `path` with the TorchScript-based exporter (dynamo=False: no onnxscript needed)."""
+    require_extra("format", "onnx", "onnx")
     example = torch.rand(1, 3, int(size[0]), int(size[1]))
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +71,7 @@ def export_torchscript(model: nn.Module, path: Path, size: Sequence[int]) -> Pat
 
 
 def onnx_session(path: Path, threads: int | None = None):
+    require_extra("format", "onnx", "onnxruntime")
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from segkit.extras import require_extra
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 
 
 class TensorBoardTracker(Tracker):
     def __init__(self, subdir: str = "tensorboard") -> None:
+        require_extra("logger.tensorboard", "tensorboard", "tensorboard")
         self.subdir = subdir
         self.writer: Any = None
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from segkit.extras import require_extra
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 
@@ -34,6 +35,7 @@ def wandb_mode(mode: str | None) -> str:
 class WandbTracker(Tracker):
     def __init__(self, project: str = "segkit", entity: str | None = None, mode: str | None = None,
                  log_checkpoint: bool = False) -> None:
+        require_extra("logger.wandb", "wandb", "wandb")
         self.project = project
         self.entity = entity
         self.mode = mode
