@@ -46,7 +46,7 @@ from segkit.engine.optim import build_optimizer
 from segkit.engine.progress import Progress
 from segkit.engine.run_lock import RunLock
 from segkit.errors import CheckpointError, ConfigError, SegkitError
-from segkit.inference.sliding import forward_logits
+from segkit.inference.sliding import slide_logits
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics, build_metrics, class_scores
 from segkit.models import Segmenter
@@ -550,7 +550,10 @@ class Trainer:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                logits = forward_logits(forward, images, self.geometry.mode, self.geometry.window)
+                # The network's own output (one logit for binary models: the loss takes it as trained), whole or
+                # in sliding windows of the training crop.
+                window = self.geometry.window
+                logits = slide_logits(forward, images, window) if window is not None else forward(images)
             loss_sum += self.loss_fn(logits.float(), masks) * images.shape[0]
             images_seen += images.shape[0]
             if not native:
