@@ -43,6 +43,9 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     val_every_n_epochs: int = 1
+    # native: each validation image scored at its own size against its untouched mask (MMSeg's IoUMetric
+    # protocol, every published figure) | input: at the letterboxed size, with the letterboxed mask (faster)
+    score_at: str = "native"
     log_every_n_steps: int = 10
     monitor: str = "val/miou"  # any logged value: val/miou, val/loss, val/<metrics name>, train/loss, ...
     monitor_mode: str = "auto"  # max | min | auto (min for names ending in "loss", else max)
@@ -174,6 +177,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.num_workers", f"must be >= 0, got {trainer.num_workers}")
     if trainer.precision not in PRECISIONS:
         raise ConfigError("trainer.precision", f"must be one of {', '.join(PRECISIONS)}; got {trainer.precision!r}")
+    if trainer.score_at not in ("native", "input"):
+        raise ConfigError("trainer.score_at", f"must be native or input; got {trainer.score_at!r}")
     if trainer.accelerator not in ("auto", "cpu", "cuda"):
         raise ConfigError("trainer.accelerator", f"must be auto, cpu or cuda; got {trainer.accelerator!r}")
     if 0 <= dataset.ignore_index < dataset.num_classes:

@@ -2,7 +2,8 @@
 
 Writes into the output directory:
   metrics.json        mIoU, mean Dice, pixel accuracy, IoU / Dice / precision / recall per class, confusion
-                      matrix, and the `metrics:` the training config chose (stage test)
+                      matrix, and the `metrics:` the training config chose (stage test), and
+                      `scored_at` (native: each image at its own size against its untouched mask)
   per_image.jsonl     one JSON object per image (filename, mask path, pixel accuracy, IoU, mIoU)
   per_image/          predicted masks, single-channel PNG class ids at the original image size
   report/report.html  summary, per-class table, charts and the worst images (with report/images/)
@@ -30,7 +31,7 @@ from segkit.data.loading import build_dataset, build_loader
 from segkit.engine.run_lock import guard_run_dir
 from segkit.errors import ConfigError
 from segkit.inference.evaluation import EvalResult, ImageResult, evaluate, image_path
-from segkit.inference.predictor import Predictor, load
+from segkit.inference.predictor import Predictor, load, tta_option
 from segkit.inference.sliding import MODES, clean_mask
 from segkit.metrics import build_metrics
 from segkit.reporting.html import write_report
@@ -59,15 +60,15 @@ def dataset_config(stored: DictConfig, overrides: DictConfig | None) -> DictConf
 
 def default_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
     name = f"{checkpoint.stem}_{cfg.split}"
-    if cfg.mode != "whole":
+    if cfg.mode != "auto":
         name += f"_{cfg.mode}"
+    if cfg.test_size:
+        name += f"_{cfg.test_size[0]}x{cfg.test_size[1]}"
     if cfg.tta:
         name += "_tta"
+    if cfg.score_at != "native":
+        name += f"_at_{cfg.score_at}"
     return checkpoint.parent.parent / "eval" / name
-
-
-def tta_option(cfg: DictConfig) -> dict[str, Any] | bool:
-    return {"scales": list(cfg.tta_scales), "flip": bool(cfg.tta_flip)} if cfg.tta else False
 
 
 def postprocessor(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -88,27 +89,33 @@ def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str,
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     predictor = load(checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
-    dataset = build_dataset(dataset_config(predictor.cfg.dataset, cfg.get("dataset")), cfg.split)
+    dataset_cfg = dataset_config(predictor.cfg.dataset, cfg.get("dataset"))
+    # The loader letterboxes into the training box, like validation; test_size chooses another test scale.
+    dataset_cfg.image_size = list(cfg.test_size) if cfg.test_size else list(predictor.geometry.image_size)
+    dataset = build_dataset(dataset_cfg, cfg.split)
     stored_trainer = predictor.cfg.get("trainer") or {}
     batch_size = cfg.batch_size or stored_trainer.get("val_batch_size") or stored_trainer.get("batch_size", 8)
     loader = build_loader(dataset, batch_size=int(batch_size), num_workers=cfg.num_workers, train=False,
                           seed=0, pin_memory=predictor.device.type == "cuda")
     out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("evaluating %s on %s/%s (%d images, mode=%s%s) -> %s", checkpoint, dataset.name, cfg.split,
-             len(dataset), cfg.mode, ", tta" if cfg.tta else "", out_dir)
+    mode = predictor.geometry.mode if cfg.mode == "auto" else cfg.mode
+    log.info("evaluating %s on %s/%s (%d images, letterboxed to %dx%d, mode=%s%s, scored at the %s size) -> %s",
+             checkpoint, dataset.name, cfg.split, len(dataset), *dataset.image_size, mode,
+             ", tta" if cfg.tta else "", cfg.score_at, out_dir)
 
-    save_masks = MaskWriter(dataset, out_dir / "per_image") if cfg.save_masks else None
+    save_masks = MaskWriter(dataset, out_dir / "per_image", cfg.score_at) if cfg.save_masks else None
     result = evaluate(
-        predictor, dataset, loader, mode=cfg.mode, tta=tta_option(cfg),
-        crop_size=cfg.crop_size, stride=cfg.stride, worst_n=cfg.worst_n if cfg.report else 0,
-        on_image=save_masks, postprocess=postprocessor(cfg), progress_bar=cfg.progress_bar,
+        predictor, dataset, loader, mode=mode, tta=tta_option(cfg), crop_size=cfg.crop_size, stride=cfg.stride,
+        score_at=cfg.score_at, worst_n=cfg.worst_n if cfg.report else 0, on_image=save_masks,
+        postprocess=postprocessor(cfg), progress_bar=cfg.progress_bar,
         extra_metrics=build_metrics(predictor.cfg.get("metrics"), "test", predictor.device),
         calibration_bins=int(cfg.calibration_bins), uncertainty=bool(cfg.uncertainty_maps),
     )
     meta = {
         "checkpoint": str(checkpoint), "dataset": dataset.name, "split": cfg.split, "images": len(dataset),
-        "mode": cfg.mode, "tta": json_safe(tta_option(cfg)), "device": str(predictor.device),
-        "postprocess": {"min_region": cfg.min_region, "max_hole": cfg.max_hole},
+        "scored_at": cfg.score_at, "test_size": list(dataset.image_size), "mode": mode,
+        "geometry": predictor.geometry.as_dict(), "tta": json_safe(tta_option(cfg)),
+        "device": str(predictor.device), "postprocess": {"min_region": cfg.min_region, "max_hole": cfg.max_hole},
     }
     metrics = {**meta, **result.summary}
     (out_dir / "metrics.json").write_text(dumps(metrics, indent=2))
@@ -119,22 +126,27 @@ def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str,
         palette = stable_palette(dataset.num_classes, dataset.colors or predictor.colors)
         report = write_evaluation_report(out_dir / "report", result, predictor, checkpoint, meta, palette)
         log.info("report: %s", report)
-    print_summary(result.summary, dataset.class_names)
+    print_summary(result.summary, dataset.class_names, cfg.score_at)
     return json_safe(metrics)
 
 
 class MaskWriter:
-    """Saves each prediction as a PNG aligned with its original image (the letterbox undone)."""
+    """Saves each prediction as a PNG aligned with its original image.
 
-    def __init__(self, dataset, directory: Path) -> None:
+    Scored at the native size the prediction already is; scored at the input size, the letterbox
+    is undone on the labels (nearest).
+    """
+
+    def __init__(self, dataset, directory: Path, score_at: str) -> None:
         self.dataset = dataset
         self.directory = directory
+        self.score_at = score_at
         directory.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, item: ImageResult) -> None:
         path = image_path(self.dataset, item.index)
         size = None
-        if path is not None:
+        if path is not None and self.score_at == "input":  # native predictions are at the original size already
             with Image.open(path) as img:
                 width, height = img.size
             size = (height, width)
@@ -176,7 +188,7 @@ def write_evaluation_report(
                         charts=charts, worst=worst)
 
 
-def print_summary(summary: dict[str, Any], class_names: list[str]) -> None:
+def print_summary(summary: dict[str, Any], class_names: list[str], scored_at: str) -> None:
     table = Table(title="per class", show_edge=False)
     columns = {"IoU": "per_class_iou", "Dice": "per_class_dice", "precision": "per_class_precision",
                "recall": "per_class_recall"}
@@ -188,7 +200,7 @@ def print_summary(summary: dict[str, Any], class_names: list[str]) -> None:
     console = Console()
     console.print(table)
     console.print(f"mIoU {summary['miou']:.4f}   mean Dice {summary['mdice']:.4f}   "
-                  f"pixel accuracy {summary['pixel_acc']:.4f}")
+                  f"pixel accuracy {summary['pixel_acc']:.4f}   (scored at the {scored_at} size)")
     for name, value in (summary.get("metrics") or {}).items():
         console.print(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}")
 

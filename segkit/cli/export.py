@@ -1,7 +1,8 @@
 """`segkit-export checkpoint=<run>/checkpoints/best.pt format=onnx`: export, check, benchmark.
 
 Prints the parity checks (max |logit difference| and argmax agreement against PyTorch on two
-input shapes) and a markdown latency table, also written to `<stem>.benchmark.md`.
+input shapes, and on an image of another size run through the training geometry: `onnx_logits`
+against `Predictor.logits`) and a markdown latency table, also written to `<stem>.benchmark.md`.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from segkit.inference.export import (
     export_onnx,
     export_torchscript,
     markdown_table,
+    onnx_logits,
     onnx_runner,
     onnx_session,
     time_runner,
     torchscript_runner,
 )
-from segkit.inference.predictor import load
+from segkit.inference.predictor import Predictor, load
 
 log = logging.getLogger("segkit")
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "safetensors": ("safetensors",),
@@ -78,7 +80,7 @@ def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
 
     if "onnx" in FORMATS[cfg.format]:
         onnx_path = stem.with_suffix(".onnx")
-        path, session, checks = export_onnx_checked(model, onnx_path, (height, width), cfg, threads)
+        path, session, checks = export_onnx_checked(predictor, onnx_path, (height, width), cfg, threads)
         result["files"]["onnx"], result["parity"]["onnx"] = path, checks
         runners["onnxruntime (CPU EP)"] = onnx_runner(session)
     if "torchscript" in FORMATS[cfg.format]:
@@ -112,11 +114,12 @@ def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
 
 
 def export_onnx_checked(
-    model: torch.nn.Module, path: Path, size: tuple[int, int], cfg: DictConfig, threads: int
+    predictor: Predictor, path: Path, size: tuple[int, int], cfg: DictConfig, threads: int
 ) -> tuple[Path, Any, list[Parity]]:
     """Export with dynamic H/W; if the exported graph fails at another size, export with fixed H/W."""
     dynamic = bool(cfg.dynamic)
-    export_onnx(model, path, example_size(*size, model.stride) if dynamic else size, cfg.opset, dynamic)
+    model, geometry = predictor.model, predictor.geometry
+    export_onnx(model, path, example_size(*size, model.stride) if dynamic else size, cfg.opset, dynamic, geometry)
     session = onnx_session(path, threads)
     checks: list[Parity] = []
     if cfg.validate:
@@ -125,14 +128,21 @@ def export_onnx_checked(
             log.warning("dynamic height/width failed (%s); exporting for fixed %dx%d instead",
                         checks[1].error or "outputs differ", *size)
             dynamic = False
-            export_onnx(model, path, size, cfg.opset, dynamic=False)
+            export_onnx(model, path, size, cfg.opset, dynamic=False, geometry=geometry)
             session = onnx_session(path, threads)
             checks = [compare(model, onnx_runner(session), (b, 3, *size)) for b in (1, 2)]
+        checks.append(original_size_check(predictor, session, size))
         report_checks("onnx", path, checks, cfg.atol)
     axes = "batch, height, width" if dynamic else f"batch (height x width fixed at {size[0]}x{size[1]})"
     log.info("wrote %s (opset %d; dynamic axes: %s; input '%s' float [0, 1] Bx3xHxW -> '%s')",
              path, cfg.opset, axes, "images", "logits")
     return path, session, checks
+
+
+def original_size_check(predictor: Predictor, session: Any, size: tuple[int, int]) -> Parity:
+    """An image of another size and aspect, through the training geometry: ONNX (`onnx_logits`) vs PyTorch."""
+    shape = (1, 3, size[0] * 3 // 2 + 7, size[1] * 2 + 5)
+    return compare(predictor.logits, lambda images: onnx_logits(session, torch.from_numpy(images)).numpy(), shape)
 
 
 def report_checks(name: str, path: Path, checks: list[Parity], atol: float) -> None:

@@ -1,7 +1,9 @@
 """`segkit-predict checkpoint=best.pt input=<file|dir|glob> output=<dir>`: masks for new images.
 
-Every image is predicted at its own size (sliding window above the training size). A file that
-cannot be read is reported on one line and skipped; the exit status is 1 if any file failed.
+Every image is brought to the training scale, predicted as the model was trained (whole, or sliding
+windows for crop-trained models), and its scores are resized back to the image's own size: the masks
+are at the input's resolution (segkit/data/geometry.py). A file that cannot be read is reported on one
+line and skipped; the exit status is 1 if any file failed.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,7 +30,7 @@ from segkit.data.io import IMAGE_SUFFIXES
 from segkit.engine.run_lock import guard_run_dir
 from segkit.errors import ConfigError, DataError
 from segkit.inference.calibration import confidence_and_entropy
-from segkit.inference.predictor import Predictor, load
+from segkit.inference.predictor import Ensemble, tta_option
 from segkit.inference.sliding import MODES, clean_mask
 from segkit.reporting.plots import overlay, save_mask_png, save_png, stable_palette
 
@@ -108,36 +109,6 @@ class ImageFiles(Dataset):
             return index, str(error)
 
 
-def load_ensemble(checkpoints: Any, device: str, trust: bool = False) -> list[Predictor]:
-    paths = list(checkpoints) if isinstance(checkpoints, (list, tuple, ListConfig)) else [checkpoints]
-    if not paths:
-        raise ConfigError("checkpoint", "no checkpoint given")
-    predictors = [load(path, device, trust=trust) for path in paths]
-    first = predictors[0]
-    for other in predictors[1:]:
-        if other.class_names != first.class_names:
-            raise ConfigError("checkpoint", f"{other.source}: classes {other.class_names} differ from "
-                              f"{first.source}: {first.class_names}; an ensemble needs the same classes")
-    return predictors
-
-
-def ensemble_probabilities(
-    predictors: Sequence[Predictor], images: torch.Tensor, cfg: DictConfig
-) -> torch.Tensor:
-    """Average softmax probabilities of every model (each with its own TTA and sliding window)."""
-    height, width = images.shape[-2:]
-    threshold = cfg.slide_threshold or predictors[0].image_size
-    mode = cfg.mode
-    if mode == "auto":
-        mode = "slide" if height > threshold[0] or width > threshold[1] else "whole"
-    tta = {"scales": list(cfg.tta_scales), "flip": bool(cfg.tta_flip)} if cfg.tta else False
-    total = None
-    for predictor in predictors:
-        probs = predictor.probabilities(images, mode, tta, cfg.crop_size, cfg.stride).float()
-        total = probs if total is None else total + probs.to(total.device)
-    return total / len(predictors)
-
-
 def run(cfg: DictConfig) -> int:
     """Predict every input; returns the number of files that failed."""
     out = Path(cfg.output).expanduser()
@@ -149,10 +120,12 @@ def predict_into(out: Path, cfg: DictConfig) -> int:
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     paths = find_inputs(str(cfg.input))
-    predictors = load_ensemble(cfg.checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
+    ensemble = Ensemble.load(cfg.checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
+    options = {"mode": cfg.mode, "tta": tta_option(cfg), "crop_size": cfg.crop_size, "stride": cfg.stride,
+               "test_size": cfg.test_size}
     out.mkdir(parents=True, exist_ok=True)
     stems = output_stems(paths)
-    palette = stable_palette(predictors[0].num_classes, predictors[0].colors)
+    palette = stable_palette(ensemble.num_classes, ensemble.colors)
     loader = DataLoader(ImageFiles(paths, int(cfg.max_pixels)), batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, collate_fn=list)
     console = Console(stderr=True)
@@ -170,7 +143,7 @@ def predict_into(out: Path, cfg: DictConfig) -> int:
                     groups[tuple(item.shape)].append((index, item))
             for members in groups.values():
                 images = torch.stack([image for _, image in members])
-                probs = ensemble_probabilities(predictors, images, cfg).cpu()
+                probs = ensemble.probabilities(images, **options)
                 for (index, image), prob in zip(members, probs, strict=True):
                     write_outputs(out, stems[index], image, prob, palette, cfg)
             progress.advance(task, len(batch))

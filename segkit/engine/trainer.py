@@ -28,6 +28,7 @@ from timm.utils import ModelEmaV3
 
 from segkit.augment import JointAugment
 from segkit.config import build, validate_config
+from segkit.data.geometry import TrainingGeometry, restore_logits
 from segkit.data.loading import Shard, build_dataset, device_batches
 from segkit.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from segkit.engine.distributed import (
@@ -45,6 +46,7 @@ from segkit.engine.optim import build_optimizer
 from segkit.engine.progress import Progress
 from segkit.engine.run_lock import RunLock
 from segkit.errors import CheckpointError, ConfigError, SegkitError
+from segkit.inference.sliding import slide_logits
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics, build_metrics, class_scores
 from segkit.models import Segmenter
@@ -162,6 +164,8 @@ class Trainer:
         self.train_module = wrap_model(self.model, self.dist, self.device, self.tcfg.sync_batchnorm)
         self.forward = torch.compile(self.train_module) if self.tcfg.compile else self.train_module
         self.augment: JointAugment = build(cfg.augmentation, "augmentation").to(self.device)
+        # How training sees images; validation and every inference path reproduce it (the checkpoint records it).
+        self.geometry = TrainingGeometry.from_config(cfg)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         # The exponential moving average of the weights is what gets validated, selected and saved as `model`.
         self.ema = ModelEmaV3(self.model, decay=self.tcfg.ema_decay) if self.tcfg.ema_decay else None
@@ -299,7 +303,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         params = flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        self.trackers.start(self.output_dir, params, {"device": str(self.device)})
+        self.trackers.start(self.output_dir, params, {"device": str(self.device), "scored_at": self.tcfg.score_at})
         log.info(
             "training %s on %s (%d train / %d val images) for %d steps on %s",
             type(self.model.net).__name__, self.train_set.name, len(self.train_set), len(self.val_set),
@@ -528,20 +532,36 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        """Metrics and mean loss (`loss`) of the validated weights (the EMA ones with trainer.ema_decay)."""
+        """Metrics and mean loss (`loss`) of the validated weights (the EMA ones with trainer.ema_decay).
+
+        The model runs on the letterboxed batch as inference does (whole, or sliding windows for a
+        crop-trained model); the loss is the training loss on that batch. With trainer.score_at=native
+        each image's scores are then resized to its own size and scored against its untouched mask, one
+        image at a time (memory stays bounded). The confusion matrix syncs across processes.
+        """
         forward = self._validation_forward()
         self.metrics.reset()
         loss_sum = torch.zeros((), device=self.device)
         images_seen = torch.zeros((), device=self.device)
+        native = self.tcfg.score_at == "native"
+        indices = iter(self.val_loader.sampler)  # the loader's order: sample ids of every batch
         for images, masks in self.val_loader:  # on the device already
             images = images.float().div_(255)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                logits = forward(images)
-            self.metrics.update(logits, masks)
+                # The network's own output (one logit for binary models: the loss takes it as trained), whole or
+                # in sliding windows of the training crop.
+                window = self.geometry.window
+                logits = slide_logits(forward, images, window) if window is not None else forward(images)
             loss_sum += self.loss_fn(logits.float(), masks) * images.shape[0]
             images_seen += images.shape[0]
+            if not native:
+                self.metrics.update(logits, masks)
+                continue
+            for scores in logits:
+                target = self.val_set.native_mask(next(indices)).to(self.device, non_blocking=True)
+                self.metrics.update(restore_logits(scores, target.shape)[None], target[None])
         result = self.metrics.compute()
         result["loss"] = self._mean_loss(loss_sum, images_seen)
         return result
@@ -581,7 +601,7 @@ class Trainer:
         else:
             self.validations_without_improvement += 1
         self._keep_top_k(score)
-        return record
+        return {**record, "val/scored_at": self.tcfg.score_at}  # epochs.csv says which protocol
 
     @torch.no_grad()
     def _log_validation_images(self) -> None:
@@ -666,6 +686,7 @@ class Trainer:
             "rng_other_ranks": rng_states[1:],
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             **({"privacy": self.private.state_dict()} if self.private is not None else {}),
+            "geometry": self.geometry.as_dict(),
         }
         save_checkpoint(state, self.checkpoint_dir / name, keep_previous=name == "last.pt")
 
@@ -693,6 +714,7 @@ class Trainer:
             "bad_steps": int(self.bad_steps_total),
             "monitor": self.tcfg.monitor,
             "monitor_mode": self.monitor_mode,
+            "scored_at": self.tcfg.score_at,
             "best_score": self.best_score if math.isfinite(self.best_score) else None,
             "best_epoch": self.best_epoch,
             "epochs": self.epoch,

@@ -3,6 +3,10 @@
 Dataset-level numbers come from `SegmentationMetrics` (the object `Trainer.validate` uses), so
 for the same weights and data they are identical to validation. Per-image numbers use the same
 `summarize_confusion` on each image's own confusion matrix.
+
+`score_at="native"` (the default, the protocol behind MMSeg's IoUMetric and published CamVid /
+Cityscapes figures): each image's scores are resized back to its own size and compared with its
+untouched mask. `score_at="input"`: compared at the letterboxed size, with the letterboxed mask.
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from segkit.data.geometry import restore_logits
 from segkit.data.readers.base import SegmentationDataset
 from segkit.engine.progress import Progress
+from segkit.errors import ConfigError
 from segkit.inference.calibration import ReliabilityBins, confidence_and_entropy
 from segkit.inference.predictor import Predictor
 from segkit.metrics import ConfiguredMetric, SegmentationMetrics, summarize_confusion
+
+SCORE_AT = ("native", "input")
 
 
 @dataclass
@@ -31,7 +39,7 @@ class ImageResult:
     index: int
     stem: str
     filename: str
-    image: torch.Tensor  # uint8 (3, H, W), as evaluated
+    image: torch.Tensor | None  # uint8 (3, H, W) at the scored size (native: read back for the worst only)
     target: torch.Tensor  # int64 (H, W)
     pred: torch.Tensor  # int64 (H, W)
     pixel_accuracy: float | None
@@ -77,10 +85,11 @@ def evaluate(
     dataset: SegmentationDataset,
     loader: DataLoader,
     *,
-    mode: str = "whole",
+    mode: str = "auto",
     tta: bool | Mapping[str, Any] | None = False,
     crop_size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
+    score_at: str = "native",
     worst_n: int = 0,
     on_image: Callable[[ImageResult], None] | None = None,
     postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -95,8 +104,10 @@ def evaluate(
     are then those of the post-processed masks. `extra_metrics` (segkit.metrics.build_metrics) are
     updated next to the confusion matrix. `calibration_bins` > 0 adds the expected calibration error
     and its reliability diagram data as summary["calibration"]; `uncertainty` gives every ImageResult
-    its confidence and entropy maps.
+    its confidence and entropy maps. Only one image's full-size scores exist at a time.
     """
+    if score_at not in SCORE_AT:
+        raise ConfigError("score_at", f"must be one of {', '.join(SCORE_AT)}, got {score_at!r}")
     num_classes, ignore = dataset.num_classes, dataset.ignore_index
     names = dataset.class_names
     metrics = SegmentationMetrics(num_classes, ignore, names, predictor.device, extra_metrics)
@@ -107,19 +118,24 @@ def evaluate(
     index = 0
     with torch.no_grad():
         for images, masks in loader:
-            scores = predictor.logits(images, mode, tta, crop_size, stride)
+            scores = predictor.box_logits(images, mode, tta, crop_size, stride)
             masks = masks.to(predictor.device)
-            preds = scores.argmax(1)
-            if postprocess is not None:
-                preds = torch.stack([postprocess(pred) for pred in preds])
-            metrics.update(scores, masks, preds=preds)
-            probs = scores.float().softmax(1) if reliability is not None or uncertainty else None
-            if reliability is not None:
-                reliability.update(probs, masks, ignore)
-            maps = [m.cpu() for m in confidence_and_entropy(probs)] if uncertainty else [[None] * len(preds)] * 2
-            for image, target, pred, confidence, entropy in zip(images, masks.cpu(), preds.cpu(), *maps,
-                                                                 strict=True):
-                item = _image_result(dataset, index, image, target, pred, num_classes, ignore, names)
+            for image, box_scores, box_mask in zip(images, scores, masks, strict=True):
+                if score_at == "native":  # the scores at the image's own size, its untouched mask
+                    target = dataset.native_mask(index).to(box_scores.device)
+                    full, image = restore_logits(box_scores, target.shape), None
+                else:
+                    full, target = box_scores, box_mask
+                pred = full.argmax(0)
+                if postprocess is not None:
+                    pred = postprocess(pred)
+                metrics.update(full[None], target[None], preds=pred[None])
+                probs = full[None].float().softmax(1) if reliability is not None or uncertainty else None
+                if reliability is not None:
+                    reliability.update(probs, target[None], ignore)
+                confidence, entropy = ([m[0].cpu() for m in confidence_and_entropy(probs)] if uncertainty
+                                       else (None, None))
+                item = _image_result(dataset, index, image, target.cpu(), pred.cpu(), num_classes, ignore, names)
                 item.confidence, item.entropy = confidence, entropy
                 result.records.append(_record(item))
                 if on_image is not None:
@@ -137,11 +153,14 @@ def evaluate(
     if reliability is not None:
         result.summary["calibration"] = {**reliability.compute(), "temperature": predictor.temperature}
     result.worst = [item for _, _, item in sorted(heap, key=lambda e: (-e[0], -e[1]))]
+    for item in result.worst:
+        if item.image is None:  # scored at the native size: the original image, for the pictures
+            item.image = dataset.read(item.index)[0]
     return result
 
 
 def _image_result(
-    dataset: SegmentationDataset, index: int, image: torch.Tensor, target: torch.Tensor, pred: torch.Tensor,
+    dataset: SegmentationDataset, index: int, image: torch.Tensor | None, target: torch.Tensor, pred: torch.Tensor,
     num_classes: int, ignore: int, names: Sequence[str],
 ) -> ImageResult:
     path = image_path(dataset, index)

@@ -4,10 +4,16 @@ The exported graph is the whole Segmenter (normalisation, padding to the stride,
 logits back), so a deployment feeds it images in [0, 1] exactly like PyTorch. Export traces the
 model on an example whose size is *not* a multiple of the stride, so the padding branch is
 recorded; with dynamic axes the padding amounts are then computed from the input's shape.
+
+The graph is the network at the training scale. The training geometry travels in the file's
+metadata (`segkit.geometry`), and `onnx_logits` runs the same geometry as `Predictor` around an
+onnxruntime session: an image of any size is letterboxed to the training scale, predicted (whole
+or in sliding windows), and its scores are resized back to its own size.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,10 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from segkit.data.geometry import TrainingGeometry, letterbox_images, restore_logits
 from segkit.errors import SegkitError
 from segkit.extras import require_extra
+from segkit.inference.sliding import predict_logits
 
 INPUT, OUTPUT = "images", "logits"
+GEOMETRY_KEY = "segkit.geometry"
 
 
 class ExportError(SegkitError):
@@ -35,9 +44,13 @@ def example_size(height: int, width: int, stride: int) -> tuple[int, int]:
 
 
 def export_onnx(
-    model: nn.Module, path: Path, size: Sequence[int], opset: int = 17, dynamic: bool = True
+    model: nn.Module, path: Path, size: Sequence[int], opset: int = 17, dynamic: bool = True,
+    geometry: TrainingGeometry | None = None,
 ) -> Path:
-    """Write `path` with the TorchScript-based exporter (dynamo=False: no onnxscript needed)."""
+    """Write `path` with the TorchScript-based exporter (dynamo=False: no onnxscript needed).
+
+    `geometry` is stored in the file's metadata, for `onnx_logits` and other deployments.
+    """
     require_extra("format", "onnx", "onnx")
     example = torch.rand(1, 3, int(size[0]), int(size[1]))
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
@@ -53,8 +66,37 @@ def export_onnx(
         raise ExportError(f"{path}: ONNX export failed ({str(error).splitlines()[0]})") from None
     import onnx
 
+    if geometry is not None:
+        graph = onnx.load(str(path))
+        onnx.helper.set_model_props(graph, {GEOMETRY_KEY: json.dumps(geometry.as_dict())})
+        onnx.save(graph, str(path))
     onnx.checker.check_model(str(path))
     return path
+
+
+def onnx_geometry(session) -> TrainingGeometry:
+    """The training geometry stored in an exported file's metadata."""
+    stored = session.get_modelmeta().custom_metadata_map.get(GEOMETRY_KEY)
+    if stored is None:
+        raise ExportError(f"the ONNX file has no '{GEOMETRY_KEY}' metadata; export it again with segkit-export")
+    return TrainingGeometry.from_dict(json.loads(stored))
+
+
+@torch.no_grad()
+def onnx_logits(session, images: torch.Tensor, geometry: TrainingGeometry | None = None) -> torch.Tensor:
+    """Scores (B, C, H, W) at the images' own size from an onnxruntime session, as `Predictor.logits` does:
+    letterbox to the training scale, run the network (whole or sliding windows), restore the size."""
+    geometry = geometry or onnx_geometry(session)
+    boxed = letterbox_images(images, geometry.image_size)
+    if boxed.dtype == torch.uint8:
+        boxed = boxed.float().div(255)
+    run = onnx_runner(session)
+
+    def network(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(run(batch.contiguous().numpy()))
+
+    window = geometry.window or geometry.image_size
+    return restore_logits(predict_logits(network, boxed, geometry.mode, window), images.shape[-2:])
 
 
 def export_torchscript(model: nn.Module, path: Path, size: Sequence[int]) -> Path:
@@ -100,12 +142,14 @@ class Parity:
 
 
 def compare(
-    reference: nn.Module, run: Callable[[np.ndarray], np.ndarray], shape: Sequence[int], seed: int = 0
+    reference: Callable[[torch.Tensor], torch.Tensor], run: Callable[[np.ndarray], np.ndarray],
+    shape: Sequence[int], seed: int = 0,
 ) -> Parity:
-    """Logits of `run` (an exported model) against PyTorch's on one random input of `shape`."""
+    """Logits of `run` (an exported model) against PyTorch's (`reference`, e.g. the model in eval mode)
+    on one random input of `shape`."""
     images = torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        expected = reference.eval()(images).float().numpy()
+        expected = reference(images).float().numpy()
     try:
         got = np.asarray(run(images.numpy()))
     except Exception as error:  # noqa: BLE001 - a runtime refusing a shape is a result, not a crash

@@ -1,17 +1,20 @@
 """`segkit.load(path)`: a trained checkpoint as a ready-to-call predictor.
 
-The checkpoint carries its resolved config, so the model is rebuilt exactly as trained
-(without downloading ImageNet weights: the checkpoint has all of them) and the user never
-touches Hydra. That config may come from someone else: it only builds allowlisted segkit code
-(segkit/engine/trusted.py) unless the caller passes trust=True. Inputs may be tensors, PIL
-images or numpy arrays; outputs are class ids.
+The checkpoint carries its resolved config and its training geometry, so the model is rebuilt
+exactly as trained (without downloading ImageNet weights: the checkpoint has all of them) and
+sees at prediction time what it saw in training: every image is letterboxed to the training
+scale, predicted (whole, or in sliding windows for crop-trained models), and its scores are
+resized back to the image's own size before the argmax (segkit/data/geometry.py). Inputs may be
+tensors, PIL images or numpy arrays; outputs are class ids at the input's size. The config may come
+from someone else: it only builds allowlisted segkit code (segkit/engine/trusted.py) unless the
+caller passes trust=True.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import build
+from segkit.data.geometry import TrainingGeometry, letterbox_images, restore_logits
 from segkit.engine.checkpoint import load_checkpoint, load_safetensors, read_safetensors_config
 from segkit.engine.trusted import checked_checkpoint_config
 from segkit.errors import CheckpointError, ConfigError
-from segkit.inference.sliding import DEFAULT_TTA_SCALES, predict_logits, predict_probs
+from segkit.inference.sliding import DEFAULT_TTA_SCALES, MODES, predict_logits
 from segkit.models import Segmenter
 
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
@@ -40,7 +44,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def tta_settings(tta: bool | Mapping[str, Any] | None) -> tuple[tuple[float, ...], bool]:
-    """tta=True means flips x scales 0.75/1.0/1.25; a mapping may give `scales` and `flip`."""
+    """tta=True means flips x scales 0.75/1.0/1.25 of the training scale; a mapping may give `scales` and `flip`."""
     if not tta:
         return (1.0,), False
     if tta is True:
@@ -48,10 +52,35 @@ def tta_settings(tta: bool | Mapping[str, Any] | None) -> tuple[tuple[float, ...
     return tuple(float(s) for s in tta.get("scales", DEFAULT_TTA_SCALES)), bool(tta.get("flip", True))
 
 
-class Predictor:
-    """A loaded model plus what is needed to use it: class names, training size, settings."""
+def tta_option(cfg: Mapping[str, Any]) -> dict[str, Any] | bool:
+    """The `tta` argument from an entry point's `tta`, `tta_scales`, `tta_flip` keys."""
+    return {"scales": list(cfg["tta_scales"]), "flip": bool(cfg["tta_flip"])} if cfg["tta"] else False
 
-    def __init__(self, model: Segmenter, cfg: DictConfig, device: torch.device, source: str = "") -> None:
+
+def checkpoint_geometry(state: Mapping[str, Any], cfg: DictConfig) -> TrainingGeometry:
+    """The geometry the checkpoint recorded; older checkpoints: derived from their stored config."""
+    recorded = state.get("geometry")
+    if isinstance(recorded, Mapping):
+        return TrainingGeometry.from_dict(recorded)
+    return TrainingGeometry.from_config(cfg)
+
+
+class Predictor:
+    """A loaded model plus what is needed to use it: class names, training geometry, settings.
+
+    Options shared by `predict`, `logits` and `probabilities`:
+      mode       auto (the training geometry decides: sliding windows for crop-trained models,
+                 else the whole letterboxed image) | whole | slide
+      tta        False | True (flips x scales 0.75/1.0/1.25) | {"scales": [...], "flip": bool};
+                 scales are relative to the training scale
+      crop_size  sliding window [H, W] (default: the training crop)
+      stride     sliding window step (default: two thirds of the window)
+      test_size  the box [H, W] images are letterboxed into (default: the training image size);
+                 another test scale, e.g. the native size, with the padding and resizing as usual
+    """
+
+    def __init__(self, model: Segmenter, cfg: DictConfig, device: torch.device, source: str = "",
+                 geometry: TrainingGeometry | None = None) -> None:
         self.model = model.eval()
         self.cfg = cfg
         self.device = device
@@ -65,7 +94,8 @@ class Predictor:
         colors = dataset.get("colors")
         self.colors: list[list[int]] | None = [list(c) for c in colors] if colors else None
         self.ignore_index = int(dataset.get("ignore_index", 255))
-        self.image_size: tuple[int, int] = (int(dataset.image_size[0]), int(dataset.image_size[1]))
+        self.geometry = geometry or TrainingGeometry.from_config(cfg)
+        self.image_size: tuple[int, int] = self.geometry.image_size
         trainer = cfg.get("trainer") or {}
         self.channels_last = bool(trainer.get("channels_last", False))
         self.precision = str(trainer.get("precision", "32"))
@@ -85,35 +115,39 @@ class Predictor:
         dtype = AUTOCAST_DTYPES.get(self.precision)
         return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
-    def logits(
-        self,
-        images: torch.Tensor,
-        mode: str = "whole",
-        tta: bool | Mapping[str, Any] | None = False,
-        crop_size: Sequence[int] | None = None,
-        stride: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """images: float (B, 3, H, W) in [0, 1] on any device -> scores (B, C, H, W) on self.device."""
-        return self._run(predict_logits, images, mode, tta, crop_size, stride)
+    def logits(self, images: torch.Tensor, mode: str = "auto", tta: bool | Mapping[str, Any] | None = False,
+               crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
+               test_size: Sequence[int] | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W), uint8 or float in [0, 1], at their own size -> scores (B, C, H, W) at (H, W).
 
-    def probabilities(
-        self,
-        images: torch.Tensor,
-        mode: str = "whole",
-        tta: bool | Mapping[str, Any] | None = False,
-        crop_size: Sequence[int] | None = None,
-        stride: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """Softmax probabilities (B, C, H, W), averaged over the TTA variants."""
-        return self._run(predict_probs, images, mode, tta, crop_size, stride)
+        The scores are computed on the letterboxed image and resized back before any argmax or softmax,
+        so every consumer (argmax, probabilities, an ensemble) sees the same numbers.
+        """
+        box = test_size or self.geometry.image_size
+        boxed = letterbox_images(images.to(self.device), box)
+        return restore_logits(self.box_logits(boxed, mode, tta, crop_size, stride), images.shape[-2:])
 
-    def _run(self, predict_fn: Callable[..., torch.Tensor], images: torch.Tensor, mode: str,
-             tta: bool | Mapping[str, Any] | None, crop_size: Sequence[int] | None,
-             stride: Sequence[int] | None) -> torch.Tensor:
+    def probabilities(self, images: torch.Tensor, mode: str = "auto",
+                      tta: bool | Mapping[str, Any] | None = False, crop_size: Sequence[int] | None = None,
+                      stride: Sequence[int] | None = None, test_size: Sequence[int] | None = None) -> torch.Tensor:
+        """Softmax probabilities (B, C, H, W) at the images' size (averaged over the TTA variants)."""
+        return self.logits(images, mode, tta, crop_size, stride, test_size).float().softmax(1)
+
+    def box_logits(self, boxed: torch.Tensor, mode: str = "auto", tta: bool | Mapping[str, Any] | None = False,
+                   crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None) -> torch.Tensor:
+        """Scores (B, C, h, w) of images already letterboxed into a box (h, w), as a data set yields them.
+
+        With TTA these are the log of the averaged probabilities. `segkit.data.geometry.restore_logits`
+        brings them to each image's original size.
+        """
+        if mode not in MODES:
+            raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "auto":
+            mode = self.geometry.mode
+        window = crop_size or self.geometry.window or self.geometry.image_size
         scales, flip = tta_settings(tta)
         with self.autocast():
-            return predict_fn(self.model, self._to_model_input(images), mode, crop_size or self.image_size,
-                              stride, scales, flip)
+            return predict_logits(self.model, self._to_model_input(boxed), mode, window, stride, scales, flip)
 
     def predict(
         self,
@@ -123,17 +157,18 @@ class Predictor:
         tta: bool | Mapping[str, Any] | None = False,
         crop_size: Sequence[int] | None = None,
         stride: Sequence[int] | None = None,
+        test_size: Sequence[int] | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Class ids (H, W) int64 for one image, (B, H, W) for a batch tensor, a list for a list.
 
-        `mode="auto"` slides a window of the training size over images larger than it.
-        With `return_logits=True` the scores (C, H, W) / (B, C, H, W) come back instead.
-        Results are on the CPU.
+        Each image is brought to the training scale, predicted, and its scores resized back to
+        its own size (H, W) before the argmax. With `return_logits=True` the scores (C, H, W) /
+        (B, C, H, W) come back instead. Results are on the CPU.
         """
         if isinstance(images, (list, tuple)):
-            return [self.predict(image, return_logits, mode, tta, crop_size, stride) for image in images]
+            return [self.predict(image, return_logits, mode, tta, crop_size, stride, test_size) for image in images]
         batch, single = to_batch(images)
-        scores = self.logits(batch, mode, tta, crop_size, stride).float().cpu()
+        scores = self.logits(batch, mode, tta, crop_size, stride, test_size).float().cpu()
         out = scores if return_logits else scores.argmax(1)
         return out[0] if single else out
 
@@ -144,6 +179,37 @@ class Predictor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
+
+
+class Ensemble:
+    """Several predictors whose probabilities are averaged, each run with its own training geometry."""
+
+    def __init__(self, predictors: Sequence[Predictor]) -> None:
+        if not predictors:
+            raise ConfigError("checkpoint", "no checkpoint given")
+        first = predictors[0]
+        for other in predictors[1:]:
+            if other.class_names != first.class_names:
+                raise ConfigError("checkpoint", f"{other.source}: classes {other.class_names} differ from "
+                                  f"{first.source}: {first.class_names}; an ensemble needs the same classes")
+        self.predictors = list(predictors)
+        self.num_classes = first.num_classes
+        self.colors = first.colors
+
+    @classmethod
+    def load(cls, paths: str | Path | Sequence[str | Path], device: str | torch.device | None = "auto",
+             trust: bool = False) -> Ensemble:
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        return cls([load(path, device, trust=trust) for path in paths])
+
+    def probabilities(self, images: torch.Tensor, **options: Any) -> torch.Tensor:
+        """Mean softmax probabilities (B, C, H, W) at the images' size; options as `Predictor.probabilities`."""
+        total: torch.Tensor | None = None
+        for predictor in self.predictors:
+            probs = predictor.probabilities(images, **options).float().cpu()
+            total = probs if total is None else total + probs
+        assert total is not None
+        return total / len(self.predictors)
 
 
 def class_names_of_run(checkpoint: Path, num_classes: int) -> list[str] | None:
@@ -157,7 +223,10 @@ def class_names_of_run(checkpoint: Path, num_classes: int) -> list[str] | None:
 
 
 def to_batch(image: ImageLike) -> tuple[torch.Tensor, bool]:
-    """Any supported image -> (float (B, 3, H, W) in [0, 1], whether it was a single image)."""
+    """Any supported image -> ((B, 3, H, W) uint8, or float in [0, 1], whether it was a single image).
+
+    uint8 stays uint8, so the letterbox rounds exactly as the data set's does in training.
+    """
     if not isinstance(image, (torch.Tensor, np.ndarray)):
         try:  # PIL images
             image = np.asarray(image.convert("RGB"))
@@ -180,7 +249,7 @@ def to_batch(image: ImageLike) -> tuple[torch.Tensor, bool]:
     if tensor.shape[1] == 1:
         tensor = tensor.expand(-1, 3, -1, -1)
     if tensor.dtype == torch.uint8:
-        return tensor.float().div(255), single
+        return tensor, single
     if not tensor.is_floating_point():
         raise ValueError(f"expected uint8 or float images, got {tensor.dtype}")
     return tensor.float(), single
@@ -248,4 +317,4 @@ def load(path: str | Path, device: str | torch.device | None = "auto", trust: bo
             raise CheckpointError(f"{path}: weights do not fit the stored model ({reason})") from None
         model.temperature = stored_temperature(state, path)
     target = resolve_device(device)
-    return Predictor(model.to(target), cfg, target, source=str(path))
+    return Predictor(model.to(target), cfg, target, source=str(path), geometry=checkpoint_geometry(state or {}, cfg))

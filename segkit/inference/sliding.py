@@ -1,24 +1,25 @@
 """Turn a trained Segmenter into predictions: whole image, sliding window, test-time augmentation.
 
 Everything here takes float images in [0, 1] shaped (B, 3, H, W), like the model, and returns
-per-pixel scores at the input size. Sliding windows let a model trained on small crops run on
-large images without resizing them; TTA averages softmax probabilities over flips and scales.
+per-pixel scores at the input size: the images are already at the training scale (the Predictor
+letterboxes them, segkit/data/geometry.py). Sliding windows run a model trained on crops over the
+whole letterboxed image; TTA averages softmax probabilities over flips and scales of it.
 `clean_mask` is the optional post-processing step (small islands and holes).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from segkit.metrics import class_scores
 
 MODES = ("whole", "slide", "auto")
+Network = Callable[[torch.Tensor], torch.Tensor]  # a model, or an exported one's runtime
 DEFAULT_TTA_SCALES = (0.75, 1.0, 1.25)
 
 
@@ -37,7 +38,7 @@ def default_stride(crop_size: Sequence[int]) -> tuple[int, int]:
 
 @torch.no_grad()
 def slide_logits(
-    model: nn.Module,
+    model: Network,
     images: torch.Tensor,
     crop_size: Sequence[int],
     stride: Sequence[int] | None = None,
@@ -85,7 +86,7 @@ def resolve_mode(mode: str, height: int, width: int, crop_size: Sequence[int] | 
 
 @torch.no_grad()
 def forward_logits(
-    model: nn.Module,
+    model: Network,
     images: torch.Tensor,
     mode: str = "whole",
     crop_size: Sequence[int] | None = None,
@@ -105,7 +106,7 @@ def forward_logits(
 
 @torch.no_grad()
 def predict_probs(
-    model: nn.Module,
+    model: Network,
     images: torch.Tensor,
     mode: str = "whole",
     crop_size: Sequence[int] | None = None,
@@ -141,7 +142,7 @@ def predict_probs(
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module,
+    model: Network,
     images: torch.Tensor,
     mode: str = "whole",
     crop_size: Sequence[int] | None = None,

@@ -111,9 +111,37 @@ class SegmentationDataset(Dataset):
         self.gpu_decode = gpu_decode
         self.decode_device: torch.device | None = None  # set by the device cache when gpu_decode is on
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache is True else None
+        self._native_masks: dict[int, torch.Tensor] | None = {} if cache else None
 
     def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def read_native_mask(self, index: int) -> torch.Tensor:
+        """The mask of a sample at its own size; readers with separate mask files read only those."""
+        return self.read(index)[1]
+
+    def native_mask(self, index: int) -> torch.Tensor:
+        """The untouched mask (H, W) of sample `index` at the image's own size, for native-resolution scores.
+
+        Cached (uint8 when every id fits) when `cache` is on, so validation reads each file once.
+        Under on_error=skip a failing sample is replaced by the next readable one, as in `__getitem__`.
+        """
+        for offset in range(len(self) if self.on_error == "skip" else 1):
+            candidate = (index + offset) % len(self)
+            if self._native_masks is not None and candidate in self._native_masks:
+                return self._native_masks[candidate].long()
+            try:
+                mask = self.read_native_mask(candidate)
+                self.check_mask_values(mask, candidate)
+            except DataError:
+                if self.on_error == "raise":
+                    raise
+                continue
+            if self._native_masks is not None:
+                small = max(self.num_classes - 1, self.ignore_index) <= 255
+                self._native_masks[candidate] = mask.to(torch.uint8) if small else mask
+            return mask.long()
+        raise DataError(f"{self.name}[{self.split}]: all {len(self)} masks failed to read")
 
     def describe(self, index: int) -> str:
         return f"{self.name}[{self.split}][{index}]"

@@ -52,6 +52,9 @@ class PairedFiles(SegmentationDataset):
             mask = reduce_zero_label(mask, self.ignore_index)
         return read_image(image_path, self.decode_device), apply_remap(apply_remap(mask, self.id_table), self.remap)
 
+    def read_native_mask(self, index: int) -> torch.Tensor:
+        return apply_remap(self.read_mask(self.pairs[index][1]), self.remap)
+
     def read_mask(self, path: Path) -> torch.Tensor:
         """Raw class ids of a mask file; readers with colour-coded masks override this."""
         return read_mask(path)
