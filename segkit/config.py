@@ -20,7 +20,9 @@ from omegaconf import DictConfig
 from segkit.errors import ConfigError, SegkitError
 from segkit.metrics import MetricConfig
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+# trainer.precision -> the autocast dtype (a torch attribute name; None: no autocast). The one table:
+# segkit.engine.step.autocast reads it for training, validation and the Predictor.
+PRECISIONS: dict[str, str | None] = {"32": None, "16-mixed": "float16", "bf16-mixed": "bfloat16"}
 
 # conf/hydra/launcher/submitit_{slurm,local}.yaml shadow the submitit plugin's nodes on purpose (see
 # _register_launcher_schemas). Hydra 1.3 still also merges a file onto the ConfigStore node of the same

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import build
 from segkit.engine.checkpoint import load_checkpoint, load_safetensors, read_safetensors_config
+from segkit.engine.step import autocast, resolve_device, to_model_input, use_channels_last
 from segkit.engine.trusted import checked_checkpoint_config
-from segkit.errors import CheckpointError, ConfigError
+from segkit.errors import CheckpointError
 from segkit.inference.sliding import DEFAULT_TTA_SCALES, predict_logits, predict_probs
 from segkit.models import Segmenter
 
-AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 ImageLike = Any  # torch.Tensor | PIL.Image.Image | np.ndarray
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda requested but no CUDA device is available")
-    return torch.device(device)
 
 
 def tta_settings(tta: bool | Mapping[str, Any] | None) -> tuple[tuple[float, ...], bool]:
@@ -67,7 +59,7 @@ class Predictor:
         self.ignore_index = int(dataset.get("ignore_index", 255))
         self.image_size: tuple[int, int] = (int(dataset.image_size[0]), int(dataset.image_size[1]))
         trainer = cfg.get("trainer") or {}
-        self.channels_last = bool(trainer.get("channels_last", False))
+        self.channels_last = use_channels_last(trainer.get("channels_last"), device)
         self.precision = str(trainer.get("precision", "32"))
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -80,10 +72,9 @@ class Predictor:
     def __repr__(self) -> str:
         return f"Predictor({self.source or type(self.model.net).__name__}, classes={self.class_names})"
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager:
         """The checkpoint's training precision, so evaluation sees the numbers validation saw."""
-        dtype = AUTOCAST_DTYPES.get(self.precision)
-        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def logits(
         self,
@@ -93,7 +84,7 @@ class Predictor:
         crop_size: Sequence[int] | None = None,
         stride: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """images: float (B, 3, H, W) in [0, 1] on any device -> scores (B, C, H, W) on self.device."""
+        """images: uint8 or float in [0, 1] (B, 3, H, W) on any device -> scores (B, C, H, W) on self.device."""
         return self._run(predict_logits, images, mode, tta, crop_size, stride)
 
     def probabilities(
@@ -111,9 +102,9 @@ class Predictor:
              tta: bool | Mapping[str, Any] | None, crop_size: Sequence[int] | None,
              stride: Sequence[int] | None) -> torch.Tensor:
         scales, flip = tta_settings(tta)
+        images = to_model_input(images, self.device, self.channels_last)
         with self.autocast():
-            return predict_fn(self.model, self._to_model_input(images), mode, crop_size or self.image_size,
-                              stride, scales, flip)
+            return predict_fn(self.model, images, mode, crop_size or self.image_size, stride, scales, flip)
 
     def predict(
         self,
@@ -137,14 +128,6 @@ class Predictor:
         out = scores if return_logits else scores.argmax(1)
         return out[0] if single else out
 
-    def _to_model_input(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device)
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
-
 
 def class_names_of_run(checkpoint: Path, num_classes: int) -> list[str] | None:
     """Names the data set itself supplied (e.g. a dataset.json), as the run's metrics.json recorded them."""
@@ -157,7 +140,9 @@ def class_names_of_run(checkpoint: Path, num_classes: int) -> list[str] | None:
 
 
 def to_batch(image: ImageLike) -> tuple[torch.Tensor, bool]:
-    """Any supported image -> (float (B, 3, H, W) in [0, 1], whether it was a single image)."""
+    """Any supported image -> (uint8, or float in [0, 1], (B, 3, H, W); whether it was a single image).
+
+    uint8 stays uint8: `to_model_input` divides by 255 on the model's device."""
     if not isinstance(image, (torch.Tensor, np.ndarray)):
         try:  # PIL images
             image = np.asarray(image.convert("RGB"))
@@ -180,7 +165,7 @@ def to_batch(image: ImageLike) -> tuple[torch.Tensor, bool]:
     if tensor.shape[1] == 1:
         tensor = tensor.expand(-1, 3, -1, -1)
     if tensor.dtype == torch.uint8:
-        return tensor.float().div(255), single
+        return tensor, single
     if not tensor.is_floating_point():
         raise ValueError(f"expected uint8 or float images, got {tensor.dtype}")
     return tensor.float(), single
