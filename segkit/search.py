@@ -39,6 +39,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from segkit.engine.run_dir import LAST, RunDir
 from segkit.sweeps import TRIAL_FILE, error_message
 
 log = logging.getLogger("segkit")
@@ -323,7 +324,7 @@ class Search:
         """A retried trial continues from the newest checkpoint its interrupted predecessors left."""
         history = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history", [])
         for number in reversed(history):
-            checkpoint = self.sweep_dir / str(number) / "checkpoints" / "last.pt"
+            checkpoint = RunDir(self.sweep_dir / str(number)).checkpoint(LAST)
             if checkpoint.is_file():
                 return [as_override("trainer.resume", str(checkpoint.resolve()))]
         return []

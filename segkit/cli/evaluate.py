@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.cli.common import dumps, hydra_main, json_safe, run_or_exit
+from segkit.engine.run_dir import RunDir
 from segkit.errors import ConfigError
 
 if TYPE_CHECKING:  # the library (torch) is imported where it is used, so --help answers at once
@@ -46,7 +47,7 @@ def default_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
         name += f"_{cfg.mode}"
     if cfg.tta:
         name += "_tta"
-    return checkpoint.parent.parent / "eval" / name
+    return RunDir.of_checkpoint(checkpoint).eval_dir(name)
 
 
 def tta_option(cfg: DictConfig) -> dict[str, Any] | bool:
@@ -172,7 +173,7 @@ def write_evaluation_report(
         "Confusion matrix": save_confusion(summary["confusion_matrix"], names, images / "confusion.png"),
         "Reliability diagram": save_reliability_diagram(summary["calibration"], images / "reliability.png")
         if "calibration" in summary else None,
-        "Training curves": save_training_curves(checkpoint.parent.parent / "epochs.csv",
+        "Training curves": save_training_curves(RunDir.of_checkpoint(checkpoint).epochs_csv,
                                                 images / "training_curves.png"),
     }
     worst = []

@@ -43,6 +43,7 @@ from segkit.engine.distributed import (
 )
 from segkit.engine.optim import build_optimizer
 from segkit.engine.progress import Progress
+from segkit.engine.run_dir import BEST, LAST, RunDir
 from segkit.engine.run_lock import RunLock
 from segkit.engine.step import (
     TrainStep,
@@ -62,7 +63,7 @@ from segkit.privacy import (
     make_model_private_compatible,
 )
 from segkit.reporting.plots import comparison_grid, save_png, stable_palette
-from segkit.trackers.base import Trackers, flatten
+from segkit.trackers.base import build_trackers, flatten
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class Trainer:
             # fit() passes the lock; a Trainer built directly (tests, notebooks) takes none.
             if run_lock is not None:
                 run_lock.acquire_for_job(self.output_dir, self.dist, "training")
-        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.run = RunDir(self.output_dir)  # where every file of the run goes (segkit/engine/run_dir.py)
         if cfg.dataset.get("gpu_decode") and self.device.type != "cuda":
             raise ConfigError("dataset.gpu_decode", f"nvjpeg needs a CUDA device, training runs on {self.device}; "
                               "set it to false")
@@ -162,10 +163,7 @@ class Trainer:
         # The exponential moving average of the weights is what gets validated, selected and saved as `model`.
         self.ema = ModelEmaV3(self.model, decay=self.tcfg.ema_decay) if self.tcfg.ema_decay else None
         self.scaler = build_grad_scaler(self.device, self.tcfg.precision)
-        self.trackers = Trackers(
-            {name: build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()
-             if node is not None and self.dist.is_main}
-        )
+        self.trackers = build_trackers(cfg.get("logger") if self.dist.is_main else None)  # rank 0 tracks
 
         self.train_set = build_dataset(cfg.dataset, "train")
         if train_indices is not None:
@@ -249,9 +247,9 @@ class Trainer:
         if resume is None:
             return
         if resume == "auto":
-            found = load_latest_checkpoint(self.checkpoint_dir)
+            found = load_latest_checkpoint(self.run.checkpoints)
             if found is None:
-                log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
+                log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", self.run.checkpoints)
                 return
             path, state = found
         else:
@@ -298,7 +296,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            self.run.config.write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         params = flatten(OmegaConf.to_container(self.cfg, resolve=True))
         self.trackers.start(self.output_dir, params, {"device": str(self.device)})
         log.info(
@@ -314,7 +312,7 @@ class Trainer:
         finally:
             # Written (and attached) before the trackers close, also when the run failed.
             summary = self._write_summary(status)
-            self.trackers.log_artifact(self.output_dir / "metrics.json")
+            self.trackers.log_artifact(self.run.metrics)
             self.trackers.finish({"STOPPED": "KILLED"}.get(status, status))
         return summary
 
@@ -332,9 +330,9 @@ class Trainer:
             with self._explain_out_of_memory("training", self.tcfg.batch_size):
                 finished_epoch = self._train_epoch()
             if not finished_epoch:
-                self._save("last.pt")
+                self._save(LAST)
                 log.warning("stopped (%s) at step %d; continue with trainer.resume=%s",
-                            self.stop_reason, self.global_step, self.checkpoint_dir / "last.pt")
+                            self.stop_reason, self.global_step, self.run.checkpoint(LAST))
                 return True
             epoch_record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
             epoch_record.update(self._last_train_stats)
@@ -352,7 +350,7 @@ class Trainer:
             self._append_csv(epoch_record)
             self.epoch += 1
             self.samples_done_in_epoch = 0
-            self._save("last.pt")
+            self._save(LAST)
             self._prune_unranked_checkpoints()  # only now that last.pt records the new ranking
             if hook_stop is not None:
                 self.stop_reason = hook_stop
@@ -485,7 +483,7 @@ class Trainer:
         every rank's gradients through the all-reduce anyway)."""
         in_a_row = int(global_max(self.bad_steps_in_a_row, self.dist))
         if in_a_row >= self.tcfg.max_bad_steps:
-            last = self.checkpoint_dir / "last.pt"
+            last = self.run.checkpoint(LAST)
             raise TrainingDiverged(
                 f"loss was NaN/Inf for {in_a_row} steps in a row up to step {self.global_step} "
                 f"(trainer.max_bad_steps={self.tcfg.max_bad_steps}); last good checkpoint: "
@@ -542,7 +540,7 @@ class Trainer:
             self.best_score, self.best_epoch = score, self.epoch
             self.validations_without_improvement = 0
             self.best_validation = result
-            self._save("best.pt")
+            self._save(BEST)
         else:
             self.validations_without_improvement += 1
         self._keep_top_k(score)
@@ -591,10 +589,10 @@ class Trainer:
     def _prune_unranked_checkpoints(self) -> None:
         """Delete epoch=*.pt files outside the ranking (none with save_top_k=0: a resume that leaves the
         key out keeps what an earlier run ranked)."""
-        if not self.tcfg.save_top_k or not self.dist.is_main or not self.checkpoint_dir.is_dir():
+        if not self.tcfg.save_top_k or not self.dist.is_main or not self.run.checkpoints.is_dir():
             return
         ranked = {entry["file"] for entry in self.top_k}
-        for path in self.checkpoint_dir.glob("epoch=*.pt"):
+        for path in self.run.checkpoints.glob("epoch=*.pt"):
             if path.name not in ranked:
                 path.unlink(missing_ok=True)
 
@@ -632,12 +630,12 @@ class Trainer:
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             **({"privacy": self.private.state_dict()} if self.private is not None else {}),
         }
-        save_checkpoint(state, self.checkpoint_dir / name, keep_previous=name == "last.pt")
+        save_checkpoint(state, self.run.checkpoint(name), keep_previous=name == LAST)
 
     def _append_csv(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        path = self.output_dir / "epochs.csv"
+        path = self.run.epochs_csv
         fields = list(record)
         new = not path.exists()
         if not new:
@@ -669,7 +667,7 @@ class Trainer:
             **({"privacy": self.private.summary()} if self.private is not None else {}),
         }
         if self.dist.is_main:
-            (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+            self.run.metrics.write_text(json.dumps(summary, indent=2))
         if best is not None:
             log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
         return summary

@@ -9,7 +9,6 @@ images or numpy arrays; outputs are class ids.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import build
 from segkit.engine.checkpoint import load_checkpoint, load_safetensors, read_safetensors_config
+from segkit.engine.run_dir import RunDir
 from segkit.engine.step import autocast, resolve_device, to_model_input, use_channels_last
 from segkit.engine.trusted import checked_checkpoint_config
 from segkit.errors import CheckpointError
@@ -131,11 +131,7 @@ class Predictor:
 
 def class_names_of_run(checkpoint: Path, num_classes: int) -> list[str] | None:
     """Names the data set itself supplied (e.g. a dataset.json), as the run's metrics.json recorded them."""
-    summary = checkpoint.parent.parent / "metrics.json"
-    try:
-        names = json.loads(summary.read_text()).get("class_names")
-    except (OSError, ValueError, AttributeError):
-        return None
+    names = (RunDir.of_checkpoint(checkpoint).read_metrics() or {}).get("class_names")
     return list(names) if isinstance(names, list) and len(names) == num_classes else None
 
 
