@@ -17,7 +17,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from segkit.cli.common import run_or_exit
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from segkit.errors import SegkitError, one_line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,7 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from segkit.engine.reproduce import reproduce  # after parsing: --help answers without torch
 
-    result = run_or_exit(lambda: reproduce(args.run_dir, args.overrides, args.out, trust=args.trust))
+    try:
+        result = reproduce(args.run_dir, args.overrides, args.out, trust=args.trust)
+    except (SegkitError, HydraException, OmegaConfBaseException) as error:  # no run there, a config refused,
+        print(f"error: {one_line(error)}", file=sys.stderr)                # a bad override
+        return 2
     out, original = result.run.path, args.run_dir.resolve()
     if result.differ is None:
         print(f"reproduced into {out} (no metrics.json to compare)")
