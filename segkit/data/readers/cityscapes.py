@@ -1,130 +1,69 @@
-"""Images and masks in two directories, matched by file stem (`img1.jpg` <-> `img1.png`).
+"""Cityscapes fine: leftImg8bit/{split}/{city}/X_leftImg8bit.png <-> gtFine/.../X_gtFine_labelIds.png.
 
-Options on top of the two directories:
-- `split_names`: the folder name of each split where it is not train / val (ADE20K: training, validation).
-- `reduce_zero_label` (ADE20K) and `id_mapping: coco_stuff_171` (COCO-Stuff 164k): benchmark id
-  conventions, see segkit/data/readers/conventions.py; conf/dataset/{ade20k,coco_stuff164k}.yaml use them.
-- `split_file`: a list of stems per split (e.g. `splits/{split}.txt` or `splits/fold{fold}/{split}.txt`,
-  written by `segkit-split`), when one directory holds every split.
-- `dataset.json` in the root: `{"class_names": [...], "colors": [[r, g, b], ...]}`, used where the
-  config leaves `class_names` / `colors` unset.
-- `colors`: colour table for RGB masks (colour i -> class i, `ignore_colors` -> ignore_index).
-  Single-channel masks (8/16-bit PNG or TIFF) and palette PNGs are read as class ids as they are.
+`labels: label_ids` (default) reads the *_labelIds.png files of the download, which hold the 34
+full label ids; training uses the 19 evaluated classes ("train ids"). A lookup table maps each
+label id to its train id and every other value (void classes, license plate, anything unknown)
+to ignore_index, as the official cityscapesScripts do.
+`labels: train_ids` reads the *_labelTrainIds.png files that cityscapesScripts'
+createTrainIdLabelImgs writes (and MMSegmentation's converter): 0..18 already, 255 ignored.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from segkit.data.readers.pairs import PairedFiles, require_dir
+from segkit.errors import ConfigError
 
-from segkit.data.io import IMAGE_SUFFIXES, ColorTable, read_color_mask, read_stem_list
-from segkit.data.readers.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir
-from segkit.errors import ConfigError, DataError
+# label id -> train id, for the 19 evaluated classes (cityscapesScripts helpers/labels.py).
+LABEL_TO_TRAIN_ID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
+LABEL_FILES = {"label_ids": "_gtFine_labelIds.png", "train_ids": "_gtFine_labelTrainIds.png"}
+CITYSCAPES_COLORS = [
+    [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153], [153, 153, 153],
+    [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
+    [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32],
+]
 
 
-class FolderDataset(PairedFiles):
+class CityscapesDataset(PairedFiles):
     def __init__(
         self,
         *,
         split: str,
         root: str,
-        image_dir: str = "images/{split}",
-        mask_dir: str = "masks/{split}",
-        split_names: Mapping[str, str] | None = None,
-        remap: Mapping[int, int] | None = None,
-        split_file: str | None = None,
-        fold: int | None = None,
-        dataset_json: str | None = "dataset.json",
-        colors: Sequence[Sequence[int]] | None = None,
-        ignore_colors: Sequence[Sequence[int]] = (),
+        image_dir: str = "leftImg8bit/{split}",
+        mask_dir: str = "gtFine/{split}",
+        image_suffix: str = "_leftImg8bit.png",
+        labels: str = "label_ids",
+        mask_suffix: str | None = None,
         **common: Any,
     ) -> None:
+        if labels not in LABEL_FILES:
+            raise ConfigError("dataset.labels", f"must be label_ids or train_ids, got {labels!r}")
+        ignore = int(common["ignore_index"])
+        remap = {label: LABEL_TO_TRAIN_ID.get(label, ignore) for label in range(256)} if labels == "label_ids" else {}
+        mask_suffix = mask_suffix or LABEL_FILES[labels]
         super().__init__(split=split, remap=remap, **common)
         self.root = Path(root).expanduser()
-        folder = (split_names or {}).get(split, split)
-        self.image_dir = self.root / image_dir.format(split=folder)
-        self.mask_dir = self.root / mask_dir.format(split=folder)
-        info = self._read_dataset_json(dataset_json)
-        if common.get("class_names") is None and info.get("class_names"):
-            self.class_names = list(info["class_names"])
-        colors = colors if colors is not None else info.get("colors")
-        self.colors = [list(map(int, c)) for c in colors] if colors else None
-        if self.colors is not None and len(self.colors) != self.num_classes:
-            raise ConfigError(
-                "dataset.colors", f"has {len(self.colors)} colours but dataset.num_classes={self.num_classes}"
-            )
-        self.color_table = ColorTable(self.colors, self.ignore_index, ignore_colors) if self.colors else None
-        self.split_path = self._split_path(split_file, fold)
-        self._match_pairs()
-
-    def read_mask(self, path: Path) -> torch.Tensor:
-        return read_color_mask(path, self.color_table)
-
-    def _read_dataset_json(self, name: str | None) -> dict[str, Any]:
-        """class_names / colors from <root>/dataset.json, each checked: one line naming the file and key."""
-        path = self.root / name if name else None
-        if path is None or not path.is_file():
-            return {}
-        try:
-            info = json.loads(path.read_text(encoding="utf-8-sig"))
-        except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise DataError(f"{path}: cannot read dataset description ({error})") from None
-        if not isinstance(info, dict):
-            raise DataError(f"{path}: expected an object like {{\"class_names\": [...], \"colors\": [...]}}, "
-                            f"got a {type(info).__name__}")
-        names, colors = info.get("class_names"), info.get("colors")
-        if names is not None:
-            if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
-                raise DataError(f"{path}: class_names must be a list of non-empty names, got {names!r:.80}")
-            if len(names) != self.num_classes:
-                raise DataError(f"{path}: {len(names)} class_names but dataset.num_classes={self.num_classes}")
-        if colors is not None:
-            rgb = isinstance(colors, list) and all(
-                isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
-                for c in colors)
-            if not rgb:
-                raise DataError(f"{path}: colors must be a list of [r, g, b] integer triples (0..255), "
-                                f"got {colors!r:.80}")
-        return info
-
-    def _split_path(self, split_file: str | None, fold: int | None) -> Path | None:
-        if split_file is None:
-            return None
-        if "{fold}" in split_file and fold is None:
-            raise ConfigError("dataset.fold", f"split_file {split_file!r} has {{fold}}; set a fold 0..k-1")
-        path = self.root / split_file.format(split=self.split, fold=fold)
-        if not path.is_file():
-            raise DataError(f"{path}: split list not found (check dataset.split_file and dataset.fold)")
-        return path
-
-    def _match_pairs(self) -> None:
+        self.image_dir = self.root / image_dir.format(split=split)
+        self.mask_dir = self.root / mask_dir.format(split=split)
+        self.colors = CITYSCAPES_COLORS[: self.num_classes]
         require_dir(self.image_dir, "image_dir")
         require_dir(self.mask_dir, "mask_dir")
-        images, image_duplicates = files_by_stem(self.image_dir)
-        masks, mask_duplicates = files_by_stem(self.mask_dir)
-        problems = duplicate_problems(image_duplicates) + duplicate_problems(mask_duplicates)
-        duplicated = set(image_duplicates) | set(mask_duplicates)
-        if self.split_path is not None:
-            stems = read_stem_list(self.split_path)
-        else:
-            stems = sorted(images)
-            self.unused_files = [f"{masks[s]}: missing image, mask without '{s}.*' in {self.image_dir}"
-                                 for s in sorted(set(masks) - set(images) - duplicated)]
-        pairs = []
-        for stem in stems:
-            if stem in duplicated:
-                continue
-            if stem not in images:
-                where = masks.get(stem, self.split_path)
-                hint = ("; list stems without the extension" if Path(stem).suffix.lower() in IMAGE_SUFFIXES
-                        and Path(stem).stem in images else "")
-                problems.append(f"{where}: missing image, no '{stem}.*' in {self.image_dir}{hint}")
-            elif stem not in masks:
-                problems.append(f"{images[stem]}: missing mask, no '{stem}.*' in {self.mask_dir}")
+        pairs, problems = [], []
+        images = sorted(self.image_dir.glob(f"*/*{image_suffix}"))
+        for image in images:
+            prefix = image.name[: -len(image_suffix)]
+            mask = self.mask_dir / image.parent.name / f"{prefix}{mask_suffix}"
+            if mask.is_file():
+                pairs.append((image, mask))
             else:
-                pairs.append((images[stem], masks[stem]))
+                problems.append(f"{image}: missing mask {mask.relative_to(self.root)}")
+        expected = {mask for _, mask in pairs}
+        self.unused_files = [f"{m}: missing image for this mask"
+                             for m in sorted(self.mask_dir.glob(f"*/*{mask_suffix}")) if m not in expected]
         self.set_pairs(pairs, problems, self.image_dir)
