@@ -13,7 +13,7 @@ from .conftest import ROOT
 TRAIN = [sys.executable, str(ROOT / "train.py")]
 # (command, expected exit status, text its output must hold)
 COMMANDS = {
-    "train --help": ([*TRAIN, "--help"], 0, "dataset: camvid"),
+    "train --help": ([*TRAIN, "--help"], 0, "== Configuration groups =="),
     "train --cfg job": ([*TRAIN, "--cfg", "job"], 0, "max_epochs: 10"),
     "train, a bad value": ([*TRAIN, "trainer.batch_size=0"], 2, "error: trainer.batch_size: must be > 0"),
     "train, an unknown key": ([*TRAIN, "trainer.no_such_key=1"], 1, "no_such_key"),

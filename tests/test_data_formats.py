@@ -528,7 +528,7 @@ def test_init_config_recognises_benchmark_layouts(tmp_path, layout, capsys):
     target = init_config.run(init_config.parse_args([str(tmp_path / "data"), "--out", str(tmp_path / "conf")]))
     out = capsys.readouterr().out
     assert "problem:" not in out, out
-    loaded = init_config.load_dataset_config(init_config.detect_layout(tmp_path / "data"), target.read_text())
+    loaded = init_config.load_dataset_config(detect_layout(tmp_path / "data"), target.read_text())
     if layout == "ade20k":
         assert out.startswith("layout: ade20k") and loaded.reduce_zero_label and loaded.num_classes == 150
         assert dict(loaded.split_names) == {"train": "training", "val": "validation"}
