@@ -449,13 +449,13 @@ def measure_objectives(cfg: DictConfig, objectives: Sequence[str], summary: dict
 def _inference_model(cfg: DictConfig) -> tuple[Any, Any]:
     """The run's network in eval mode on its device (weights do not change the timing: none are loaded)."""
     from segkit.config import build
-    from segkit.engine.trainer import select_device
+    from segkit.engine.step import resolve_device
 
     model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
     backbone = model_cfg.get("backbone")
     if isinstance(backbone, DictConfig) and "pretrained" in backbone:
         backbone.pretrained = False  # never download for a timing
-    device = select_device(str(cfg.trainer.accelerator))
+    device = resolve_device(str(cfg.trainer.accelerator), "trainer.accelerator")
     return build(model_cfg, "model").to(device).eval(), device
 
 
