@@ -27,8 +27,7 @@ from segkit.errors import ConfigError
 
 DECODER_BLOCKS = {"se": SEModule, "cbam": CbamModule}
 CONTEXT_BLOCKS = {"nonlocal": NonLocalAttn}
-DECODER_ATTENTION_ARCHS = ("unet", "unetplusplus")  # decoders whose blocks have an attention2 slot
-SKIP_GATE_ARCHS = ("unet",)
+# Which architecture has which slot is a column of segkit.models.ARCHITECTURES, checked before this runs.
 ATTENTION_KEYS = ("decoder", "skip_gates", "context")
 
 
@@ -80,30 +79,28 @@ class ContextDecoder(nn.Module):
         return self.decoder([*features[:-1], self.context(features[-1])])
 
 
-def add_attention(net: nn.Module, arch: str, attention: Mapping[str, Any] | None) -> nn.Module:
-    """Insert the blocks `attention` asks for into the smp network `net` (in place); return it."""
+def add_attention(net: nn.Module, attention: Mapping[str, Any] | None) -> nn.Module:
+    """Insert the blocks `attention` asks for into the smp network `net` (in place); return it.
+
+    The architecture must have each requested slot (segkit.models.check_attention_slots)."""
     attention = dict(attention or {})
     unknown = sorted(set(attention) - set(ATTENTION_KEYS))
     if unknown:
         raise ConfigError(f"model.attention.{unknown[0]}", f"unknown key; known: {', '.join(ATTENTION_KEYS)}")
     decoder, skip_gates, context = attention.get("decoder"), attention.get("skip_gates"), attention.get("context")
     if decoder is not None:
-        _add_decoder_attention(net, arch, decoder)
+        _add_decoder_attention(net, decoder)
     if skip_gates:
-        _add_skip_gates(net, arch)
+        _add_skip_gates(net)
     if context is not None:
         _add_context(net, context)
     return net
 
 
-def _add_decoder_attention(net: nn.Module, arch: str, kind: str) -> None:
+def _add_decoder_attention(net: nn.Module, kind: str) -> None:
+    """SE / CBAM into the `attention2` slot of each U-Net / U-Net++ decoder block."""
     if kind not in DECODER_BLOCKS:
         raise _unknown("decoder", kind, DECODER_BLOCKS)
-    if arch not in DECODER_ATTENTION_ARCHS:
-        raise ConfigError(
-            "model.attention.decoder",
-            f"{arch} has no decoder blocks to attend in; use model={' or model='.join(DECODER_ATTENTION_ARCHS)}",
-        )
     for block in net.decoder.modules():
         slot = getattr(block, "attention2", None)
         if slot is None:  # not a decoder block, or an empty U-Net++ node
@@ -113,9 +110,7 @@ def _add_decoder_attention(net: nn.Module, arch: str, kind: str) -> None:
         block.attention2 = DECODER_BLOCKS[kind](block.conv2[0].out_channels)
 
 
-def _add_skip_gates(net: nn.Module, arch: str) -> None:
-    if arch not in SKIP_GATE_ARCHS:
-        raise ConfigError("model.attention.skip_gates", f"gates need the U-Net decoder (model=unet), not {arch}")
+def _add_skip_gates(net: nn.Module) -> None:
     # smp's UnetDecoder pairs block i with the (i+1)-th deepest encoder feature; the gate signal is
     # the block's input: the deepest feature for block 0, the previous block's output after that.
     deep_to_shallow = list(net.encoder.out_channels)[1:][::-1]

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import validate_config
 from segkit.data.loading import build_loader
+from segkit.engine.step import to_model_input
 from segkit.engine.trainer import Trainer
 from segkit.inference.sliding import forward_logits
 from segkit.reference_pipeline import reference_loader
@@ -90,15 +91,16 @@ def interleave(variants: dict[str, Step], device: torch.device, *, windows: int,
 
 # ---------------------------------------------------------------------------- the variants
 def segkit_train_step(trainer: Trainer) -> Step:
-    """The Trainer's own step on its own batches (device cache or prefetched DataLoader)."""
+    """The Trainer's own step (segkit.engine.step.TrainStep) on its own batches (device cache or prefetched
+    DataLoader)."""
     source = endless(trainer.train_loader)
     loss_sum = torch.zeros((), device=trainer.device)
 
     def step() -> int:
         images, masks = next(source)
-        loss = trainer._train_batch(images, masks, 1)
+        loss = trainer.step.backward(images, masks)
         loss_sum.add_(torch.where(torch.isfinite(loss), loss, 0.0))  # the loop's device-side bookkeeping
-        trainer._optimizer_step()
+        trainer.step.optimizer_step()
         return images.shape[0]
 
     return step
@@ -106,17 +108,16 @@ def segkit_train_step(trainer: Trainer) -> Step:
 
 def ceiling_step(trainer: Trainer, crop: tuple[int, int]) -> Step:
     """The same model, optimizer step and precision on one batch already on the device: no data, no augmentation."""
+    train = trainer.step
     batch = trainer.tcfg.batch_size
-    images = torch.rand(batch, 3, *crop, device=trainer.device)
-    if trainer.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = to_model_input(torch.rand(batch, 3, *crop, device=trainer.device), channels_last=train.channels_last)
     masks = torch.randint(0, trainer.train_set.num_classes, (batch, *crop), device=trainer.device)
 
     def step() -> int:
-        with trainer._autocast():
-            logits = trainer.forward(images)
-        trainer.scaler.scale(trainer.loss_fn(logits.float(), masks)).backward()
-        trainer._optimizer_step()
+        with train.autocast():
+            logits = train.forward(images)
+        train.scaler.scale(train.loss_fn(logits.float(), masks)).backward()
+        train.optimizer_step()
         return batch
 
     return step
@@ -129,27 +130,26 @@ def plain_step(trainer: Trainer, loader: Iterable, augment_on_device: bool) -> S
     otherwise the reference loop (float batches already augmented on the CPU by the workers).
     """
     source = endless(loader)
-    device = trainer.device
-    scaler = trainer.scaler if trainer.tcfg.precision == "16-mixed" else None  # only fp16 needs loss scaling
+    train = trainer.step
+    scaler = train.scaler if train.precision == "16-mixed" else None  # only fp16 needs loss scaling
 
     def step() -> int:
         images, masks = next(source)
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        images, masks = to_model_input(images, trainer.device), masks.to(trainer.device, non_blocking=True)
         if augment_on_device:
-            images, masks = trainer.augment(images.float().div_(255), masks)
-        if trainer.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with trainer._autocast():
-            logits = trainer.forward(images)
-        loss = trainer.loss_fn(logits.float(), masks)
+            images, masks = train.augment(images, masks)
+        images = to_model_input(images, channels_last=train.channels_last)
+        with train.autocast():
+            logits = train.forward(images)
+        loss = train.loss_fn(logits.float(), masks)
         if scaler is None:
             loss.backward()
-            trainer.optimizer.step()
+            train.optimizer.step()
         else:
             scaler.scale(loss).backward()
-            scaler.step(trainer.optimizer)
+            scaler.step(train.optimizer)
             scaler.update()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        train.optimizer.zero_grad(set_to_none=True)
         return images.shape[0]
 
     return step
@@ -157,15 +157,14 @@ def plain_step(trainer: Trainer, loader: Iterable, augment_on_device: bool) -> S
 
 def eval_step(trainer: Trainer, batches: Iterable, mode: str, crop: tuple[int, int]) -> Step:
     source = endless(batches)
+    train = trainer.step
 
     @torch.no_grad()
     def step() -> int:
         images, masks = next(source)
-        images = images.to(trainer.device, non_blocking=True).float().div_(255)
-        if trainer.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with trainer._autocast():
-            logits = forward_logits(trainer.forward, images, mode=mode, crop_size=crop)
+        images = to_model_input(images, trainer.device, train.channels_last)
+        with train.autocast():
+            logits = forward_logits(train.forward, images, mode=mode, crop_size=crop)
         trainer.metrics.update(logits, masks.to(trainer.device, non_blocking=True))
         return images.shape[0]
 
@@ -178,7 +177,7 @@ def data_step(batches: Iterable, augment: Callable | None = None) -> Step:
     def step() -> int:
         images, masks = next(source)
         if augment is not None:
-            augment(images.float().div_(255), masks)
+            augment(to_model_input(images), masks)
         return images.shape[0]
 
     return step
@@ -237,7 +236,7 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
             trainer.model.train()
             labels = {
                 "ceiling": "ceiling: synthetic batch on the device, no data, no augmentation",
-                "segkit": f"segkit: Trainer._train_batch + _optimizer_step, {source}, Kornia on {device.type}",
+                "segkit": f"segkit: TrainStep.backward + optimizer_step, {source}, Kornia on {device.type}",
                 "bare": f"bare loop: handwritten, {'device cache' if cached else 'DataLoader'}, Kornia on "
                         f"{device.type}, no scaler/scheduler",
                 "reference": "reference: DataLoader + torchvision v2 CPU augmentation, plain loop",

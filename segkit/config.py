@@ -18,9 +18,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from segkit.errors import ConfigError, SegkitError
-from segkit.metrics import MetricConfig
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+# trainer.precision -> the autocast dtype (a torch attribute name; None: no autocast). The one table:
+# segkit.engine.step.autocast reads it for training, validation and the Predictor.
+PRECISIONS: dict[str, str | None] = {"32": None, "16-mixed": "float16", "bf16-mixed": "bfloat16"}
 
 # conf/hydra/launcher/submitit_{slurm,local}.yaml shadow the submitit plugin's nodes on purpose (see
 # _register_launcher_schemas). Hydra 1.3 still also merges a file onto the ConfigStore node of the same
@@ -29,6 +30,17 @@ PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 warnings.filterwarnings(
     "ignore", message=r"\s*'hydra/launcher/submitit_(slurm|local)' is validated against ConfigStore schema"
 )
+
+
+@dataclass
+class MetricConfig:
+    """One entry of the `metrics:` config: a torchmetrics (or segkit.metrics) class and where it runs."""
+
+    metric: str = "???"  # class path, e.g. torchmetrics.classification.MulticlassF1Score
+    params: dict[str, Any] = field(default_factory=dict)
+    stages: list[str] = field(default_factory=lambda: ["val", "test"])
+    prog_bar: bool = False  # also shown in the training progress bar
+    input: str = "labels"  # labels: (B, H, W) class ids; probs: (B, C, H, W) softmax probabilities
 
 
 @dataclass

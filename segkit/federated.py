@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from segkit.engine.run_dir import LAST
 from segkit.errors import ConfigError, SegkitError
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here; Flower would try to report usage
@@ -205,7 +206,7 @@ class GlobalModel:
     def _resume(self) -> None:
         from segkit.engine.checkpoint import load_latest_checkpoint
 
-        found = load_latest_checkpoint(self.trainer.checkpoint_dir)
+        found = load_latest_checkpoint(self.trainer.run.checkpoints)
         if found is None:
             return
         path, state = found
@@ -233,7 +234,7 @@ class GlobalModel:
         self.trainer.history.append(record)
         self.trainer._append_csv(record)
         self.trainer.epoch = round_number
-        self.trainer._save("last.pt")
+        self.trainer._save(LAST)
         return 0.0, {k: v for k, v in record.items() if isinstance(v, float)}
 
     def client_metrics(self, metrics: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:

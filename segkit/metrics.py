@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,17 +37,6 @@ def class_scores(logits: torch.Tensor) -> torch.Tensor:
     if logits.ndim == 4 and logits.shape[1] == 1:
         return torch.cat([torch.zeros_like(logits), logits], dim=1)
     return logits
-
-
-@dataclass
-class MetricConfig:
-    """One entry of the `metrics:` config: a torchmetrics (or segkit.metrics) class and where it runs."""
-
-    metric: str = "???"  # class path, e.g. torchmetrics.classification.MulticlassF1Score
-    params: dict[str, Any] = field(default_factory=dict)
-    stages: list[str] = field(default_factory=lambda: ["val", "test"])
-    prog_bar: bool = False  # also shown in the training progress bar
-    input: str = "labels"  # labels: (B, H, W) class ids; probs: (B, C, H, W) softmax probabilities
 
 
 @dataclass

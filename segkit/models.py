@@ -9,6 +9,7 @@ stride and resizing logits to the input, so training, prediction and export see 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +21,39 @@ from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
-from segkit.attention import add_attention
+from segkit.attention import ATTENTION_KEYS, add_attention
 from segkit.errors import ConfigError
 
-SMP_ARCHS = {
-    "deeplabv3": "DeepLabV3",
-    "deeplabv3plus": "DeepLabV3Plus",
-    "unet": "Unet",
-    "unetplusplus": "UnetPlusPlus",
-    "fpn": "FPN",
-    "pspnet": "PSPNet",
-    "segformer": "Segformer",
-    "upernet": "UPerNet",
+SMP, HEAD, TORCHVISION = "smp", "head", "torchvision"
+CONTEXT_ONLY = ("context",)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What segkit knows about a `model.arch`: one row of ARCHITECTURES."""
+
+    family: str  # smp: smp.create_model on a timm encoder | head: a timm encoder + torchvision's FCN / LR-ASPP
+    #              head (EncoderHead) | torchvision: torchvision's complete builder, its own backbone
+    builder: str  # the smp class name, the head, or the torchvision.models.segmentation function
+    dilates: bool = False  # takes backbone.output_stride 8 / 16 (dilated encoder)
+    attention: tuple[str, ...] = ()  # the model.attention keys its network has slots for (segkit/attention.py)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "deeplabv3": Architecture(SMP, "DeepLabV3", dilates=True, attention=CONTEXT_ONLY),
+    "deeplabv3plus": Architecture(SMP, "DeepLabV3Plus", dilates=True, attention=CONTEXT_ONLY),
+    "unet": Architecture(SMP, "Unet", attention=("decoder", "skip_gates", "context")),
+    "unetplusplus": Architecture(SMP, "UnetPlusPlus", attention=("decoder", "context")),
+    "fpn": Architecture(SMP, "FPN", attention=CONTEXT_ONLY),
+    "pspnet": Architecture(SMP, "PSPNet", attention=CONTEXT_ONLY),
+    "segformer": Architecture(SMP, "Segformer", attention=CONTEXT_ONLY),
+    "upernet": Architecture(SMP, "UPerNet", attention=CONTEXT_ONLY),
+    "fcn": Architecture(HEAD, "fcn", dilates=True),
+    "lraspp": Architecture(HEAD, "lraspp", dilates=True),
+    **{name: Architecture(TORCHVISION, name) for name in (
+        "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+        "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")},
 }
-HEAD_ARCHS = ("fcn", "lraspp")
-TORCHVISION_ARCHS = (
-    "fcn_resnet50",
-    "fcn_resnet101",
-    "deeplabv3_resnet50",
-    "deeplabv3_resnet101",
-    "deeplabv3_mobilenet_v3_large",
-    "lraspp_mobilenet_v3_large",
-)
-ARCHS = (*SMP_ARCHS, *HEAD_ARCHS, *TORCHVISION_ARCHS)
-DILATABLE = ("deeplabv3", "deeplabv3plus", "fcn", "lraspp")  # architectures that take output_stride
 
 
 class Segmenter(nn.Module):
@@ -138,24 +148,24 @@ def build_model(
     `attention` (the model.attention node: decoder / skip_gates / context) inserts attention blocks
     into smp architectures (segkit/attention.py)."""
     options = dict(options or {})
-    if arch not in ARCHS:
-        raise ConfigError("model.arch", f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    wants_attention = any(value for value in (attention or {}).values())
-    if wants_attention and arch not in SMP_ARCHS:
-        raise ConfigError("model.attention", f"attention blocks go into smp architectures, not {arch}")
+    if arch not in ARCHITECTURES:
+        raise ConfigError("model.arch", f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    spec = ARCHITECTURES[arch]
+    check_attention_slots(arch, attention)
     name, output_stride = backbone["name"], backbone.get("output_stride")
     if output_stride is not None and output_stride not in (8, 16, 32):
         raise ConfigError("backbone.output_stride", f"must be 8, 16 or 32, got {output_stride}")
-    if output_stride not in (None, 32) and arch not in DILATABLE:
+    if output_stride not in (None, 32) and not spec.dilates:
         raise ConfigError("backbone.output_stride", f"{arch} does not use output_stride; set it to null")
 
     pretrained, weights_file = bool(backbone.get("pretrained")), backbone.get("weights")
     download = pretrained and not weights_file
-    if arch in TORCHVISION_ARCHS:
-        net, encoder = _torchvision_model(arch, num_classes, download, options)
+    if spec.family == TORCHVISION:
+        net, encoder = _torchvision_model(spec.builder, num_classes, download, options)
     else:
         net, encoder = _timm_model(arch, name, output_stride, num_classes, options, download)
-        add_attention(net, arch, attention)  # checks the node's keys even when nothing is switched on
+        if spec.family == SMP:
+            add_attention(net, attention)  # checks the node's keys even when nothing is switched on
     if pretrained and weights_file:
         load_encoder_weights(encoder, name, weights_file)
     return Segmenter(
@@ -163,18 +173,32 @@ def build_model(
     )
 
 
+def check_attention_slots(arch: str, attention: Mapping[str, Any] | None) -> None:
+    """Every attention block switched on needs its slot in `arch`'s network (ARCHITECTURES[arch].attention)."""
+    wanted = [key for key, value in (attention or {}).items() if value]
+    slots = ARCHITECTURES[arch].attention
+    if wanted and not slots:
+        raise ConfigError("model.attention", f"attention blocks go into smp architectures, not {arch}")
+    for key in wanted:
+        if key in ATTENTION_KEYS and key not in slots:
+            able = [name for name, spec in ARCHITECTURES.items() if key in spec.attention]
+            raise ConfigError(f"model.attention.{key}",
+                              f"{arch} has no slot for these blocks; use model={' or model='.join(able)}")
+
+
 def _timm_model(
     arch: str, name: str, output_stride: int | None, num_classes: int, options: dict[str, Any], download: bool
 ) -> tuple[nn.Module, nn.Module]:
     weights = True if download else None  # smp's `tu-` encoders take True for timm's default weights
     try:
-        if arch in HEAD_ARCHS:
+        spec = ARCHITECTURES[arch]
+        if spec.family == HEAD:
             encoder = smp.encoders.get_encoder(f"tu-{name}", weights=weights, output_stride=output_stride or 32)
-            return EncoderHead(encoder, arch, num_classes), encoder
+            return EncoderHead(encoder, spec.builder, num_classes), encoder
         if output_stride is not None:
             options["encoder_output_stride"] = output_stride
         net = smp.create_model(
-            SMP_ARCHS[arch], encoder_name=f"tu-{name}", encoder_weights=weights, classes=num_classes, **options
+            spec.builder, encoder_name=f"tu-{name}", encoder_weights=weights, classes=num_classes, **options
         )
     except (RuntimeError, ValueError, TypeError, KeyError, AssertionError, OSError) as error:
         if download and not isinstance(error, (TypeError, KeyError, AssertionError)):

@@ -39,6 +39,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from segkit.engine.run_dir import LAST, RunDir
 from segkit.sweeps import TRIAL_FILE, error_message
 
 log = logging.getLogger("segkit")
@@ -323,7 +324,7 @@ class Search:
         """A retried trial continues from the newest checkpoint its interrupted predecessors left."""
         history = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history", [])
         for number in reversed(history):
-            checkpoint = self.sweep_dir / str(number) / "checkpoints" / "last.pt"
+            checkpoint = RunDir(self.sweep_dir / str(number)).checkpoint(LAST)
             if checkpoint.is_file():
                 return [as_override("trainer.resume", str(checkpoint.resolve()))]
         return []
@@ -448,13 +449,13 @@ def measure_objectives(cfg: DictConfig, objectives: Sequence[str], summary: dict
 def _inference_model(cfg: DictConfig) -> tuple[Any, Any]:
     """The run's network in eval mode on its device (weights do not change the timing: none are loaded)."""
     from segkit.config import build
-    from segkit.engine.trainer import select_device
+    from segkit.engine.step import resolve_device
 
     model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
     backbone = model_cfg.get("backbone")
     if isinstance(backbone, DictConfig) and "pretrained" in backbone:
         backbone.pretrained = False  # never download for a timing
-    device = select_device(str(cfg.trainer.accelerator))
+    device = resolve_device(str(cfg.trainer.accelerator), "trainer.accelerator")
     return build(model_cfg, "model").to(device).eval(), device
 
 

@@ -16,13 +16,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.cli.common import dumps
+from segkit.engine.run_dir import RunDir
 from segkit.errors import SegkitError, one_line
 
 log = logging.getLogger("segkit")
 T = TypeVar("T")
 
-FAILED_FILE = "failed.json"
-METRICS_FILE = "metrics.json"
 TRIAL_FILE = "trial.json"  # an Optuna trial's outcome (segkit/search.py)
 
 
@@ -30,7 +29,7 @@ def run_sweep_job(job: Callable[[], T], cfg: DictConfig, output_dir: str | Path,
                   overrides: Sequence[str]) -> T | None:
     """Run one multirun job; any exception becomes failed.json and a None result."""
     output_dir = Path(output_dir)
-    marker = output_dir / "config.yaml"  # the trainer writes it right before starting its trackers
+    marker = RunDir(output_dir).config  # the trainer writes it right before starting its trackers
     before = _mtime(marker)
     try:
         return job()
@@ -56,7 +55,7 @@ def record_failure(cfg: DictConfig, output_dir: Path, error: BaseException, over
         "overrides": overrides,
         "traceback": "".join(traceback.format_exception(error)),
     }
-    (output_dir / FAILED_FILE).write_text(json.dumps(record, indent=2))
+    RunDir(output_dir).failed.write_text(json.dumps(record, indent=2))
     log.error("job failed (%s): %s; the sweep goes on", " ".join(overrides), message)
     if not trackers_started:  # failed while building (model, data): no tracker run exists yet
         _failed_tracker_run(cfg, output_dir, message)
@@ -64,8 +63,7 @@ def record_failure(cfg: DictConfig, output_dir: Path, error: BaseException, over
 
 def _failed_tracker_run(cfg: DictConfig, output_dir: Path, message: str) -> None:
     """Open and close a tracker run marked FAILED, so the sweep's tracker shows every job."""
-    from segkit.config import build
-    from segkit.trackers.base import Trackers, flatten
+    from segkit.trackers.base import build_trackers, flatten
 
     try:
         loggers = dict(cfg.get("logger") or {})
@@ -76,18 +74,10 @@ def _failed_tracker_run(cfg: DictConfig, output_dir: Path, message: str) -> None
     except Exception as error:  # noqa: BLE001
         log.warning("could not record the failed job in the trackers (%s)", error)
         return
-    trackers = {}
-    for name, node in loggers.items():
-        if node is None:
-            continue
-        try:
-            trackers[name] = build(node, f"logger.{name}")
-        except Exception as error:  # noqa: BLE001
-            log.warning("tracker %s could not be built (%s)", name, error)
-    group = Trackers(trackers)
-    group.start(output_dir, params, {"error": message})
-    group.log_artifact(output_dir / FAILED_FILE)
-    group.finish("FAILED")
+    trackers = build_trackers(loggers, skip_broken=True)
+    trackers.start(output_dir, params, {"error": message})
+    trackers.log_artifact(RunDir(output_dir).failed)
+    trackers.finish("FAILED")
 
 
 def _mtime(path: Path) -> int | None:
@@ -118,18 +108,18 @@ class JobRecord:
 def collect_jobs(sweep_dir: str | Path) -> list[JobRecord]:
     """Every job directory (one holding `.hydra/`) directly under `sweep_dir`, in job order."""
     sweep_dir = Path(sweep_dir)
-    dirs = [d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+    dirs = [d for d in sweep_dir.iterdir() if RunDir(d).hydra.is_dir()] if sweep_dir.is_dir() else []
     dirs.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
     return [read_job(d) for d in dirs]
 
 
 def read_job(job_dir: Path) -> JobRecord:
-    hydra_dir = job_dir / ".hydra"
-    overrides_file = hydra_dir / "overrides.yaml"
+    run = RunDir(job_dir)
+    overrides_file = run.hydra_overrides
     overrides = [str(o) for o in _plain_yaml(overrides_file) or []] if overrides_file.is_file() else []
-    record = JobRecord(name=job_dir.name, path=job_dir, overrides=overrides, choices=_choices(hydra_dir))
-    started = _mtime(hydra_dir / "config.yaml")
-    metrics_file, failed_file = job_dir / METRICS_FILE, job_dir / FAILED_FILE
+    record = JobRecord(name=job_dir.name, path=job_dir, overrides=overrides, choices=_choices(run))
+    started = _mtime(run.hydra_config)
+    metrics_file, failed_file = run.metrics, run.failed
     metrics_time, failed_time = _mtime(metrics_file), _mtime(failed_file)
     if failed_time is not None and (metrics_time is None or failed_time >= metrics_time):
         record.status, record.error = "FAILED", json.loads(failed_file.read_text()).get("error")
@@ -149,8 +139,8 @@ def read_job(job_dir: Path) -> JobRecord:
     return record
 
 
-def _choices(hydra_dir: Path) -> dict[str, str]:
-    path = hydra_dir / "hydra.yaml"
+def _choices(run: RunDir) -> dict[str, str]:
+    path = run.hydra_settings
     if not path.is_file():
         return {}
     hydra = (_plain_yaml(path) or {}).get("hydra") or {}

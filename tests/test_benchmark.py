@@ -89,5 +89,5 @@ def test_harness_times_the_device_cache_path(tmp_path):
     assert _load_script().main(args) == 0
     text = output.read_text()
     assert "dataset.cache=device" in text
-    assert "segkit: Trainer._train_batch + _optimizer_step, device cache" in text
+    assert "segkit: TrainStep.backward + optimizer_step, device cache" in text
     assert "bare loop: handwritten, device cache" in text

@@ -6,19 +6,20 @@ import pytest
 import torch
 
 from segkit.augment import JointAugment
+from segkit.cli.common import group_options
 from segkit.config import build, validate_config
 from segkit.data.loading import build_dataset
 from segkit.engine.optim import build_optimizer
 from segkit.errors import ConfigError
 from segkit.models import Segmenter
 
-from .conftest import CONF_DIR, write_folder_dataset
+from .conftest import write_folder_dataset
 from .test_data_formats import LAYOUTS
 
 
 def options(group: str) -> list[str]:
-    base = CONF_DIR / group
-    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+    """What `group=...` accepts (conf/model/_base_.yaml and _smp_.yaml are shared defaults, no option)."""
+    return group_options(group)
 
 
 @pytest.mark.parametrize("option", options("model"))

@@ -26,6 +26,7 @@ from segkit.data.readers.conventions import coco_stuff_171, reduce_zero_label
 from segkit.data.readers.voc import voc_colormap
 from segkit.engine.trainer import fit
 from segkit.errors import ConfigError, DataError
+from segkit.tools.layout import detect_layout
 
 from .conftest import SHARED_DATA, TINY
 
@@ -390,7 +391,7 @@ def test_init_config_writes_a_config_that_reads(tmp_path, layout, capsys):
     assert cfg.defaults[0] == {"voc": "voc_schema", "cityscapes": "cityscapes_schema",
                                "coco": "coco_schema"}.get(layout, "folder_schema")
     expected_classes = {"voc": 21, "cityscapes": 19, "coco": 4, "camvid": 3, "flat": 2, "rgb": 3}[layout]
-    loaded = init_config.load_dataset_config(init_config.detect_layout(root), text)
+    loaded = init_config.load_dataset_config(detect_layout(root), text)
     assert loaded.num_classes == expected_classes
     assert list(loaded.image_size) == list(SIZE)
     if layout == "flat":  # 0/255 masks: binary; one folder: split lists written
@@ -527,7 +528,7 @@ def test_init_config_recognises_benchmark_layouts(tmp_path, layout, capsys):
     target = init_config.run(init_config.parse_args([str(tmp_path / "data"), "--out", str(tmp_path / "conf")]))
     out = capsys.readouterr().out
     assert "problem:" not in out, out
-    loaded = init_config.load_dataset_config(init_config.detect_layout(tmp_path / "data"), target.read_text())
+    loaded = init_config.load_dataset_config(detect_layout(tmp_path / "data"), target.read_text())
     if layout == "ade20k":
         assert out.startswith("layout: ade20k") and loaded.reduce_zero_label and loaded.num_classes == 150
         assert dict(loaded.split_names) == {"train": "training", "val": "validation"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 
 from segkit.config import build, validate_config
 from segkit.engine.optim import build_optimizer
@@ -66,3 +67,32 @@ def test_results_recipes_compose_validate_and_build(compose_cfg, experiment, arc
     model = build(cfg.model, "model").eval()  # the recipe's model options are accepted by smp
     with torch.no_grad():
         assert model(torch.rand(1, 3, 64, 96)).shape == (1, cfg.dataset.num_classes, 64, 96)
+
+
+def test_every_model_config_composes_the_shared_keys_and_its_row_of_the_table(compose_cfg):
+    """conf/model/*.yaml share _base_ (and _smp_); each composes exactly the keys the files spelled out
+    before, in the same order, and ARCHITECTURES has one row per option, no more."""
+    from segkit.cli.common import group_options
+    from segkit.models import ARCHITECTURES
+
+    options = group_options("model")
+    assert sorted(option.rsplit("/", 1)[-1] for option in options) == sorted(ARCHITECTURES)
+    shared = {"_target_": "segkit.models.build_model", "backbone": "${backbone}",
+              "num_classes": "${dataset.num_classes}", "mean": "${dataset.mean}", "std": "${dataset.std}",
+              "options": {}}
+    attention = {"decoder": None, "skip_gates": False, "context": None}
+    for option in options:
+        node = OmegaConf.to_container(compose_cfg([f"model={option}"], tiny=False).model, resolve=False)
+        arch = option.rsplit("/", 1)[-1]
+        expected = {"_target_": shared["_target_"], "arch": arch, **{k: v for k, v in shared.items()
+                                                                      if k != "_target_"}}
+        if ARCHITECTURES[arch].attention:
+            expected["attention"] = attention
+        assert node == expected and list(node) == list(expected), option
+
+
+@pytest.mark.parametrize("arch", ["fcn", "torchvision/fcn_resnet50"])
+def test_architectures_without_attention_slots_refuse_attention(compose_cfg, arch):
+    cfg = compose_cfg([f"model={arch}", "+model.attention.context=nonlocal"])
+    with pytest.raises(ConfigError, match=r"^model.attention: attention blocks go into smp architectures"):
+        build(cfg.model, "model")

@@ -141,8 +141,8 @@ def test_poisson_batches_replay_an_interrupted_epoch_and_may_be_empty(compose_cf
 def test_an_empty_poisson_batch_is_a_noise_only_step(compose_cfg, tmp_path):
     trainer = Trainer(compose_cfg([*PRIVATE, "privacy.target_epsilon=5.0"]), tmp_path)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer._train_batch(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, 32, 32, dtype=torch.int64), 1)
-    trainer._optimizer_step()
+    trainer.step.backward(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, 32, 32, dtype=torch.int64), 1)
+    trainer.step.optimizer_step()
     after = trainer.model.state_dict()
     moved = [k for k, v in after.items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert moved  # noise was added

@@ -13,6 +13,7 @@ import torch
 
 import segkit
 from segkit.engine.checkpoint import load_checkpoint
+from segkit.engine.step import to_model_input
 from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
 
@@ -101,7 +102,7 @@ def test_binary_task_with_one_logit_end_to_end(compose_cfg, tmp_path):
     assert mask.shape == (40, 48) and set(mask.unique().tolist()) <= {0, 1}
     probs = predictor.probabilities(image[None].float() / 255)
     assert probs.shape[1] == 2 and torch.allclose(probs.sum(1), torch.ones(1))
-    logit = predictor.model(predictor._to_model_input(image[None].float() / 255))
+    logit = predictor.model(to_model_input(image[None].float() / 255, predictor.device, predictor.channels_last))
     assert logit.shape[1] == 1
 
 

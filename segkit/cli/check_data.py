@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from segkit.cli.common import CONFIG_DIR, register_configs, run_or_exit
+from segkit.cli.common import hydra_main, register_configs, run_or_exit
 from segkit.errors import ConfigError
-from segkit.tools.checks import check_split, problem_kinds, summary_lines, write_preview, write_weights
 
 register_configs()
 
 
 def run(cfg: DictConfig) -> int:
     """Print problems and statistics; return the exit status."""
+    from segkit.tools.checks import check_split, problem_kinds, summary_lines, write_preview, write_weights
+
     dataset = cfg.dataset
     if 0 <= dataset.ignore_index < dataset.num_classes:
         raise ConfigError("dataset.ignore_index", f"{dataset.ignore_index} is a real class id "
@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> int:
     return 1 if problems else 0
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="check_data", version_base="1.3")
+@hydra_main("check_data")
 def main(cfg: DictConfig) -> None:
     sys.exit(run_or_exit(lambda: run(cfg)))
 

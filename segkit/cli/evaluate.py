@@ -15,36 +15,20 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
-from rich.console import Console
-from rich.table import Table
 
-from segkit.cli.common import CONFIG_DIR, dumps, json_safe, run_or_exit
-from segkit.data.geometry import unletterbox
-from segkit.data.loading import build_dataset, build_loader
-from segkit.engine.run_lock import guard_run_dir
+from segkit.cli.common import dumps, hydra_main, json_safe, run_or_exit
+from segkit.engine.run_dir import RunDir
 from segkit.errors import ConfigError
-from segkit.inference.evaluation import EvalResult, ImageResult, evaluate, image_path
-from segkit.inference.predictor import Predictor, load, tta_option
-from segkit.inference.sliding import MODES, clean_mask
-from segkit.metrics import build_metrics
-from segkit.reporting.html import write_report
-from segkit.reporting.plots import (
-    save_comparison,
-    save_confusion,
-    save_iou_bars,
-    save_mask_png,
-    save_png,
-    save_reliability_diagram,
-    save_training_curves,
-    stable_palette,
-)
+
+if TYPE_CHECKING:  # the library (torch) is imported where it is used, so --help answers at once
+    import numpy as np
+    import torch
+
+    from segkit.inference.evaluation import EvalResult, ImageResult
+    from segkit.inference.predictor import Predictor
 
 log = logging.getLogger("segkit")
 
@@ -68,12 +52,14 @@ def default_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
         name += "_tta"
     if cfg.score_at != "native":
         name += f"_at_{cfg.score_at}"
-    return checkpoint.parent.parent / "eval" / name
+    return RunDir.of_checkpoint(checkpoint).eval_dir(name)
 
 
 def postprocessor(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if not (cfg.min_region or cfg.max_hole):
         return None
+    from segkit.inference.sliding import clean_mask
+
     return partial(clean_mask, min_region=int(cfg.min_region), max_hole=int(cfg.max_hole))
 
 
@@ -81,11 +67,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as configured; returns what metrics.json holds."""
     checkpoint = Path(cfg.checkpoint).expanduser()
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg, checkpoint)
+    from segkit.engine.run_lock import guard_run_dir
+
     with guard_run_dir(out_dir, "evaluation"):  # no other live process writes into the same run directory
         return evaluate_into(out_dir, checkpoint, cfg)
 
 
 def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
+    from segkit.data.loading import build_dataset, build_loader
+    from segkit.inference.evaluation import evaluate
+    from segkit.inference.predictor import load, tta_option
+    from segkit.inference.sliding import MODES
+    from segkit.metrics import build_metrics
+    from segkit.reporting.plots import stable_palette
+
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     predictor = load(checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
@@ -144,6 +139,12 @@ class MaskWriter:
         directory.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, item: ImageResult) -> None:
+        import torch
+        from PIL import Image
+
+        from segkit.inference.evaluation import image_path
+        from segkit.reporting.plots import save_mask_png, save_png
+
         path = image_path(self.dataset, item.index)
         size = None
         if path is not None and self.score_at == "input":  # native predictions are at the original size already
@@ -158,6 +159,8 @@ class MaskWriter:
                 save_png(grey, self.directory / f"{item.stem}_{name}.png")
 
     def _original_size(self, values: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        from segkit.data.geometry import unletterbox
+
         return values if size is None else unletterbox(values, size, self.dataset.image_size)
 
 
@@ -165,6 +168,15 @@ def write_evaluation_report(
     report_dir: Path, result: EvalResult, predictor: Predictor, checkpoint: Path, meta: dict[str, Any],
     palette: np.ndarray,
 ) -> Path:
+    from segkit.reporting.html import write_report
+    from segkit.reporting.plots import (
+        save_comparison,
+        save_confusion,
+        save_iou_bars,
+        save_reliability_diagram,
+        save_training_curves,
+    )
+
     summary = result.summary
     names = list(summary["per_class_iou"])
     images = report_dir / "images"
@@ -173,7 +185,7 @@ def write_evaluation_report(
         "Confusion matrix": save_confusion(summary["confusion_matrix"], names, images / "confusion.png"),
         "Reliability diagram": save_reliability_diagram(summary["calibration"], images / "reliability.png")
         if "calibration" in summary else None,
-        "Training curves": save_training_curves(checkpoint.parent.parent / "epochs.csv",
+        "Training curves": save_training_curves(RunDir.of_checkpoint(checkpoint).epochs_csv,
                                                 images / "training_curves.png"),
     }
     worst = []
@@ -189,6 +201,9 @@ def write_evaluation_report(
 
 
 def print_summary(summary: dict[str, Any], class_names: list[str], scored_at: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title="per class", show_edge=False)
     columns = {"IoU": "per_class_iou", "Dice": "per_class_dice", "precision": "per_class_precision",
                "recall": "per_class_recall"}
@@ -205,7 +220,7 @@ def print_summary(summary: dict[str, Any], class_names: list[str], scored_at: st
         console.print(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}")
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
+@hydra_main("evaluate")
 def main(cfg: DictConfig) -> None:
     run_or_exit(lambda: run(cfg))
 

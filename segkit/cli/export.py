@@ -11,32 +11,18 @@ import logging
 import platform
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from segkit.cli.common import CONFIG_DIR, run_or_exit
-from segkit.engine.checkpoint import save_safetensors
-from segkit.engine.run_lock import guard_run_dir
+from segkit.cli.common import hydra_main, run_or_exit
 from segkit.errors import ConfigError
-from segkit.inference.export import (
-    ExportError,
-    Parity,
-    Timing,
-    compare,
-    example_size,
-    export_onnx,
-    export_torchscript,
-    markdown_table,
-    onnx_logits,
-    onnx_runner,
-    onnx_session,
-    time_runner,
-    torchscript_runner,
-)
-from segkit.inference.predictor import Predictor, load
+
+if TYPE_CHECKING:  # torch and the exporters are imported where they are used, so --help answers at once
+    import torch
+
+    from segkit.inference.export import Parity, Timing
+    from segkit.inference.predictor import Predictor
 
 log = logging.getLogger("segkit")
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "safetensors": ("safetensors",),
@@ -61,11 +47,26 @@ def check_shapes(size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = Path(cfg.checkpoint).expanduser()
     stem = Path(cfg.output).expanduser() if cfg.output else checkpoint.with_suffix("")
+    from segkit.engine.run_lock import guard_run_dir
+
     with guard_run_dir(stem.parent, "export"):  # no other live process writes into the same run directory
         return export_to(stem, checkpoint, cfg)
 
 
 def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from segkit.engine.checkpoint import save_safetensors
+    from segkit.inference.export import (
+        compare,
+        example_size,
+        export_torchscript,
+        onnx_runner,
+        time_runner,
+        torchscript_runner,
+    )
+    from segkit.inference.predictor import load
+
     if cfg.format not in FORMATS:
         raise ConfigError("format", f"must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if cfg.threads:
@@ -117,6 +118,8 @@ def export_onnx_checked(
     predictor: Predictor, path: Path, size: tuple[int, int], cfg: DictConfig, threads: int
 ) -> tuple[Path, Any, list[Parity]]:
     """Export with dynamic H/W; if the exported graph fails at another size, export with fixed H/W."""
+    from segkit.inference.export import compare, example_size, export_onnx, onnx_runner, onnx_session
+
     dynamic = bool(cfg.dynamic)
     model, geometry = predictor.model, predictor.geometry
     export_onnx(model, path, example_size(*size, model.stride) if dynamic else size, cfg.opset, dynamic, geometry)
@@ -141,11 +144,17 @@ def export_onnx_checked(
 
 def original_size_check(predictor: Predictor, session: Any, size: tuple[int, int]) -> Parity:
     """An image of another size and aspect, through the training geometry: ONNX (`onnx_logits`) vs PyTorch."""
+    import torch
+
+    from segkit.inference.export import compare, onnx_logits
+
     shape = (1, 3, size[0] * 3 // 2 + 7, size[1] * 2 + 5)
     return compare(predictor.logits, lambda images: onnx_logits(session, torch.from_numpy(images)).numpy(), shape)
 
 
 def report_checks(name: str, path: Path, checks: list[Parity], atol: float) -> None:
+    from segkit.inference.export import ExportError
+
     for check in checks:
         log.info("%s", check.line(name))
     bad = [c for c in checks if not c.ok(atol)]
@@ -155,6 +164,9 @@ def report_checks(name: str, path: Path, checks: list[Parity], atol: float) -> N
 
 def benchmark_markdown(timings: list[Timing], predictor, checkpoint: Path) -> str:
     import onnxruntime
+    import torch
+
+    from segkit.inference.export import markdown_table
 
     arch = type(predictor.model.net).__name__
     backbone = predictor.cfg.model.get("backbone", {}).get("name", "?")
@@ -164,17 +176,21 @@ def benchmark_markdown(timings: list[Timing], predictor, checkpoint: Path) -> st
 
 
 def load_torchscript(path: Path):
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the simplest artefact
         return torch.jit.load(str(path))
 
 
 def _torch_forward(model: torch.nn.Module, images):
+    import torch
+
     with torch.no_grad():
         return model(torch.from_numpy(images))
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="export", version_base="1.3")
+@hydra_main("export")
 def main(cfg: DictConfig) -> None:
     run_or_exit(lambda: run(cfg))
 

@@ -16,24 +16,20 @@ import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
 from segkit.cli.common import run_or_exit
-from segkit.config import build
-from segkit.data.readers.cityscapes import CityscapesSchema
-from segkit.data.readers.coco import CocoSchema
-from segkit.data.readers.folder import FolderSchema
-from segkit.data.readers.voc import VocSchema
+from segkit.data.readers.schemas import READER_SCHEMAS
 from segkit.errors import ConfigError, SegkitError
-from segkit.tools.checks import SplitReport, check_sample, summary_lines
-from segkit.tools.layout import Layout, detect_layout, image_sizes, label_settings, spread, summarize_masks
+
+if TYPE_CHECKING:  # the data tools (torch, PIL) are imported where they are used, so --help answers at once
+    from segkit.tools.checks import SplitReport
+    from segkit.tools.layout import Layout
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
-SCHEMAS = {"folder": FolderSchema, "voc": VocSchema, "cityscapes": CityscapesSchema, "coco": CocoSchema}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -57,6 +53,8 @@ def config_name(text: str) -> str:
 
 def propose(layout: Layout, args: argparse.Namespace, name: str) -> dict[str, Any]:
     """The dataset keys of the new config."""
+    from segkit.tools.layout import image_sizes, label_settings, spread, summarize_masks
+
     settings: dict[str, Any] = {"name": name, "root": str(layout.root.resolve()), **layout.settings}
     if layout.schema == "folder" and not layout.preset:
         labels, notes = label_settings(summarize_masks(spread(layout.masks, args.sample)))
@@ -117,11 +115,17 @@ def load_dataset_config(layout: Layout, text: str) -> Any:
     """The written YAML on its schema, as `dataset=<name>` composes it."""
     body = yaml.safe_load(text)
     body.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(SCHEMAS[layout.schema]), body)
+    return OmegaConf.merge(OmegaConf.structured(READER_SCHEMAS[layout.schema]), body)
 
 
 def sample_report(cfg: Any, split: str, count: int) -> tuple[SplitReport, int]:
     """Checks and statistics over at most `count` evenly spaced samples; also the split's size."""
+    import numpy as np
+
+    from segkit.config import build
+    from segkit.tools.checks import SplitReport, check_sample
+    from segkit.tools.layout import spread
+
     report = SplitReport(split)
     dataset = build(cfg, "dataset", split=split)
     indices = spread(range(len(dataset)), count)
@@ -141,6 +145,9 @@ def suggestions(image_size: Sequence[int]) -> str:
 
 
 def run(args: argparse.Namespace) -> Path:
+    from segkit.tools.checks import summary_lines
+    from segkit.tools.layout import detect_layout
+
     layout = detect_layout(args.root.expanduser())
     name = config_name(args.name or layout.root.name)
     target = args.out / f"{name}.yaml"

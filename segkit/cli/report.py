@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segkit.engine.run_dir import BEST, LAST, RunDir
 from segkit.sweeps import JobRecord, best_miou, collect_jobs, varying_overrides
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -130,8 +131,8 @@ def count_parameters(run_dir: Path) -> int | None:
     from segkit.engine.checkpoint import load_checkpoint
     from segkit.errors import CheckpointError
 
-    for name in ("best.pt", "last.pt"):
-        path = Path(run_dir) / "checkpoints" / name
+    for name in (BEST, LAST):
+        path = RunDir(run_dir).checkpoint(name)
         if path.is_file():
             try:
                 state = load_checkpoint(path)["model"]

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from segkit.cli.common import run_or_exit
-from segkit.tools.split import run
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -23,7 +22,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_or_exit(lambda: run(parse_args(argv)))
+    args = parse_args(argv)
+    from segkit.tools.split import run  # after parsing: --help answers without loading the image stack
+
+    run_or_exit(lambda: run(args))
 
 
 if __name__ == "__main__":

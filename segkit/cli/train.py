@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from segkit.cli.common import CONFIG_DIR, register_configs, run_or_exit
-from segkit.engine.trainer import fit
+from segkit.cli.common import hydra_main, register_configs, run_or_exit
+from segkit.config import validate_config
 from segkit.search import run_trial, trial_number
 from segkit.sweeps import run_sweep_job
 
 register_configs()
 
 
-def train(cfg: DictConfig, output_dir: str, on_validation=None) -> dict | None:
-    """One training, or one side of a Flower federation (`federated=...`, segkit/federated.py)."""
+def train(cfg: DictConfig, output_dir: str, on_validation=None) -> dict[str, Any] | None:
+    """One training, or one side of a Flower federation (`federated=...`, segkit/federated.py).
+
+    The trainer (torch and the models) is imported only here, after the config is checked, so
+    `--help`, `--cfg job` and a config error answer before torch would have loaded."""
     if cfg.get("federated") is not None:
         from segkit.federated import run
 
         return run(cfg, output_dir)
+    validate_config(cfg)
+    from segkit.engine.trainer import fit
+
     return fit(cfg, output_dir, on_validation)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+@hydra_main("train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the best monitored metric (what a plain Hydra sweeper would optimise)."""
     hydra_cfg = HydraConfig.get()
@@ -51,6 +57,7 @@ def main(cfg: DictConfig) -> float | None:
               f"hydra.run.dir={output_dir} trainer.resume=auto", file=sys.stderr)
         sys.exit(130)
     return summary["best_score"]
+
 
 if __name__ == "__main__":
     main()

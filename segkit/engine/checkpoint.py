@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from segkit.engine.run_dir import LAST
 from segkit.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def _first_names(model: torch.nn.Module) -> set[str]:
 
 def load_latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     """last.pt, or last.prev.pt with a warning when last.pt is missing or damaged; None if neither."""
-    last = directory / "last.pt"
+    last = directory / LAST
     for path in (last, previous_path(last)):
         if not path.is_file():
             continue

@@ -17,7 +17,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,15 @@ from segkit.engine.distributed import (
 )
 from segkit.engine.optim import build_optimizer
 from segkit.engine.progress import Progress
+from segkit.engine.run_dir import BEST, LAST, RunDir
 from segkit.engine.run_lock import RunLock
+from segkit.engine.step import (
+    TrainStep,
+    build_grad_scaler,
+    resolve_device,
+    to_model_input,
+    use_channels_last,
+)
 from segkit.errors import CheckpointError, ConfigError, SegkitError
 from segkit.inference.sliding import slide_logits
 from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
@@ -57,11 +65,9 @@ from segkit.privacy import (
     make_model_private_compatible,
 )
 from segkit.reporting.plots import comparison_grid, save_png, stable_palette
-from segkit.trackers.base import Trackers, flatten
+from segkit.trackers.base import build_trackers, flatten
 
 log = logging.getLogger(__name__)
-
-AUTOCAST_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
 # Called after each validation with (epoch, that epoch's record); a returned string stops the run
@@ -105,14 +111,6 @@ def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def select_device(accelerator: str) -> torch.device:
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.accelerator", "cuda requested but no CUDA device is available")
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -131,7 +129,8 @@ class Trainer:
         self.tcfg = cfg.trainer
         self.on_validation = on_validation
         # One process, or one of several started by torchrun / submitit (segkit/engine/distributed.py).
-        self.dist, self.device = init_distributed(select_device(self.tcfg.accelerator), self.tcfg.dist_timeout_s)
+        self.dist, self.device = init_distributed(resolve_device(self.tcfg.accelerator, "trainer.accelerator"),
+                                                    self.tcfg.dist_timeout_s)
         with peer_failures_as_errors(self.dist):
             # Each process's Hydra dates its own run directory; all follow rank 0's.
             self.output_dir = Path(broadcast_from_main(str(output_dir), self.dist))
@@ -139,12 +138,11 @@ class Trainer:
             # fit() passes the lock; a Trainer built directly (tests, notebooks) takes none.
             if run_lock is not None:
                 run_lock.acquire_for_job(self.output_dir, self.dist, "training")
-        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.run = RunDir(self.output_dir)  # where every file of the run goes (segkit/engine/run_dir.py)
         if cfg.dataset.get("gpu_decode") and self.device.type != "cuda":
             raise ConfigError("dataset.gpu_decode", f"nvjpeg needs a CUDA device, training runs on {self.device}; "
                               "set it to false")
-        channels_last = self.tcfg.channels_last
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.channels_last = use_channels_last(self.tcfg.channels_last, self.device)
         # Rank 0 keeps the single-process random stream; other ranks draw their own augmentations.
         # (Their differently initialised weights are replaced by rank 0's when DDP wraps the model.)
         seed_everything(self.tcfg.seed + self.dist.rank, self.tcfg.deterministic)
@@ -162,19 +160,14 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         # self.model stays the bare network (checkpoints, validation); training goes through DDP.
         self.train_module = wrap_model(self.model, self.dist, self.device, self.tcfg.sync_batchnorm)
-        self.forward = torch.compile(self.train_module) if self.tcfg.compile else self.train_module
         self.augment: JointAugment = build(cfg.augmentation, "augmentation").to(self.device)
         # How training sees images; validation and every inference path reproduce it (the checkpoint records it).
         self.geometry = TrainingGeometry.from_config(cfg)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         # The exponential moving average of the weights is what gets validated, selected and saved as `model`.
         self.ema = ModelEmaV3(self.model, decay=self.tcfg.ema_decay) if self.tcfg.ema_decay else None
-        self.autocast_dtype = AUTOCAST_DTYPES[self.tcfg.precision]
         self.scaler = build_grad_scaler(self.device, self.tcfg.precision)
-        self.trackers = Trackers(
-            {name: build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()
-             if node is not None and self.dist.is_main}
-        )
+        self.trackers = build_trackers(cfg.get("logger") if self.dist.is_main else None)  # rank 0 tracks
 
         self.train_set = build_dataset(cfg.dataset, "train")
         if train_indices is not None:
@@ -217,6 +210,12 @@ class Trainer:
             self.optimizer = self.private.optimizer
             self.total_steps = min(self.total_steps, self.private.max_steps)
         self.scheduler = build(cfg.scheduler, "scheduler")(self.optimizer, total_steps=self.total_steps)
+        self.step = TrainStep(
+            forward=torch.compile(self.train_module) if self.tcfg.compile else self.train_module,
+            model=self.model, augment=self.augment, loss_fn=self.loss_fn, optimizer=self.optimizer,
+            scheduler=self.scheduler, scaler=self.scaler, device=self.device, precision=self.tcfg.precision,
+            channels_last=self.channels_last, gradient_clip_val=self.tcfg.gradient_clip_val, private=self.private,
+        )
         self.metrics = SegmentationMetrics(
             self.train_set.num_classes, self.train_set.ignore_index, self.train_set.class_names, self.device,
             build_metrics(cfg.get("metrics"), "val", self.device),
@@ -252,9 +251,9 @@ class Trainer:
         if resume is None:
             return
         if resume == "auto":
-            found = load_latest_checkpoint(self.checkpoint_dir)
+            found = load_latest_checkpoint(self.run.checkpoints)
             if found is None:
-                log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", self.checkpoint_dir)
+                log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", self.run.checkpoints)
                 return
             path, state = found
         else:
@@ -301,7 +300,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            self.run.config.write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         params = flatten(OmegaConf.to_container(self.cfg, resolve=True))
         self.trackers.start(self.output_dir, params, {"device": str(self.device), "scored_at": self.tcfg.score_at})
         log.info(
@@ -317,7 +316,7 @@ class Trainer:
         finally:
             # Written (and attached) before the trackers close, also when the run failed.
             summary = self._write_summary(status)
-            self.trackers.log_artifact(self.output_dir / "metrics.json")
+            self.trackers.log_artifact(self.run.metrics)
             self.trackers.finish({"STOPPED": "KILLED"}.get(status, status))
         return summary
 
@@ -335,9 +334,9 @@ class Trainer:
             with self._explain_out_of_memory("training", self.tcfg.batch_size):
                 finished_epoch = self._train_epoch()
             if not finished_epoch:
-                self._save("last.pt")
+                self._save(LAST)
                 log.warning("stopped (%s) at step %d; continue with trainer.resume=%s",
-                            self.stop_reason, self.global_step, self.checkpoint_dir / "last.pt")
+                            self.stop_reason, self.global_step, self.run.checkpoint(LAST))
                 return True
             epoch_record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
             epoch_record.update(self._last_train_stats)
@@ -355,7 +354,7 @@ class Trainer:
             self._append_csv(epoch_record)
             self.epoch += 1
             self.samples_done_in_epoch = 0
-            self._save("last.pt")
+            self._save(LAST)
             self._prune_unranked_checkpoints()  # only now that last.pt records the new ranking
             if hook_stop is not None:
                 self.stop_reason = hook_stop
@@ -422,7 +421,7 @@ class Trainer:
         for images, masks in self.train_loader:
             batches += 1
             with grad_sync(self.train_module, sync=batches % accumulate == 0):
-                loss = self._train_batch(images, masks, accumulate)
+                loss = self.step.backward(images, masks, accumulate)
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss, 0.0)
             loss_count += finite
@@ -433,7 +432,8 @@ class Trainer:
             progress.advance(1)
             if batches % accumulate:
                 continue
-            self._optimizer_step()
+            self.step.optimizer_step()
+            self.global_step += 1
             self._update_ema()
             at_log_step = self.global_step % self.tcfg.log_every_n_steps == 0
             if at_log_step:
@@ -487,47 +487,12 @@ class Trainer:
         every rank's gradients through the all-reduce anyway)."""
         in_a_row = int(global_max(self.bad_steps_in_a_row, self.dist))
         if in_a_row >= self.tcfg.max_bad_steps:
-            last = self.checkpoint_dir / "last.pt"
+            last = self.run.checkpoint(LAST)
             raise TrainingDiverged(
                 f"loss was NaN/Inf for {in_a_row} steps in a row up to step {self.global_step} "
                 f"(trainer.max_bad_steps={self.tcfg.max_bad_steps}); last good checkpoint: "
                 f"{last if last.is_file() else 'none yet'}; try a lower optimizer.lr or trainer.gradient_clip_val"
             )
-
-    def _train_batch(self, images: torch.Tensor, masks: torch.Tensor, accumulate: int) -> torch.Tensor:
-        """One batch, already on the device (segkit.data.loading.device_batches): uint8 images, int masks."""
-        images = images.float().div_(255)
-        images, masks = self.augment(images, masks)
-        if self.private is not None:  # per-sample gradients of each sample's own loss (fp32; Opacus clips them)
-            return self.private.backward(self.loss_fn, images, masks)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            logits = self.forward(images)
-        loss = self.loss_fn(logits.float(), masks)
-        self.scaler.scale(loss / accumulate).backward()
-        return loss.detach()
-
-    def _optimizer_step(self) -> None:
-        if self.private is not None:  # DPOptimizer: clip per sample, add noise, step, account
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.global_step += 1
-            return
-        if self.tcfg.gradient_clip_val is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.gradient_clip_val)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.global_step += 1
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -546,10 +511,8 @@ class Trainer:
         native = self.tcfg.score_at == "native"
         indices = iter(self.val_loader.sampler)  # the loader's order: sample ids of every batch
         for images, masks in self.val_loader:  # on the device already
-            images = images.float().div_(255)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            images = to_model_input(images, channels_last=self.channels_last)
+            with self.step.autocast():
                 # The network's own output (one logit for binary models: the loss takes it as trained), whole or
                 # in sliding windows of the training crop.
                 window = self.geometry.window
@@ -570,7 +533,7 @@ class Trainer:
         if self.ema is not None:
             return self.ema.module  # always in eval mode
         self.model.eval()
-        return self.forward
+        return self.step.forward
 
     def _validate_and_track(self, train_record: dict[str, Any]) -> dict[str, Any]:
         result = self.validate()
@@ -597,7 +560,7 @@ class Trainer:
             self.best_score, self.best_epoch = score, self.epoch
             self.validations_without_improvement = 0
             self.best_validation = result
-            self._save("best.pt")
+            self._save(BEST)
         else:
             self.validations_without_improvement += 1
         self._keep_top_k(score)
@@ -613,8 +576,8 @@ class Trainer:
             return
         images, masks = zip(*(self.val_set[i] for i in range(count)), strict=True)
         model = self.ema.module if self.ema is not None else self.model  # bare: DDP would wait for peers
-        with self._autocast():
-            logits = model(torch.stack(images).to(self.device).float().div_(255))
+        with self.step.autocast():
+            logits = model(to_model_input(torch.stack(images), self.device, self.channels_last))
         preds = class_scores(logits.float()).argmax(1).cpu()
         palette = stable_palette(self.val_set.num_classes, self.val_set.colors)
         grid = comparison_grid(images, preds, masks, palette, self.val_set.ignore_index)
@@ -646,10 +609,10 @@ class Trainer:
     def _prune_unranked_checkpoints(self) -> None:
         """Delete epoch=*.pt files outside the ranking (none with save_top_k=0: a resume that leaves the
         key out keeps what an earlier run ranked)."""
-        if not self.tcfg.save_top_k or not self.dist.is_main or not self.checkpoint_dir.is_dir():
+        if not self.tcfg.save_top_k or not self.dist.is_main or not self.run.checkpoints.is_dir():
             return
         ranked = {entry["file"] for entry in self.top_k}
-        for path in self.checkpoint_dir.glob("epoch=*.pt"):
+        for path in self.run.checkpoints.glob("epoch=*.pt"):
             if path.name not in ranked:
                 path.unlink(missing_ok=True)
 
@@ -688,12 +651,12 @@ class Trainer:
             **({"privacy": self.private.state_dict()} if self.private is not None else {}),
             "geometry": self.geometry.as_dict(),
         }
-        save_checkpoint(state, self.checkpoint_dir / name, keep_previous=name == "last.pt")
+        save_checkpoint(state, self.run.checkpoint(name), keep_previous=name == LAST)
 
     def _append_csv(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        path = self.output_dir / "epochs.csv"
+        path = self.run.epochs_csv
         fields = list(record)
         new = not path.exists()
         if not new:
@@ -726,7 +689,7 @@ class Trainer:
             **({"privacy": self.private.summary()} if self.private is not None else {}),
         }
         if self.dist.is_main:
-            (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+            self.run.metrics.write_text(json.dumps(summary, indent=2))
         if best is not None:
             log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
         return summary
@@ -744,14 +707,6 @@ def peak_memory_stats(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
     return {"train/peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
-
-
-def build_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
-    """fp16 needs loss scaling. Every precision gets GradScaler's on-device skip of non-finite
-    steps (no host sync with fused optimizers); outside fp16 the scale starts at 1 and never grows."""
-    if precision == "16-mixed":
-        return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
 
 
 def class_pixel_counts(dataset) -> torch.Tensor:

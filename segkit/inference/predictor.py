@@ -12,10 +12,9 @@ caller passes trust=True.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from segkit.config import build
 from segkit.data.geometry import TrainingGeometry, letterbox_images, restore_logits
 from segkit.engine.checkpoint import load_checkpoint, load_safetensors, read_safetensors_config
+from segkit.engine.run_dir import RunDir
+from segkit.engine.step import autocast, resolve_device, to_model_input, use_channels_last
 from segkit.engine.trusted import checked_checkpoint_config
 from segkit.errors import CheckpointError, ConfigError
 from segkit.inference.sliding import DEFAULT_TTA_SCALES, MODES, predict_logits
 from segkit.models import Segmenter
 
-AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 ImageLike = Any  # torch.Tensor | PIL.Image.Image | np.ndarray
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda requested but no CUDA device is available")
-    return torch.device(device)
 
 
 def tta_settings(tta: bool | Mapping[str, Any] | None) -> tuple[tuple[float, ...], bool]:
@@ -97,7 +89,7 @@ class Predictor:
         self.geometry = geometry or TrainingGeometry.from_config(cfg)
         self.image_size: tuple[int, int] = self.geometry.image_size
         trainer = cfg.get("trainer") or {}
-        self.channels_last = bool(trainer.get("channels_last", False))
+        self.channels_last = use_channels_last(trainer.get("channels_last"), device)
         self.precision = str(trainer.get("precision", "32"))
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -110,10 +102,9 @@ class Predictor:
     def __repr__(self) -> str:
         return f"Predictor({self.source or type(self.model.net).__name__}, classes={self.class_names})"
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager:
         """The checkpoint's training precision, so evaluation sees the numbers validation saw."""
-        dtype = AUTOCAST_DTYPES.get(self.precision)
-        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def logits(self, images: torch.Tensor, mode: str = "auto", tta: bool | Mapping[str, Any] | None = False,
                crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
@@ -146,8 +137,9 @@ class Predictor:
             mode = self.geometry.mode
         window = crop_size or self.geometry.window or self.geometry.image_size
         scales, flip = tta_settings(tta)
+        images = to_model_input(boxed, self.device, self.channels_last)
         with self.autocast():
-            return predict_logits(self.model, self._to_model_input(boxed), mode, window, stride, scales, flip)
+            return predict_logits(self.model, images, mode, window, stride, scales, flip)
 
     def predict(
         self,
@@ -171,14 +163,6 @@ class Predictor:
         scores = self.logits(batch, mode, tta, crop_size, stride, test_size).float().cpu()
         out = scores if return_logits else scores.argmax(1)
         return out[0] if single else out
-
-    def _to_model_input(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device)
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
 
 
 class Ensemble:
@@ -214,11 +198,7 @@ class Ensemble:
 
 def class_names_of_run(checkpoint: Path, num_classes: int) -> list[str] | None:
     """Names the data set itself supplied (e.g. a dataset.json), as the run's metrics.json recorded them."""
-    summary = checkpoint.parent.parent / "metrics.json"
-    try:
-        names = json.loads(summary.read_text()).get("class_names")
-    except (OSError, ValueError, AttributeError):
-        return None
+    names = (RunDir.of_checkpoint(checkpoint).read_metrics() or {}).get("class_names")
     return list(names) if isinstance(names, list) and len(names) == num_classes else None
 
 

@@ -188,6 +188,3 @@ def _quiet(logger_name: str) -> Iterator[None]:
     finally:
         logger.setLevel(level)
 
-
-def run_checks(cfg: DictConfig, splits: Sequence[str]) -> list[SplitReport]:
-    return [check_split(cfg.dataset, split) for split in splits]

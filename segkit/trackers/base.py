@@ -74,6 +74,26 @@ class Trackers(Tracker):
         self._each("finish", status)
 
 
+def build_trackers(loggers: Mapping[str, Any] | None, skip_broken: bool = False) -> Trackers:
+    """The trackers of the config's `logger` node (name -> tracker config; a null entry is switched off).
+
+    A tracker whose config cannot be built is a ConfigError, or with `skip_broken` a warning and the
+    run goes on without it (recording a sweep job that already failed must not fail again)."""
+    from segkit.config import build
+
+    built: dict[str, Tracker] = {}
+    for name, node in (loggers or {}).items():
+        if node is None:
+            continue
+        try:
+            built[name] = build(node, f"logger.{name}")
+        except Exception as error:
+            if not skip_broken:
+                raise
+            log.warning("tracker %s could not be built (%s)", name, error)
+    return Trackers(built)
+
+
 def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists become strings."""
     flat: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from segkit.engine.run_dir import BEST, RunDir
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 
@@ -79,8 +80,8 @@ class MLflowTracker(Tracker):
         self.run_id, self.run_dir = run.info.run_id, Path(run_dir)
         try:
             self._log_params(params)
-            self.log_artifact(self.run_dir / "config.yaml")
-            hydra_dir = self.run_dir / ".hydra"
+            self.log_artifact(RunDir(self.run_dir).config)
+            hydra_dir = RunDir(self.run_dir).hydra
             if hydra_dir.is_dir():
                 self.client.log_artifacts(self.run_id, str(hydra_dir), artifact_path="hydra")
         except Exception:
@@ -106,7 +107,7 @@ class MLflowTracker(Tracker):
 
     def finish(self, status: str) -> None:
         if self.log_checkpoint and self.run_dir is not None:
-            best = self.run_dir / "checkpoints" / "best.pt"
+            best = RunDir(self.run_dir).checkpoint(BEST)
             if best.is_file():
                 self.client.log_artifact(self.run_id, str(best), artifact_path="checkpoints")
         self.client.set_terminated(self.run_id, status)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from segkit.engine.run_dir import BEST, RunDir
 from segkit.extras import require_extra
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
@@ -59,7 +60,7 @@ class WandbTracker(Tracker):
             reinit="finish_previous",  # a sweep runs jobs in one process: never log into a stale run
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
-        self.log_artifact(self.run_dir / "config.yaml")
+        self.log_artifact(RunDir(self.run_dir).config)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
@@ -87,6 +88,6 @@ class WandbTracker(Tracker):
 
     def finish(self, status: str) -> None:
         if self.log_checkpoint and self.run_dir is not None:
-            self.log_artifact(self.run_dir / "checkpoints" / "best.pt")
+            self.log_artifact(RunDir(self.run_dir).checkpoint(BEST))
         self.run.summary["status"] = status  # KILLED (stopped to resume later) is not a failure in W&B
         self.run.finish(exit_code=1 if status == "FAILED" else 0)

@@ -142,7 +142,7 @@ def test_isolated_nan_step_is_skipped_without_touching_weights(compose_cfg, tmp_
 def test_out_of_memory_names_sizes_and_a_fix_and_keeps_the_checkpoint(compose_cfg, tmp_path, failing_call,
                                                                       stage, hint):
     trainer = Trainer(compose_cfg(["trainer.max_epochs=2"]), tmp_path)
-    real_forward, calls = trainer.forward, 0
+    real_forward, calls = trainer.step.forward, 0
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         nonlocal calls
@@ -151,7 +151,7 @@ def test_out_of_memory_names_sizes_and_a_fix_and_keeps_the_checkpoint(compose_cf
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
         return real_forward(images)
 
-    trainer.forward = forward
+    trainer.step.forward = forward
     with pytest.raises(OutOfMemory) as caught:
         trainer.fit()
     message = str(caught.value)
@@ -165,7 +165,7 @@ def test_out_of_memory_names_sizes_and_a_fix_and_keeps_the_checkpoint(compose_cf
 def test_validation_keeps_at_most_one_batch_of_outputs_alive(compose_cfg, tmp_path):
     """Memory bound: a validation set of any size holds one batch plus the confusion matrix."""
     trainer = Trainer(compose_cfg(["dataset.val_size=40"]), tmp_path)
-    real_forward, outputs, most_alive = trainer.forward, [], 0
+    real_forward, outputs, most_alive = trainer.step.forward, [], 0
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         nonlocal most_alive
@@ -175,7 +175,7 @@ def test_validation_keeps_at_most_one_batch_of_outputs_alive(compose_cfg, tmp_pa
         outputs.append(weakref.ref(logits))
         return logits
 
-    trainer.forward = forward
+    trainer.step.forward = forward
     trainer.validate()
     gc.collect()
     assert len(outputs) == 10

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -44,17 +42,6 @@ class ProblemsError(DataError):
 CACHE_MODES = (False, True, "device")
 
 
-@dataclass
-class DatasetOptions:
-    """Schema fields of the options this base class implements; every reader's schema mixes them in."""
-
-    on_error: str = "raise"  # raise | skip: replace a sample that fails to read by the next readable one
-    # false | true: keep decoded samples in memory (each DataLoader worker holds its own copy) |
-    # device: the trainer decodes the split once and keeps it on the training device (no DataLoader)
-    cache: Any = False
-    gpu_decode: bool = False  # with cache=device on CUDA: decode JPEGs with nvjpeg while filling the cache
-
-
 class SegmentationDataset(Dataset):
     """A split of a data set yielding (uint8 image (3, H, W), int64 mask (H, W)) at `image_size`.
 
@@ -82,8 +69,10 @@ class SegmentationDataset(Dataset):
         ignore_index: int,
         image_size: Sequence[int],
         class_names: Sequence[str] | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        # dataset.mean / std are the model's normalisation (conf/model reads them); the dataset node
+        # passes them here too, and a reader has no use for them.
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         on_error: str = "raise",
         cache: bool | str = False,
         gpu_decode: bool = False,
@@ -100,8 +89,6 @@ class SegmentationDataset(Dataset):
         self.ignore_index = ignore_index
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
-        self.mean = list(mean)
-        self.std = list(std)
         self.on_error = on_error
         self.skipped: dict[int, str] = {}  # index -> why it was replaced (this process only)
         self.layout_problems: list[str] = []  # filled by readers that scan files; see report_layout

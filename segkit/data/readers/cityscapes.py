@@ -10,12 +10,9 @@ createTrainIdLabelImgs writes (and MMSegmentation's converter): 0..18 already, 2
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segkit.config import DatasetConfig
-from segkit.data.readers.base import DatasetOptions
 from segkit.data.readers.pairs import PairedFiles, require_dir
 from segkit.errors import ConfigError
 
@@ -25,30 +22,11 @@ LABEL_TO_TRAIN_ID = {
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
 LABEL_FILES = {"label_ids": "_gtFine_labelIds.png", "train_ids": "_gtFine_labelTrainIds.png"}
-CITYSCAPES_CLASSES = [
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-]
 CITYSCAPES_COLORS = [
     [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153], [153, 153, 153],
     [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
     [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32],
 ]
-
-
-@dataclass
-class CityscapesSchema(DatasetConfig, DatasetOptions):
-    _target_: str = "segkit.data.readers.cityscapes.CityscapesDataset"
-    name: str = "cityscapes"
-    root: str = "???"  # the directory holding leftImg8bit/ and gtFine/
-    image_dir: str = "leftImg8bit/{split}"
-    mask_dir: str = "gtFine/{split}"
-    image_suffix: str = "_leftImg8bit.png"
-    labels: str = "label_ids"  # label_ids (*_labelIds.png, mapped to train ids) | train_ids (*_labelTrainIds.png)
-    mask_suffix: str | None = None  # null = the files of `labels`
-    num_classes: int = 19
-    class_names: list[str] | None = field(default_factory=lambda: list(CITYSCAPES_CLASSES))
-    image_size: list[int] = field(default_factory=lambda: [512, 1024])
 
 
 class CityscapesDataset(PairedFiles):

@@ -35,7 +35,6 @@ import stat
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +43,13 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from segkit.config import DatasetConfig
 from segkit.data.io import read_image, read_mask
-from segkit.data.readers.base import DatasetOptions, Problem, ProblemsError, SegmentationDataset
+from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset
 from segkit.data.readers.coco_format import read_coco, segmentation_problems
 from segkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 RULE_VERSION = 2  # bump when the drawing rule or its checks change, so old caches are not reused
-
-
-@dataclass
-class CocoSchema(DatasetConfig, DatasetOptions):
-    _target_: str = "segkit.data.readers.coco.CocoDataset"
-    name: str = "coco"
-    root: str = "???"
-    image_dir: str = "{split}2017"  # relative to root; {split} is replaced
-    annotations: dict[str, str] = field(  # split -> instance annotation file, relative to root
-        default_factory=lambda: {
-            "train": "annotations/instances_train2017.json",
-            "val": "annotations/instances_val2017.json",
-        }
-    )
-    categories: list[Any] | None = None  # subset of category names or ids (null = all), in class order
-    crowd: str = "ignore"  # iscrowd regions: ignore | class (tools that export brush masks as iscrowd RLE)
-    cache_dir: str | None = None  # null = <root>/.segkit_cache, or ~/.cache/segkit when root is read-only
-    num_classes: int = 81  # background + categories
-    image_size: list[int] = field(default_factory=lambda: [512, 512])
 
 
 class CocoDataset(SegmentationDataset):

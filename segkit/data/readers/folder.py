@@ -16,34 +16,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from segkit.config import DatasetConfig
 from segkit.data.io import IMAGE_SUFFIXES, ColorTable, read_color_mask, read_stem_list
-from segkit.data.readers.base import DatasetOptions
 from segkit.data.readers.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir
 from segkit.errors import ConfigError, DataError
-
-
-@dataclass
-class FolderSchema(DatasetConfig, DatasetOptions):
-    _target_: str = "segkit.data.readers.folder.FolderDataset"
-    root: str = "???"
-    image_dir: str = "images/{split}"  # `{split}` is replaced by train / val / test (or its split_names entry)
-    mask_dir: str = "masks/{split}"
-    split_names: dict[str, str] = field(default_factory=dict)  # folder name of a split, e.g. {train: training}
-    remap: dict[int, int] = field(default_factory=dict)  # mask value -> class id (or ignore_index)
-    reduce_zero_label: bool = False  # ADE20K: 0 ("other") -> ignore_index, every other id - 1 (as MMSeg)
-    id_mapping: str | None = None  # a published id mapping before remap: coco_stuff_171 (COCO-Stuff 164k PNGs)
-    split_file: str | None = None  # stems of each split, relative to root; may use {split} and {fold}
-    fold: int | None = None  # fills {fold} in split_file (k-fold lists from segkit-split)
-    dataset_json: str | None = "dataset.json"  # class names/colors file in root, used if present
-    colors: list[list[int]] | None = None  # RGB mask colour of each class id
-    ignore_colors: list[list[int]] = field(default_factory=list)  # RGB colours mapped to ignore_index
 
 
 class FolderDataset(PairedFiles):

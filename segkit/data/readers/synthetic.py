@@ -8,12 +8,10 @@ using both colour and shape (the background texture borrows the class colours).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from segkit.config import DatasetConfig
-from segkit.data.readers.base import DatasetOptions, SegmentationDataset
+from segkit.data.readers.base import SegmentationDataset
 
 # One base colour per class id (class 0 is the background and uses random colours).
 _PALETTE = torch.tensor(
@@ -22,19 +20,6 @@ _PALETTE = torch.tensor(
     dtype=torch.float32,
 )
 _SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
-
-
-@dataclass
-class SyntheticSchema(DatasetConfig, DatasetOptions):
-    """The synthetic fields plus the base-class options (on_error, cache)."""
-
-    _target_: str = "segkit.data.readers.synthetic.SyntheticShapes"
-    name: str = "synthetic"
-    num_classes: int = 4
-    train_size: int = 256
-    val_size: int = 64
-    max_shapes: int = 4
-    seed: int = 0
 
 
 class SyntheticShapes(SegmentationDataset):

@@ -7,21 +7,12 @@ one holding JPEGImages/). SBD's augmented masks fit too: point `mask_dir` at the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segkit.config import DatasetConfig
 from segkit.data.io import read_stem_list
-from segkit.data.readers.base import DatasetOptions
 from segkit.data.readers.pairs import PairedFiles, require_dir
 from segkit.errors import DataError
-
-VOC_CLASSES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-]
 
 
 def voc_colormap(count: int = 256) -> list[list[int]]:
@@ -37,19 +28,6 @@ def voc_colormap(count: int = 256) -> list[list[int]]:
             c >>= 3
         colors.append([r, g, b])
     return colors
-
-
-@dataclass
-class VocSchema(DatasetConfig, DatasetOptions):
-    _target_: str = "segkit.data.readers.voc.VocDataset"
-    name: str = "voc"
-    root: str = "???"  # .../VOCdevkit/VOC2012
-    image_dir: str = "JPEGImages"
-    mask_dir: str = "SegmentationClass"
-    split_dir: str = "ImageSets/Segmentation"  # {split}.txt: one image id per line
-    num_classes: int = 21
-    class_names: list[str] | None = field(default_factory=lambda: list(VOC_CLASSES))
-    remap: dict[int, int] = field(default_factory=dict)
 
 
 class VocDataset(PairedFiles):
