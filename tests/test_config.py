@@ -95,15 +95,17 @@ def test_every_augmentation_builds(compose_cfg, option):
 
 @pytest.mark.parametrize("option", options("dataset"))
 def test_every_dataset_builds(compose_cfg, option, tmp_path):
-    layouts = {
-        "folder": ("images/{split}", "masks/{split}", [0, 1, 2]),
-        "camvid": ("{split}", "{split}annot", [0, 5, 11]),
-        "membrane": ("{split}/image", "{split}/label", [0, 255, 0]),
+    layouts = {  # image dir, mask dir, mask values, the split folders' names
+        "folder": ("images/{split}", "masks/{split}", [0, 1, 2], ("train", "val")),
+        "camvid": ("{split}", "{split}annot", [0, 5, 11], ("train", "val")),
+        "membrane": ("{split}/image", "{split}/label", [0, 255, 0], ("train", "val")),
+        "ade20k": ("images/{split}", "annotations/{split}", [0, 1, 2], ("training", "validation")),
+        "coco_stuff164k": ("images/{split}2017", "annotations/{split}2017", [0, 1, 255], ("train", "val")),
     }
     overrides = [f"dataset={option}"]
     if option in layouts:
-        image_dir, mask_dir, values = layouts[option]
-        write_folder_dataset(tmp_path, image_dir=image_dir, mask_dir=mask_dir, mask_values=values)
+        image_dir, mask_dir, values, splits = layouts[option]
+        write_folder_dataset(tmp_path, splits=splits, image_dir=image_dir, mask_dir=mask_dir, mask_values=values)
         overrides += [f"dataset.root={tmp_path}", "dataset.image_size=[32,32]"]
         if option == "folder":
             overrides.append("dataset.num_classes=3")
