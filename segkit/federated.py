@@ -334,6 +334,14 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     if fed.mode == "client":
         run_client(cfg, output_dir, fed.client_id, fed.server_address)
         return None
+    # Flower's modules imported here, once: client threads importing them alongside the server deadlock
+    # on Python's import lock. The shards computed once up front: a client without data fails at start.
+    import flwr.client  # noqa: F401
+    import flwr.server  # noqa: F401
+
+    from segkit.data.loading import build_dataset
+
+    partition(build_dataset(cfg.dataset, "train"), fed, cfg.trainer.seed)
     model = GlobalModel(cfg, output_dir)  # built before any client waits on the server
     if fed.mode == "server":
         return run_server(cfg, model, output_dir, fed.server_address)
