@@ -18,7 +18,8 @@ COMMANDS = {
     "train, a bad value": ([*TRAIN, "trainer.batch_size=0"], 2, "error: trainer.batch_size: must be > 0"),
     "train, an unknown key": ([*TRAIN, "trainer.no_such_key=1"], 1, "no_such_key"),
     **{f"segkit-{name.replace('_', '-')} --help": ([sys.executable, "-m", f"segkit.cli.{name}", "--help"], 0, "")
-       for name in ("evaluate", "export", "check_data", "report", "reproduce", "split", "init_config")},
+       for name in ("evaluate", "predict", "export", "calibrate", "check_data", "report", "reproduce", "split",
+                    "init_config")},
 }
 IMPORT_TORCH = [sys.executable, "-c", "import torch"]
 

@@ -44,7 +44,9 @@ def test_simulation_trains_validates_and_checkpoints_every_round(compose_cfg, tm
     assert mask.shape == (32, 32)
 
 
-def test_a_crashed_client_is_survived_when_the_strategy_allows(compose_cfg, tmp_path, monkeypatch):
+@pytest.fixture
+def client_2_crashes(monkeypatch):
+    """Client 2 raises in every fit, as a site whose connection drops mid-round."""
     make_client = federated.make_client
 
     def fragile(cfg, client_id, output_dir):
@@ -56,22 +58,14 @@ def test_a_crashed_client_is_survived_when_the_strategy_allows(compose_cfg, tmp_
         return client
 
     monkeypatch.setattr(federated, "make_client", fragile)
+
+
+def test_a_crashed_client_is_survived_when_the_strategy_allows(compose_cfg, tmp_path, client_2_crashes):
     summary = federated.run(compose_cfg([*FEDERATION, "federated.min_fit_clients=2"]), tmp_path)
     assert summary["status"] == "FINISHED" and len(rounds_of(tmp_path)) == 2
 
 
-def test_too_few_clients_end_the_federation_with_a_message(compose_cfg, tmp_path, monkeypatch):
-    make_client = federated.make_client
-
-    def fragile(cfg, client_id, output_dir):
-        client = make_client(cfg, client_id, output_dir)
-        if client_id == 2:
-            def crash(parameters, config):
-                raise RuntimeError("client 2 lost its connection")
-            client.fit = crash
-        return client
-
-    monkeypatch.setattr(federated, "make_client", fragile)
+def test_too_few_clients_end_the_federation_with_a_message(compose_cfg, tmp_path, client_2_crashes):
     with pytest.raises(federated.FederationError, match="min_fit_clients"):
         federated.run(compose_cfg([*FEDERATION, "federated.round_timeout_s=20"]), tmp_path)
 

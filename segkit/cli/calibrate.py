@@ -12,30 +12,38 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
-import torch
 from omegaconf import DictConfig
 
-from segkit.cli.common import CONFIG_DIR, run_or_exit
-from segkit.cli.evaluate import dataset_config
-from segkit.data.loading import build_dataset, build_loader
-from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
-from segkit.engine.progress import Progress
+from segkit.cli.common import hydra_main, run_or_exit
 from segkit.errors import ConfigError
-from segkit.inference.calibration import PixelSample, ece_of, fit_temperature
-from segkit.inference.predictor import load
-from segkit.inference.sliding import MODES
 
 log = logging.getLogger("segkit")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, store and return the calibration record."""
+    """Fit, store and return the calibration record (the checkpoint's run directory is locked meanwhile)."""
+    from segkit.engine.run_lock import guard_run_dir
+
+    checkpoint = Path(cfg.checkpoint).expanduser()
+    with guard_run_dir(checkpoint.parent, "calibration"):
+        return calibrate(checkpoint, cfg)
+
+
+def calibrate(checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from segkit.cli.evaluate import dataset_config
+    from segkit.data.loading import build_dataset, build_loader
+    from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
+    from segkit.engine.progress import Progress
+    from segkit.inference.calibration import PixelSample, ece_of, fit_temperature
+    from segkit.inference.predictor import load
+    from segkit.inference.sliding import MODES
+
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.max_pixels <= 0:
         raise ConfigError("max_pixels", f"must be > 0, got {cfg.max_pixels}")
-    checkpoint = Path(cfg.checkpoint).expanduser()
     predictor = load(checkpoint, cfg.device)
     predictor.model.temperature = 1.0  # refit from the raw logits, whatever was stored before
     dataset = build_dataset(dataset_config(predictor.cfg.dataset, cfg.get("dataset")), cfg.split)
@@ -69,7 +77,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="calibrate", version_base="1.3")
+@hydra_main("calibrate")
 def main(cfg: DictConfig) -> None:
     run_or_exit(lambda: run(cfg))
 
