@@ -46,14 +46,14 @@ class PairedFiles(SegmentationDataset):
         return {"image": image, "mask": mask}
 
     def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_path, mask_path = self.pairs[index]
-        mask = self.read_mask(mask_path)
-        if self.reduce_zero_label:
-            mask = reduce_zero_label(mask, self.ignore_index)
-        return read_image(image_path, self.decode_device), apply_remap(apply_remap(mask, self.id_table), self.remap)
+        return read_image(self.pairs[index][0], self.decode_device), self.read_native_mask(index)
 
     def read_native_mask(self, index: int) -> torch.Tensor:
-        return apply_remap(self.read_mask(self.pairs[index][1]), self.remap)
+        """The mask file's class ids after the benchmark conventions and remap (training and scoring alike)."""
+        mask = self.read_mask(self.pairs[index][1])
+        if self.reduce_zero_label:
+            mask = reduce_zero_label(mask, self.ignore_index)
+        return apply_remap(apply_remap(mask, self.id_table), self.remap)
 
     def read_mask(self, path: Path) -> torch.Tensor:
         """Raw class ids of a mask file; readers with colour-coded masks override this."""
