@@ -25,7 +25,8 @@ def test_trainer_and_readers_of_a_run_share_one_layout(compose_cfg, tmp_path):
     assert run.read_metrics() == json.loads(json.dumps(summary))
     best = run.checkpoint(BEST)
     assert RunDir.of_checkpoint(best) == run
-    evaluate_cfg = OmegaConf.create({"split": "val", "mode": "whole", "tta": False})
+    evaluate_cfg = OmegaConf.create({"split": "val", "mode": "auto", "tta": False, "test_size": None,
+                                     "score_at": "native"})
     assert default_output_dir(evaluate_cfg, best) == run.eval_dir("best_val")
     assert load(best, "cpu").class_names == ["sky", "road", "car", "tree"]
     run.hydra.mkdir()
