@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,3 +76,9 @@ def write_folder_dataset(root: Path, splits: Sequence[str] = ("train", "val"), c
             Image.fromarray(image).save(images / f"img_{i:03d}.jpg")
             Image.fromarray(mask).save(masks / f"img_{i:03d}.png")
     return root
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file a run wrote (epochs.csv, a sweep's leaderboard)."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

@@ -29,6 +29,7 @@ from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
 
 from .conftest import ROOT, TINY
+from .faults.kill_campaign import pids_with_tag
 
 # No BatchNorm (GroupNorm encoder, no decoder norm), CE (a per-pixel mean) and no augmentation: then
 # 2 processes x batch 4 compute the same gradients as 1 process x batch 8, up to float rounding.
@@ -213,20 +214,6 @@ def test_submitit_job_of_two_tasks_trains_like_one_process_with_the_global_batch
     assert {k: v for k, v in single.items() if k != "confusion_matrix"} == two["final"]
 
 
-def _pids_of_rank(tag: str, rank: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"SEGKIT_TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env:
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
 def test_killed_rank_ends_the_job_and_one_process_resumes_it(one_process, compose_cfg, tmp_path, caplog):
     """torchrun, 2 processes x batch 2 x 2 accumulated batches; rank 1 is killed; 1 process x batch 8 resumes
@@ -240,7 +227,7 @@ def test_killed_rank_ends_the_job_and_one_process_resumes_it(one_process, compos
         deadline = time.time() + 180
         while not last.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        victims = _pids_of_rank(tag, rank=1)
+        victims = pids_with_tag(tag, rank=1)
         assert last.exists() and victims, "no checkpoint or no rank 1 to kill"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)

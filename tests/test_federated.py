@@ -3,7 +3,6 @@ a crashed client survived, resume from the last round, shards, FedProx's term, s
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import socket
@@ -18,7 +17,7 @@ from omegaconf import OmegaConf
 import segkit
 from segkit.errors import ConfigError
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, read_csv
 
 pytest.importorskip("flwr")
 
@@ -29,15 +28,10 @@ FEDERATION = ["federated=fedavg", "federated.rounds=2", "dataset.train_size=24",
               "federated.round_timeout_s=120"]
 
 
-def rounds_of(run_dir):
-    with open(run_dir / "epochs.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_simulation_trains_validates_and_checkpoints_every_round(compose_cfg, tmp_path):
     summary = federated.run(compose_cfg(FEDERATION), tmp_path)
     assert summary["status"] == "FINISHED" and summary["epochs"] == 2
-    rounds = rounds_of(tmp_path)
+    rounds = read_csv(tmp_path / "epochs.csv")
     assert [int(r["round"]) for r in rounds] == [1, 2]
     assert all(0 <= float(r["val/miou"]) <= 1 and float(r["train/loss"]) > 0 for r in rounds)
     mask = segkit.load(tmp_path / "checkpoints" / "last.pt", device="cpu").predict(torch.rand(3, 32, 32))
@@ -62,7 +56,7 @@ def client_2_crashes(monkeypatch):
 
 def test_a_crashed_client_is_survived_when_the_strategy_allows(compose_cfg, tmp_path, client_2_crashes):
     summary = federated.run(compose_cfg([*FEDERATION, "federated.min_fit_clients=2"]), tmp_path)
-    assert summary["status"] == "FINISHED" and len(rounds_of(tmp_path)) == 2
+    assert summary["status"] == "FINISHED" and len(read_csv(tmp_path / "epochs.csv")) == 2
 
 
 def test_too_few_clients_end_the_federation_with_a_message(compose_cfg, tmp_path, client_2_crashes):
@@ -74,7 +68,7 @@ def test_a_federation_resumes_after_its_last_round(compose_cfg, tmp_path):
     federated.run(compose_cfg([*FEDERATION, "federated=fedprox", "federated.rounds=1"]), tmp_path)
     summary = federated.run(compose_cfg([*FEDERATION, "federated=fedprox", "trainer.resume=auto"]), tmp_path)
     assert summary["epochs"] == 2
-    assert [int(r["round"]) for r in rounds_of(tmp_path)] == [1, 2]  # round 1 kept, only round 2 run
+    assert [int(r["round"]) for r in read_csv(tmp_path / "epochs.csv")] == [1, 2]  # round 1 kept, only round 2 run
 
 
 def free_port() -> int:

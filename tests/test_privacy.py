@@ -3,7 +3,6 @@ epsilon logged and checkpointed, exact resume, per-sample independence, Poisson 
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -16,15 +15,12 @@ from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
 from segkit.privacy import PoissonBatches, epsilon_after, make_model_private_compatible, steps_within_budget
 
+from .conftest import read_csv
+
 pytest.importorskip("opacus")
 
 # Cross-entropy: a per-pixel loss, so the per-sample loop is exercised with the cheapest loss.
 PRIVATE = ["privacy=dp", "loss=ce", "augmentation=none", "trainer.max_epochs=2"]
-
-
-def read_csv(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.mark.parametrize(("override", "key"), [

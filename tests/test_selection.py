@@ -3,7 +3,6 @@ and the single-logit binary mode, each through a real (tiny) training run."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -17,21 +16,16 @@ from segkit.engine.step import to_model_input
 from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
 
-from .conftest import TINY, write_folder_dataset
+from .conftest import TINY, read_csv, write_folder_dataset
 
 # 4 steps per epoch, 4 validations; a noisy enough val loss that the ranking changes.
 SELECT = ["trainer.max_epochs=4", "trainer.monitor=val/loss", "trainer.save_top_k=2", "trainer.ema_decay=0.5",
           "trainer.deterministic=true"]
 
 
-def epochs_csv(run_dir):
-    with open(run_dir / "epochs.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_top_k_by_validation_loss_with_ema_resumes_exactly(compose_cfg, tmp_path):
     straight = fit(compose_cfg(SELECT), tmp_path / "straight")
-    rows = epochs_csv(tmp_path / "straight")
+    rows = read_csv(tmp_path / "straight" / "epochs.csv")
     losses = [float(row["val/loss"]) for row in rows]
     assert all(math.isfinite(v) and v > 0 for v in losses)
 
@@ -74,7 +68,7 @@ def test_ema_weights_are_the_ones_validated_and_saved(compose_cfg, tmp_path):
 def test_monitor_any_logged_value_and_configured_metrics(compose_cfg, tmp_path):
     cfg = compose_cfg(["trainer.max_epochs=2", "trainer.monitor=val/boundary_iou", "metrics=[boundary_iou,f1_macro]"])
     summary = fit(cfg, tmp_path / "run")
-    rows = epochs_csv(tmp_path / "run")
+    rows = read_csv(tmp_path / "run" / "epochs.csv")
     scores = [float(row["val/boundary_iou"]) for row in rows]
     assert summary["monitor_mode"] == "max" and summary["best_score"] == pytest.approx(max(scores))
     assert set(summary["final"]["metrics"]) == {"boundary_iou", "f1_macro"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from segkit.cli import report
 from segkit.trackers.mlflow import default_tracking_uri
 
-from .conftest import CONF_DIR, ROOT
+from .conftest import CONF_DIR, ROOT, read_csv
 
 SWEEP_TINY = [
     "backbone.name=test_resnet", "dataset.image_size=[32,32]", "dataset.train_size=8", "dataset.val_size=4",
@@ -28,11 +27,6 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
                           env=env)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
