@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torchmetrics.classification import (
+    MulticlassConfusionMatrix,
     MulticlassAccuracy,
     MulticlassCalibrationError,
     MulticlassF1Score,
@@ -45,6 +47,27 @@ def test_metrics_match_torchmetrics_with_ignore_and_absent_class():
     assert math.isnan(ours[NUM_CLASSES - 1])  # absent from prediction and target: no IoU ...
     assert result["miou"] == pytest.approx(float(expected_iou[:-1].mean()), abs=1e-6)  # ... and not averaged
     assert result["pixel_acc"] == pytest.approx(float(accuracy.compute()), abs=1e-6)
+
+
+def test_deterministic_mode_counts_the_same_in_memory_linear_in_the_pixels():
+    """trainer.deterministic=true: torchmetrics' own update compares every pixel with all C² cells
+    (int64: 8·C²·pixels bytes, 16 GB for 81 classes on 8 COCO images). Ours allocates nothing larger
+    than the C²+1 bins or one int64 per pixel."""
+    classes, gen = 150, torch.Generator().manual_seed(0)
+    preds, target = torch.randint(0, classes, (2, 1, 32, 32), generator=gen).unbind(0)
+    target[0, :4] = IGNORE
+    expected = MulticlassConfusionMatrix(classes, ignore_index=IGNORE)
+    expected.update(preds, target)  # deterministic mode off: torch.bincount
+    metrics = SegmentationMetrics(classes, IGNORE, [str(c) for c in range(classes)], torch.device("cpu"))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as trace:
+            metrics.update(preds, target)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    largest = max(event.cpu_memory_usage for event in trace.events())
+    assert largest <= 8 * max(classes * classes + 1, target.numel())
+    assert torch.equal(metrics.confusion.compute(), expected.compute())
 
 
 def test_logits_are_reduced_with_argmax():

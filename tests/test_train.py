@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from segkit.engine.checkpoint import load_checkpoint
-from segkit.engine.trainer import Trainer, fit
+from segkit.engine.trainer import Trainer, fit, seed_everything
 
 from .conftest import ROOT
 
@@ -123,3 +123,14 @@ def test_cfg_job_prints_the_resolved_config():
     result = run_cli("--cfg", "job", "model=deeplabv3plus", "loss=ce_dice", "optimizer.lr=0.02")
     assert result.returncode == 0, result.stderr
     assert "arch: deeplabv3plus" in result.stdout and "lr: 0.02" in result.stdout
+
+
+def test_deterministic_mode_is_set_by_each_run_not_left_over_from_the_last():
+    """A notebook's second fit (or the next test) gets the mode its own config asks for."""
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        seed_everything(0, deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

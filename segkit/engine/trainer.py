@@ -117,8 +117,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # Set both ways: an earlier fit in the same process (a notebook, a test) must not leave it on.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 class Trainer:

@@ -27,7 +27,7 @@ from segkit.engine.progress import Progress
 from segkit.errors import ConfigError
 from segkit.inference.calibration import ReliabilityBins, confidence_and_entropy
 from segkit.inference.predictor import Predictor
-from segkit.metrics import ConfiguredMetric, SegmentationMetrics, summarize_confusion
+from segkit.metrics import ConfiguredMetric, SegmentationMetrics, confusion_counts, summarize_confusion
 
 SCORE_AT = ("native", "input")
 
@@ -70,11 +70,9 @@ def per_image_metrics(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int, class_names: Sequence[str]
 ) -> tuple[float | None, float | None, dict[str, float | None]]:
     """(pixel accuracy, mIoU, IoU per class) of one image; None where the image gives no value."""
-    valid = target != ignore_index
-    codes = target[valid] * num_classes + pred[valid]
-    confusion = torch.bincount(codes, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    confusion = confusion_counts(pred, target, num_classes, ignore_index)
     result = summarize_confusion(confusion, class_names)
-    if not bool(valid.any()):
+    if int(confusion.sum()) == 0:
         return None, None, {name: None for name in class_names}
     ious = {name: nan_to_none(value) for name, value in result["per_class_iou"].items()}
     return result["pixel_acc"], result["miou"], ious
