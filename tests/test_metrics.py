@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torchmetrics.classification import (
-    MulticlassConfusionMatrix,
     MulticlassAccuracy,
     MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassJaccardIndex,
 )

@@ -63,6 +63,13 @@ def test_ema_weights_are_the_ones_validated_and_saved(compose_cfg, tmp_path):
     again = plain.validate()
     assert again["miou"] == summary["final"]["miou"]
     assert again["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-6)  # same batches, same order
+    # The trained weights are validated beside them: val_raw/* is what EMA is compared with.
+    plain.model.load_state_dict(state["train_model"])
+    raw = plain.validate()
+    row = read_csv(tmp_path / "run" / "epochs.csv")[-1]
+    assert float(row["val_raw/miou"]) == pytest.approx(raw["miou"], abs=1e-6)
+    assert float(row["val_raw/loss"]) == pytest.approx(raw["loss"], rel=1e-6)
+    assert float(row["val/miou"]) == pytest.approx(summary["final"]["miou"], abs=1e-6)
 
 
 def test_monitor_any_logged_value_and_configured_metrics(compose_cfg, tmp_path):

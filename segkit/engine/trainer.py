@@ -496,15 +496,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
-    def validate(self) -> dict[str, Any]:
-        """Metrics and mean loss (`loss`) of the validated weights (the EMA ones with trainer.ema_decay).
+    def validate(self, raw: bool = False) -> dict[str, Any]:
+        """Metrics and mean loss (`loss`) of the validated weights: the EMA ones with trainer.ema_decay,
+        unless `raw` asks for the trained ones.
 
         The model runs on the letterboxed batch as inference does (whole, or sliding windows for a
         crop-trained model); the loss is the training loss on that batch. With trainer.score_at=native
         each image's scores are then resized to its own size and scored against its untouched mask, one
         image at a time (memory stays bounded). The confusion matrix syncs across processes.
         """
-        forward = self._validation_forward()
+        forward = self._validation_forward(raw)
         self.metrics.reset()
         loss_sum = torch.zeros((), device=self.device)
         images_seen = torch.zeros((), device=self.device)
@@ -529,13 +530,16 @@ class Trainer:
         result["loss"] = self._mean_loss(loss_sum, images_seen)
         return result
 
-    def _validation_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        if self.ema is not None:
+    def _validation_forward(self, raw: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.ema is not None and not raw:
             return self.ema.module  # always in eval mode
         self.model.eval()
         return self.step.forward
 
     def _validate_and_track(self, train_record: dict[str, Any]) -> dict[str, Any]:
+        # With EMA the trained weights are validated too (as timm's train.py does), so every run shows
+        # what the average buys: val/miou (EMA) beside val_raw/miou at the same step.
+        raw = self.validate(raw=True) if self.ema is not None else None
         result = self.validate()
         record = {
             "val/loss": result["loss"],
@@ -546,6 +550,8 @@ class Trainer:
             **{f"val/iou_{name}": value for name, value in result["per_class_iou"].items()},
             **{f"val/{name}": value for name, value in result.get("metrics", {}).items()
                if isinstance(value, (int, float))},
+            **({"val_raw/loss": raw["loss"], "val_raw/miou": raw["miou"], "val_raw/pixel_acc": raw["pixel_acc"]}
+               if raw is not None else {}),
         }
         self.trackers.log_metrics(record, self.global_step)
         self._log_validation_images()
@@ -576,8 +582,11 @@ class Trainer:
             return
         images, masks = zip(*(self.val_set[i] for i in range(count)), strict=True)
         model = self.ema.module if self.ema is not None else self.model  # bare: DDP would wait for peers
-        with self.step.autocast():
-            logits = model(to_model_input(torch.stack(images), self.device, self.channels_last))
+        model.eval()
+        batch = to_model_input(torch.stack(images), self.device, self.channels_last)
+        with self.step.autocast():  # as validation sees them: whole, or in windows of the training crop
+            window = self.geometry.window
+            logits = slide_logits(model, batch, window) if window is not None else model(batch)
         preds = class_scores(logits.float()).argmax(1).cpu()
         palette = stable_palette(self.val_set.num_classes, self.val_set.colors)
         grid = comparison_grid(images, preds, masks, palette, self.val_set.ignore_index)
