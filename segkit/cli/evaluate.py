@@ -5,7 +5,8 @@ Writes into the output directory:
                       matrix, and the `metrics:` the training config chose (stage test), and
                       `scored_at` (native: each image at its own size against its untouched mask)
   per_image.jsonl     one JSON object per image (filename, mask path, pixel accuracy, IoU, mIoU)
-  per_image/          predicted masks, single-channel PNG class ids at the original image size
+  per_image/          predicted masks, single-channel PNG class ids at the original image size; with
+                      uncertainty_maps=true also <stem>_confidence/_entropy(/_variance).png, 8-bit
   report/report.html  summary, per-class table, charts and the worst images (with report/images/)
 """
 
