@@ -66,7 +66,8 @@ def checkpoint_geometry(state: Mapping[str, Any], cfg: DictConfig) -> TrainingGe
 class Predictor:
     """A loaded model plus what is needed to use it: class names, training geometry, settings.
 
-    Options shared by `predict`, `logits` and `probabilities`:
+    Options shared by `predict`, `logits`, `probabilities` and `uncertainty` (which also takes `method`
+    softmax | tta_variance | mc_dropout and `mc_samples`, segkit/inference/uncertainty.py):
       mode       auto (the training geometry decides: sliding windows for crop-trained models,
                  else the whole letterboxed image) | whole | slide
       tta        False | True (flips x scales 0.75/1.0/1.25) | {"scales": [...], "flip": bool};
