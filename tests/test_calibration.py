@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -15,9 +16,10 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 import segkit
 from segkit.cli import evaluate as evaluate_cli
+from segkit.cli import export as export_cli
 from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from segkit.engine.trainer import fit
-from segkit.errors import CheckpointError
+from segkit.errors import CheckpointError, ConfigError
 from segkit.inference.calibration import ReliabilityBins, confidence_and_entropy, fit_temperature
 
 from .conftest import CONF_DIR, ROOT, TINY, write_folder_dataset
@@ -119,9 +121,65 @@ def test_evaluate_writes_ece_reliability_diagram_and_uncertainty_maps(tiny_run, 
     assert (tmp_path / "report" / "images" / "reliability.png").is_file()
     html = (tmp_path / "report" / "report.html").read_text()
     assert "reliability.png" in html and "ECE (15 bins)" in html and "<th>precision</th>" in html
+    # the worst images' uncertainty maps beside their prediction overlays (confidence and entropy: no sampling)
+    assert len(re.findall(r'<img src="images/worst_\d+_[^"]+_uncertainty\.png"', html)) == 8
     for name in ("confidence", "entropy"):
         maps = sorted((tmp_path / "per_image").glob(f"*_{name}.png"))
         assert len(maps) == 8
         with Image.open(maps[0]) as picture:
             assert picture.size == (48, 40) and picture.mode == "L"  # the original image size
     assert not math.isnan(calibration["ece"])
+
+
+def test_evaluate_tta_variance_maps_and_the_report_shows_every_map(tiny_run, tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        tta = [f"checkpoint={tiny_run / 'checkpoints' / 'best.pt'}", "progress_bar=false", "tta=true",
+               "tta_scales=[0.75,1.0]", "tta_flip=true"]
+        sampled = compose(config_name="evaluate", overrides=[
+            *tta, f"output_dir={tmp_path / 'sampled'}", "uncertainty_maps=true", "uncertainty_method=tta_variance",
+            "worst_n=2",
+        ])
+        plain = compose(config_name="evaluate", overrides=[*tta, f"output_dir={tmp_path / 'plain'}", "report=false"])
+    metrics = evaluate_cli.run(sampled)
+    assert metrics["uncertainty_method"] == "tta_variance"
+    assert metrics["confusion_matrix"] == evaluate_cli.run(plain)["confusion_matrix"]  # the masks are plain TTA's
+    maps = sorted((tmp_path / "sampled" / "per_image").glob("*_variance.png"))
+    assert len(maps) == 8
+    with Image.open(maps[0]) as picture:
+        assert picture.size == (48, 40) and picture.mode == "L"  # the original image size
+    report = tmp_path / "sampled" / "report"
+    panels = re.findall(r'<img src="(images/worst_\d+_[^"]+_uncertainty\.png)"', (report / "report.html").read_text())
+    assert len(panels) == 2
+    with Image.open(report / panels[0]) as picture:  # prediction overlay + confidence, entropy, variance
+        assert picture.size[0] > 4 * 200
+
+
+def test_mc_dropout_on_a_model_without_dropout_is_one_line(tiny_run, tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"checkpoint={tiny_run / 'checkpoints' / 'best.pt'}", f"output_dir={tmp_path}", "progress_bar=false",
+            "uncertainty_method=mc_dropout",
+        ])
+    with pytest.raises(ConfigError, match=r"^uncertainty_method: mc_dropout needs dropout, and this model has no "
+                                          r"dropout layer .*zero variance; use uncertainty_method=tta_variance"):
+        evaluate_cli.run(cfg)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_safetensors_export_carries_the_temperature(tiny_run, tmp_path):
+    checkpoint = tmp_path / "best.pt"
+    state = load_checkpoint(tiny_run / "checkpoints" / "best.pt")
+    state["calibration"] = {"temperature": 2.5}  # as segkit-calibrate stores it
+    save_checkpoint(state, checkpoint)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="export", overrides=[f"checkpoint={checkpoint}", "format=safetensors",
+                                                        "benchmark=false"])
+    weights = export_cli.run(cfg)["files"]["safetensors"]
+    from_pt, from_safetensors = segkit.load(checkpoint, "cpu"), segkit.load(weights, "cpu")
+    raw = segkit.load(tiny_run / "checkpoints" / "best.pt", "cpu")
+    assert from_safetensors.temperature == from_pt.temperature == 2.5
+    assert from_safetensors.geometry == from_pt.geometry
+    images = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    calibrated = from_pt.probabilities(images)
+    assert torch.equal(from_safetensors.probabilities(images), calibrated)
+    assert not torch.allclose(raw.probabilities(images), calibrated, atol=1e-3)

@@ -95,6 +95,7 @@ def test_report_files(tiny_run, tmp_path):
     sources = re.findall(r'<img src="([^"]+)"', html)
     assert {"images/iou_per_class.png", "images/confusion.png", "images/training_curves.png"} <= set(sources)
     assert sum(s.startswith("images/worst_") for s in sources) == 2
+    assert not any(s.endswith("_uncertainty.png") for s in sources)  # uncertainty_maps=false: no maps
     for source in sources:
         assert Image.open(out / "report" / source).size[0] > 100
     assert all(f">{name}</td>" in html for name in CLASSES)

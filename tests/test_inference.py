@@ -15,7 +15,7 @@ from segkit.cli import predict as predict_cli
 from segkit.config import build
 from segkit.data.geometry import letterbox, unletterbox
 from segkit.engine.checkpoint import save_checkpoint
-from segkit.errors import CheckpointError
+from segkit.errors import CheckpointError, ConfigError
 from segkit.inference.sliding import (
     clean_mask,
     predict_logits,
@@ -196,3 +196,27 @@ def test_predict_writes_masks_and_skips_unreadable_files(compose_cfg, tmp_path, 
         probs = np.load(out / "probs" / f"{name}.npy")
         assert probs.shape == (4, *size)
         np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+
+
+def test_predict_writes_variance_maps_of_mc_dropout(compose_cfg, tmp_path):
+    checkpoint = make_checkpoint(compose_cfg, tmp_path / "fpn.pt")  # an fpn: Dropout2d in its decoder
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(inputs / "a.png")
+    out = tmp_path / "out"
+    torch.manual_seed(0)  # the dropout masks
+    predict_cli.run(predict_cfg([f"checkpoint={checkpoint}", f"input={inputs}", f"output={out}", "uncertainty=true",
+                                 "uncertainty_method=mc_dropout", "mc_samples=3"]))
+    for name in ("confidence", "entropy", "variance"):
+        with Image.open(out / name / "a.png") as picture:
+            assert picture.mode == "L" and picture.size == (40, 24)  # 8-bit, at the input's size
+    assert np.asarray(Image.open(out / "variance" / "a.png")).max() > 0  # the passes differ somewhere
+    unet = make_checkpoint(compose_cfg, tmp_path / "unet.pt", ["model=unet"])  # no dropout layer
+    with pytest.raises(ConfigError, match="^uncertainty_method: mc_dropout needs dropout"):
+        predict_cli.run(predict_cfg([f"checkpoint={unet}", f"input={inputs}", f"output={tmp_path / 'no'}",
+                                     "uncertainty_method=mc_dropout"]))
+    assert not (tmp_path / "no" / "a.png").exists()
+    plain = tmp_path / "plain"
+    predict_cli.run(predict_cfg([f"checkpoint={checkpoint}", f"input={inputs}", f"output={plain}",
+                                 "uncertainty=true"]))
+    assert not (plain / "variance").exists()  # softmax: confidence and entropy only

@@ -33,17 +33,27 @@ window.addEventListener('load', () => {
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("report")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         train = compose(config_name="train", overrides=[*TINY, "trainer.max_steps=2"])
-        evaluate = compose(config_name="evaluate", overrides=[
-            f"checkpoint={base / 'run' / 'checkpoints' / 'best.pt'}", f"output_dir={base / 'eval'}",
-            "progress_bar=false", "save_masks=false", "worst_n=3",
-        ])
     fit(train, base / "run")
+    return base / "run"
+
+
+def evaluated_report(run_dir, name, *overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        evaluate = compose(config_name="evaluate", overrides=[
+            f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"output_dir={run_dir.parent / name}",
+            "progress_bar=false", "save_masks=false", "worst_n=3", *overrides,
+        ])
     evaluate_cli.run(evaluate)
-    return base / "eval" / "report" / "report.html"
+    return run_dir.parent / name / "report" / "report.html"
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    return evaluated_report(run_dir, "eval")
 
 
 def chromium(*args: str, profile) -> str:
@@ -71,6 +81,20 @@ def test_every_image_loads_and_every_class_is_in_the_table(report, tmp_path):
     rows = re.findall(r'<tr class="class-row">(.*?)</tr>', table, re.S)
     names = [re.sub(r"<[^>]+>", "", row.split("</td>")[0]).strip() for row in rows]
     assert names == CLASSES
+
+
+def test_uncertainty_maps_show_beside_each_worst_image(run_dir, report, tmp_path):
+    with_maps = evaluated_report(run_dir, "eval_uncertainty", "uncertainty_maps=true", "tta=true",
+                                 "tta_scales=[1.0]", "uncertainty_method=tta_variance")
+    dom = loaded_dom(with_maps, tmp_path / "profile")
+    images = re.findall(r"<img [^>]*>", dom)
+    panels = [tag for tag in images if "_uncertainty.png" in tag]
+    assert len(images) == 4 + 3 + 3 and len(panels) == 3  # + the maps of each of the 3 worst images
+    broken = [tag for tag in images if 'data-loaded="yes"' not in tag]
+    assert not broken, broken
+    assert "entropy / log C" in dom and "variance" in dom
+    without = loaded_dom(report, tmp_path / "profile")  # uncertainty_maps=false (the default): none
+    assert "_uncertainty.png" not in without and "entropy / log C" not in without
 
 
 def test_the_check_notices_a_broken_image(report, tmp_path):

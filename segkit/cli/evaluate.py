@@ -5,7 +5,8 @@ Writes into the output directory:
                       matrix, and the `metrics:` the training config chose (stage test), and
                       `scored_at` (native: each image at its own size against its untouched mask)
   per_image.jsonl     one JSON object per image (filename, mask path, pixel accuracy, IoU, mIoU)
-  per_image/          predicted masks, single-channel PNG class ids at the original image size
+  per_image/          predicted masks, single-channel PNG class ids at the original image size; with
+                      uncertainty_maps=true also <stem>_confidence/_entropy(/_variance).png, 8-bit
   report/report.html  summary, per-class table, charts and the worst images (with report/images/)
 """
 
@@ -50,6 +51,8 @@ def default_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
         name += f"_{cfg.test_size[0]}x{cfg.test_size[1]}"
     if cfg.tta:
         name += "_tta"
+    if cfg.uncertainty_method == "mc_dropout":  # its masks are the mean of stochastic passes: other metrics
+        name += "_mc_dropout"
     if cfg.score_at != "native":
         name += f"_at_{cfg.score_at}"
     return RunDir.of_checkpoint(checkpoint).eval_dir(name)
@@ -76,14 +79,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
     from segkit.data.loading import build_dataset, build_loader
     from segkit.inference.evaluation import evaluate
-    from segkit.inference.predictor import load, tta_option
+    from segkit.inference.predictor import load, tta_option, tta_settings
     from segkit.inference.sliding import MODES
+    from segkit.inference.uncertainty import check_method, check_model
     from segkit.metrics import build_metrics
     from segkit.reporting.plots import stable_palette
 
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    check_method(cfg.uncertainty_method, *tta_settings(tta_option(cfg)), int(cfg.mc_samples))
     predictor = load(checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
+    check_model(predictor.model, cfg.uncertainty_method)  # mc_dropout without dropout: one line, before any work
     dataset_cfg = dataset_config(predictor.cfg.dataset, cfg.get("dataset"))
     # The loader letterboxes into the training box, like validation; test_size chooses another test scale.
     dataset_cfg.image_size = list(cfg.test_size) if cfg.test_size else list(predictor.geometry.image_size)
@@ -105,12 +111,15 @@ def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str,
         postprocess=postprocessor(cfg), progress_bar=cfg.progress_bar,
         extra_metrics=build_metrics(predictor.cfg.get("metrics"), "test", predictor.device),
         calibration_bins=int(cfg.calibration_bins), uncertainty=bool(cfg.uncertainty_maps),
+        uncertainty_method=str(cfg.uncertainty_method), mc_samples=int(cfg.mc_samples),
     )
     meta = {
         "checkpoint": str(checkpoint), "dataset": dataset.name, "split": cfg.split, "images": len(dataset),
         "scored_at": cfg.score_at, "test_size": list(dataset.image_size), "mode": mode,
         "geometry": predictor.geometry.as_dict(), "tta": json_safe(tta_option(cfg)),
         "device": str(predictor.device), "postprocess": {"min_region": cfg.min_region, "max_hole": cfg.max_hole},
+        "uncertainty_method": str(cfg.uncertainty_method),
+        **({"mc_samples": int(cfg.mc_samples)} if cfg.uncertainty_method == "mc_dropout" else {}),
     }
     metrics = {**meta, **result.summary}
     (out_dir / "metrics.json").write_text(dumps(metrics, indent=2))
@@ -139,10 +148,10 @@ class MaskWriter:
         directory.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, item: ImageResult) -> None:
-        import torch
         from PIL import Image
 
         from segkit.inference.evaluation import image_path
+        from segkit.inference.uncertainty import to_grey
         from segkit.reporting.plots import save_mask_png, save_png
 
         path = image_path(self.dataset, item.index)
@@ -152,11 +161,10 @@ class MaskWriter:
                 width, height = img.size
             size = (height, width)
         save_mask_png(self._original_size(item.pred, size), self.directory / f"{item.stem}_pred.png")
-        # Uncertainty maps (uncertainty_maps=true): 8-bit greyscale, 255 = confidence 1 / entropy 1.
-        for name, values in (("confidence", item.confidence), ("entropy", item.entropy)):
-            if values is not None:
-                grey = (self._original_size(values, size) * 255).round().to(torch.uint8).numpy()
-                save_png(grey, self.directory / f"{item.stem}_{name}.png")
+        # Uncertainty maps (uncertainty_maps=true): 8-bit greyscale, 255 = confidence 1 / entropy 1 / the
+        # largest possible variance (segkit/inference/uncertainty.py).
+        for name, values in item.uncertainty_maps().items():
+            save_png(to_grey(self._original_size(values, size)).numpy(), self.directory / f"{item.stem}_{name}.png")
 
     def _original_size(self, values: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
         from segkit.data.geometry import unletterbox
@@ -175,6 +183,7 @@ def write_evaluation_report(
         save_iou_bars,
         save_reliability_diagram,
         save_training_curves,
+        save_uncertainty_panels,
     )
 
     summary = result.summary
@@ -194,8 +203,13 @@ def write_evaluation_report(
             item.image, item.pred, item.target, images / f"worst_{rank:02d}_{item.stem}.png", names, palette,
             ignore_index=predictor.ignore_index, title=f"{item.filename}  mIoU {item.miou:.3f}",
         )
+        maps = item.uncertainty_maps()  # uncertainty_maps=true: the maps beside the prediction overlay
+        panels = save_uncertainty_panels(
+            item.image, item.pred, maps, images / f"worst_{rank:02d}_{item.stem}_uncertainty.png", palette,
+            ignore_index=predictor.ignore_index,
+        ) if maps else None
         worst.append({"filename": item.filename, "miou": item.miou, "pixel_accuracy": item.pixel_accuracy,
-                      "image": figure})
+                      "image": figure, "uncertainty": panels})
     return write_report(report_dir, summary=result.summary, class_names=names, palette=palette, meta=meta,
                         charts=charts, worst=worst)
 

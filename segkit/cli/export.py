@@ -97,7 +97,11 @@ def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
         runners["TorchScript"] = torchscript_runner(module)
 
     if "safetensors" in FORMATS[cfg.format]:  # no pickle; the config (as checked) in YAML beside it
-        weights, config = save_safetensors(model, OmegaConf.to_yaml(predictor.cfg), stem.with_suffix(".safetensors"))
+        # The temperature (segkit-calibrate) and the training geometry travel in the file's metadata, so
+        # segkit.load(<stem>.safetensors) predicts exactly as from the checkpoint.
+        extras = {"calibration": {"temperature": predictor.temperature}, "geometry": predictor.geometry.as_dict()}
+        weights, config = save_safetensors(model, OmegaConf.to_yaml(predictor.cfg), stem.with_suffix(".safetensors"),
+                                           extras)
         result["files"]["safetensors"], result["files"]["config"] = weights, config
         log.info("wrote %s and %s", weights, config)
 

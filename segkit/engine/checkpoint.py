@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from segkit.engine.run_dir import LAST
 from segkit.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+METADATA_PREFIX = "segkit."  # safetensors metadata keys segkit writes (values: JSON)
 
 
 def previous_path(path: Path) -> Path:
@@ -62,17 +65,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def save_safetensors(model: torch.nn.Module, config_yaml: str, path: Path) -> tuple[Path, Path]:
+def save_safetensors(model: torch.nn.Module, config_yaml: str, path: Path,
+                     extras: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """The weights as `<stem>.safetensors` (no pickle at all) and the config as plain `<stem>.yaml` beside them.
 
     Each file is written to a temporary name and renamed. A tensor the model reaches under two names
-    (`encoder` and `net.encoder`) is stored once, under its first name, as safetensors requires."""
+    (`encoder` and `net.encoder`) is stored once, under its first name, as safetensors requires. `extras`
+    (plain values: the checkpoint's `calibration` and `geometry`) go into the file's string metadata as JSON
+    under `segkit.<key>`: the YAML beside it stays the training config, checked as a checkpoint's is."""
     from safetensors.torch import save_file
 
     state = model.state_dict()
     tensors = {name: state[name].contiguous() for name in _first_names(model) if name in state}
     config = config_path(path)
-    for target, write in ((path, lambda tmp: save_file(tensors, str(tmp))),
+    metadata = {f"{METADATA_PREFIX}{key}": json.dumps(value) for key, value in (extras or {}).items()}
+    for target, write in ((path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or None)),
                           (config, lambda tmp: tmp.write_text(config_yaml))):
         tmp = target.with_name(f".{target.name}.tmp")
         try:
@@ -99,6 +106,26 @@ def read_safetensors_config(path: Path) -> str:
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read its config {config.name} ({error.strerror or error}); "
                               "segkit-export format=safetensors writes both files") from None
+
+
+def read_safetensors_extras(path: Path) -> dict[str, Any]:
+    """The `extras` save_safetensors stored (`calibration`, `geometry`); {} for a file without them."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
+    extras = {}
+    for key, value in metadata.items():
+        if key.startswith(METADATA_PREFIX):
+            try:
+                extras[key.removeprefix(METADATA_PREFIX)] = json.loads(value)
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path}: metadata {key} is not valid JSON") from None
+    return extras
 
 
 def load_safetensors(model: torch.nn.Module, path: Path) -> None:

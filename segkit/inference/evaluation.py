@@ -27,6 +27,7 @@ from segkit.engine.progress import Progress
 from segkit.errors import ConfigError
 from segkit.inference.calibration import ReliabilityBins, confidence_and_entropy
 from segkit.inference.predictor import Predictor
+from segkit.inference.uncertainty import DEFAULT_MC_SAMPLES
 from segkit.metrics import ConfiguredMetric, SegmentationMetrics, confusion_counts, summarize_confusion
 
 SCORE_AT = ("native", "input")
@@ -47,6 +48,12 @@ class ImageResult:
     per_class_iou: dict[str, float | None]
     confidence: torch.Tensor | None = None  # float (H, W) in [0, 1], with uncertainty=True
     entropy: torch.Tensor | None = None  # float (H, W) in [0, 1] (normalised by log C)
+    variance: torch.Tensor | None = None  # float (H, W) in [0, 1], uncertainty_method tta_variance / mc_dropout
+
+    def uncertainty_maps(self) -> dict[str, torch.Tensor]:
+        """The maps this image has, by name (confidence, entropy, variance); empty without uncertainty."""
+        maps = {"confidence": self.confidence, "entropy": self.entropy, "variance": self.variance}
+        return {name: values for name, values in maps.items() if values is not None}
 
 
 @dataclass
@@ -95,6 +102,8 @@ def evaluate(
     extra_metrics: Sequence[ConfiguredMetric] = (),
     calibration_bins: int = 0,
     uncertainty: bool = False,
+    uncertainty_method: str = "softmax",
+    mc_samples: int = DEFAULT_MC_SAMPLES,
 ) -> EvalResult:
     """Run the model over `loader` (built on `dataset`, in order) and collect the metrics.
 
@@ -102,7 +111,9 @@ def evaluate(
     are then those of the post-processed masks. `extra_metrics` (segkit.metrics.build_metrics) are
     updated next to the confusion matrix. `calibration_bins` > 0 adds the expected calibration error
     and its reliability diagram data as summary["calibration"]; `uncertainty` gives every ImageResult
-    its confidence and entropy maps. Only one image's full-size scores exist at a time.
+    its confidence and entropy maps, and its variance map for `uncertainty_method` tta_variance / mc_dropout
+    (segkit/inference/uncertainty.py; the metrics are then those of the samples' mean). Only one image's
+    full-size scores exist at a time.
     """
     if score_at not in SCORE_AT:
         raise ConfigError("score_at", f"must be one of {', '.join(SCORE_AT)}, got {score_at!r}")
@@ -116,12 +127,16 @@ def evaluate(
     index = 0
     with torch.no_grad():
         for images, masks in loader:
-            scores = predictor.box_logits(images, mode, tta, crop_size, stride)
+            scores, variances = predictor.box_uncertainty(images, mode, tta, crop_size, stride, uncertainty_method,
+                                                          mc_samples)
             masks = masks.to(predictor.device)
-            for image, box_scores, box_mask in zip(images, scores, masks, strict=True):
+            for i, (image, box_scores, box_mask) in enumerate(zip(images, scores, masks, strict=True)):
+                variance = variances[i] if variances is not None and uncertainty else None
                 if score_at == "native":  # the scores at the image's own size, its untouched mask
                     target = dataset.native_mask(index).to(box_scores.device)
                     full, image = restore_logits(box_scores, target.shape), None
+                    if variance is not None:  # brought back as the scores are
+                        variance = restore_logits(variance[None], target.shape)[0].clamp(0, 1)
                 else:
                     full, target = box_scores, box_mask
                 pred = full.argmax(0)
@@ -135,6 +150,7 @@ def evaluate(
                                        else (None, None))
                 item = _image_result(dataset, index, image, target.cpu(), pred.cpu(), num_classes, ignore, names)
                 item.confidence, item.entropy = confidence, entropy
+                item.variance = variance.cpu() if variance is not None else None
                 result.records.append(_record(item))
                 if on_image is not None:
                     on_image(item)

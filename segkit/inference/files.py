@@ -7,7 +7,7 @@ import glob
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from segkit.data.io import IMAGE_SUFFIXES
 from segkit.errors import ConfigError, DataError
-from segkit.inference.calibration import confidence_and_entropy
-from segkit.inference.predictor import Ensemble, tta_option
+from segkit.inference.predictor import Ensemble, tta_option, tta_settings
 from segkit.inference.sliding import MODES, clean_mask
+from segkit.inference.uncertainty import check_method, check_model, to_grey
 from segkit.reporting.plots import overlay, save_mask_png, save_png, stable_palette
 
 log = logging.getLogger("segkit")
@@ -104,7 +104,10 @@ def predict_into(out: Path, cfg: DictConfig) -> int:
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     paths = find_inputs(str(cfg.input))
+    check_method(cfg.uncertainty_method, *tta_settings(tta_option(cfg)), int(cfg.mc_samples))
     ensemble = Ensemble.load(cfg.checkpoint, cfg.device, trust=bool(cfg.trust_checkpoint))
+    for predictor in ensemble.predictors:  # mc_dropout on a model without dropout: one line, before any file
+        check_model(predictor.model, cfg.uncertainty_method)
     options = {"mode": cfg.mode, "tta": tta_option(cfg), "crop_size": cfg.crop_size, "stride": cfg.stride,
                "test_size": cfg.test_size}
     out.mkdir(parents=True, exist_ok=True)
@@ -127,9 +130,11 @@ def predict_into(out: Path, cfg: DictConfig) -> int:
                     groups[tuple(item.shape)].append((index, item))
             for members in groups.values():
                 images = torch.stack([image for _, image in members])
-                probs = ensemble.probabilities(images, **options)
-                for (index, image), prob in zip(members, probs, strict=True):
-                    write_outputs(out, stems[index], image, prob, palette, cfg)
+                result = ensemble.uncertainty(images, cfg.uncertainty_method, int(cfg.mc_samples), **options)
+                maps = result.maps() if cfg.uncertainty else {}
+                for i, (index, image) in enumerate(members):
+                    write_outputs(out, stems[index], image, result.probs[i], palette, cfg,
+                                  {name: values[i] for name, values in maps.items()})
             progress.advance(task, len(batch))
     done = len(paths) - failed
     print(f"predicted {done} image(s) -> {out}" + (f"; {failed} file(s) failed" if failed else ""))
@@ -137,7 +142,8 @@ def predict_into(out: Path, cfg: DictConfig) -> int:
 
 
 def write_outputs(out: Path, stem: str, image: torch.Tensor, prob: torch.Tensor, palette: np.ndarray,
-                  cfg: DictConfig) -> None:
+                  cfg: DictConfig, maps: Mapping[str, torch.Tensor] | None = None) -> None:
+    """The mask and whatever else cfg asks for; `maps` (H, W) in [0, 1] by name go to <name>/<stem>.png."""
     mask = prob.argmax(0).numpy()
     if cfg.min_region or cfg.max_hole:
         mask = clean_mask(mask, min_region=int(cfg.min_region), max_hole=int(cfg.max_hole))
@@ -147,6 +153,6 @@ def write_outputs(out: Path, stem: str, image: torch.Tensor, prob: torch.Tensor,
     if cfg.probabilities:
         (out / "probs").mkdir(exist_ok=True)
         np.save(out / "probs" / f"{stem}.npy", prob.numpy().astype(np.float16))
-    if cfg.uncertainty:  # 8-bit greyscale, 255 = confidence 1 / entropy 1 (segkit.inference.calibration)
-        for name, values in zip(("confidence", "entropy"), confidence_and_entropy(prob[None]), strict=True):
-            save_png((values[0] * 255).round().to(torch.uint8).numpy(), out / name / f"{stem}.png")
+    # 8-bit greyscale, 255 = confidence 1 / entropy 1 / the largest possible variance (inference/uncertainty.py)
+    for name, values in (maps or {}).items():
+        save_png(to_grey(values).cpu().numpy(), out / name / f"{stem}.png")

@@ -24,12 +24,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import build
 from segkit.data.geometry import TrainingGeometry, letterbox_images, restore_logits
-from segkit.engine.checkpoint import load_checkpoint, load_safetensors, read_safetensors_config
+from segkit.engine.checkpoint import (
+    load_checkpoint,
+    load_safetensors,
+    read_safetensors_config,
+    read_safetensors_extras,
+)
 from segkit.engine.run_dir import RunDir
 from segkit.engine.step import autocast, resolve_device, to_model_input, use_channels_last
 from segkit.engine.trusted import checked_checkpoint_config
 from segkit.errors import CheckpointError, ConfigError
-from segkit.inference.sliding import DEFAULT_TTA_SCALES, MODES, predict_logits
+from segkit.inference.sliding import DEFAULT_TTA_SCALES, MODES, predict_logits, probs_to_logits
+from segkit.inference.uncertainty import DEFAULT_MC_SAMPLES, Moments, Uncertainty, check_method, sampled_probs
 from segkit.models import Segmenter
 
 ImageLike = Any  # torch.Tensor | PIL.Image.Image | np.ndarray
@@ -60,7 +66,8 @@ def checkpoint_geometry(state: Mapping[str, Any], cfg: DictConfig) -> TrainingGe
 class Predictor:
     """A loaded model plus what is needed to use it: class names, training geometry, settings.
 
-    Options shared by `predict`, `logits` and `probabilities`:
+    Options shared by `predict`, `logits`, `probabilities` and `uncertainty` (which also takes `method`
+    softmax | tta_variance | mc_dropout and `mc_samples`, segkit/inference/uncertainty.py):
       mode       auto (the training geometry decides: sliding windows for crop-trained models,
                  else the whole letterboxed image) | whole | slide
       tta        False | True (flips x scales 0.75/1.0/1.25) | {"scales": [...], "flip": bool};
@@ -131,15 +138,50 @@ class Predictor:
         With TTA these are the log of the averaged probabilities. `segkit.data.geometry.restore_logits`
         brings them to each image's original size.
         """
+        return self.box_uncertainty(boxed, mode, tta, crop_size, stride)[0]
+
+    def box_uncertainty(
+        self, boxed: torch.Tensor, mode: str = "auto", tta: bool | Mapping[str, Any] | None = False,
+        crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
+        method: str = "softmax", mc_samples: int = DEFAULT_MC_SAMPLES,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`box_logits` and, for method tta_variance / mc_dropout (segkit/inference/uncertainty.py), the
+        variance map (B, h, w) of the samples, whose mean probabilities the scores then are (as logs)."""
         if mode not in MODES:
             raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "auto":
             mode = self.geometry.mode
         window = crop_size or self.geometry.window or self.geometry.image_size
         scales, flip = tta_settings(tta)
+        check_method(method, scales, flip, mc_samples)  # before any work
         images = to_model_input(boxed, self.device, self.channels_last)
         with self.autocast():
-            return predict_logits(self.model, images, mode, window, stride, scales, flip)
+            if method == "softmax":
+                return predict_logits(self.model, images, mode, window, stride, scales, flip), None
+            probs, variance = sampled_probs(self.model, images, method, mode, window, stride, scales, flip,
+                                            mc_samples)
+            return probs_to_logits(probs), variance
+
+    def uncertainty(
+        self, images: ImageLike, method: str = "softmax", mc_samples: int = DEFAULT_MC_SAMPLES, mode: str = "auto",
+        tta: bool | Mapping[str, Any] | None = False, crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None, test_size: Sequence[int] | None = None,
+    ) -> Uncertainty:
+        """Probabilities (B, C, H, W) at the images' own size and, unless method=softmax, the variance (B, H, W).
+
+        method: softmax | tta_variance (the TTA views' spread; needs tta) | mc_dropout (`mc_samples` passes
+        with dropout sampling). `.maps()` gives confidence, entropy and variance. The letterbox, the
+        prediction and the resizing back are those of `logits`; the variance is resized back like the scores.
+        """
+        batch, _ = to_batch(images)
+        box = test_size or self.geometry.image_size
+        boxed = letterbox_images(batch.to(self.device), box)
+        scores, variance = self.box_uncertainty(boxed, mode, tta, crop_size, stride, method, mc_samples)
+        size = batch.shape[-2:]
+        probs = restore_logits(scores, size).float().softmax(1)
+        if variance is not None:
+            variance = restore_logits(variance[:, None], size)[:, 0].clamp(0, 1)
+        return Uncertainty(probs, variance)
 
     def predict(
         self,
@@ -194,6 +236,22 @@ class Ensemble:
             total = probs if total is None else total + probs
         assert total is not None
         return total / len(self.predictors)
+
+    def uncertainty(self, images: torch.Tensor, method: str = "softmax", mc_samples: int = DEFAULT_MC_SAMPLES,
+                    **options: Any) -> Uncertainty:
+        """Mean probabilities over the members (on the CPU) and, unless method=softmax, the variance of all
+        their samples pooled: the mean of the members' variances plus the variance of their means (each
+        member takes the same number of samples, so the law of total variance holds as is)."""
+        if method == "softmax":
+            return Uncertainty(self.probabilities(images, **options))
+        means, within = Moments(), None
+        for predictor in self.predictors:
+            member = predictor.uncertainty(images, method, mc_samples, **options)
+            means.add(member.probs.float().cpu())
+            variance = member.variance.cpu()
+            within = variance if within is None else within + variance
+        assert within is not None
+        return Uncertainty(means.mean(), (within / len(self.predictors) + means.variance()).clamp(0, 1))
 
 
 def class_names_of_run(checkpoint: Path, num_classes: int) -> list[str] | None:
@@ -273,9 +331,10 @@ def load(path: str | Path, device: str | torch.device | None = "auto", trust: bo
     and data set code; anything else is refused before it is called. `trust=True` skips that check
     for a file whose author you trust (a model built by your own code)."""
     path = Path(path).expanduser()
-    state = None
+    state, extras = None, None
     if path.suffix == ".safetensors":
         config = read_safetensors_config(path)
+        extras = read_safetensors_extras(path)  # calibration and geometry, as a checkpoint holds them
     else:
         state = load_checkpoint(path)
         config = state.get("config")
@@ -289,6 +348,7 @@ def load(path: str | Path, device: str | torch.device | None = "auto", trust: bo
         model = make_model_private_compatible(model)
     if state is None:
         load_safetensors(model, path)
+        model.temperature = stored_temperature(extras or {}, path)
     else:
         try:
             model.load_state_dict(state["model"])
@@ -297,4 +357,5 @@ def load(path: str | Path, device: str | torch.device | None = "auto", trust: bo
             raise CheckpointError(f"{path}: weights do not fit the stored model ({reason})") from None
         model.temperature = stored_temperature(state, path)
     target = resolve_device(device)
-    return Predictor(model.to(target), cfg, target, source=str(path), geometry=checkpoint_geometry(state or {}, cfg))
+    geometry = checkpoint_geometry(state or extras or {}, cfg)
+    return Predictor(model.to(target), cfg, target, source=str(path), geometry=geometry)

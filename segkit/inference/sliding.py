@@ -10,7 +10,7 @@ whole letterboxed image; TTA averages softmax probabilities over flips and scale
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ def forward_logits(
 
 
 @torch.no_grad()
-def predict_probs(
+def tta_views(
     model: Network,
     images: torch.Tensor,
     mode: str = "whole",
@@ -113,11 +113,9 @@ def predict_probs(
     stride: Sequence[int] | None = None,
     tta_scales: Sequence[float] = (1.0,),
     tta_flip: bool = False,
-) -> torch.Tensor:
-    """Softmax probabilities averaged over every scale x flip variant, at the input size."""
+) -> Iterator[torch.Tensor]:
+    """Softmax probabilities of each scale x flip variant, one at a time, brought back to the input size."""
     height, width = images.shape[-2:]
-    total: torch.Tensor | None = None
-    variants = 0
     for scale in tta_scales:
         scaled = images
         if scale != 1.0:
@@ -132,12 +130,33 @@ def predict_probs(
                 logits = logits.flip(-1)
             if logits.shape[-2:] != (height, width):
                 logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-            probs = logits.softmax(1)
-            total = probs if total is None else total + probs
-            variants += 1
+            yield logits.softmax(1)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: Network,
+    images: torch.Tensor,
+    mode: str = "whole",
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    tta_scales: Sequence[float] = (1.0,),
+    tta_flip: bool = False,
+) -> torch.Tensor:
+    """Softmax probabilities averaged over every scale x flip variant, at the input size."""
+    total: torch.Tensor | None = None
+    variants = 0
+    for probs in tta_views(model, images, mode, crop_size, stride, tta_scales, tta_flip):
+        total = probs if total is None else total + probs
+        variants += 1
     if total is None:
         raise ValueError("tta_scales is empty")
     return total / variants
+
+
+def probs_to_logits(probs: torch.Tensor) -> torch.Tensor:
+    """The log of probabilities: valid logits (softmax gives the probabilities back), never -inf."""
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
 @torch.no_grad()
@@ -157,8 +176,7 @@ def predict_logits(
     """
     if tuple(tta_scales) == (1.0,) and not tta_flip:
         return forward_logits(model, images, mode, crop_size, stride)
-    probs = predict_probs(model, images, mode, crop_size, stride, tta_scales, tta_flip)
-    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+    return probs_to_logits(predict_probs(model, images, mode, crop_size, stride, tta_scales, tta_flip))
 
 
 def clean_mask(

@@ -54,7 +54,8 @@ def write_report(
     worst: Sequence[Mapping[str, Any]],
 ) -> Path:
     """Write report_dir/report.html. `charts`: title -> image; `worst`: dicts with filename,
-    miou, pixel_accuracy and image (the comparison figure)."""
+    miou, pixel_accuracy, image (the comparison figure) and optionally uncertainty (the uncertainty maps
+    beside the prediction overlay, segkit-evaluate uncertainty_maps=true)."""
     iou, dice = summary["per_class_iou"], summary["per_class_dice"]
     precision, recall = summary.get("per_class_precision", {}), summary.get("per_class_recall", {})
     confusion = np.asarray(summary["confusion_matrix"])
@@ -78,7 +79,8 @@ def write_report(
         if path is not None
     )
     worst_html = "".join(
-        f"<figure>{_img(item['image'], item['filename'], report_dir)}<figcaption>"
+        f"<figure>{_img(item['image'], item['filename'], report_dir)}"
+        f"{_img(item.get('uncertainty'), item['filename'] + ' uncertainty maps', report_dir)}<figcaption>"
         f"{html.escape(item['filename'])}: mIoU {_fmt(item['miou'])}, pixel accuracy "
         f"{_fmt(item['pixel_accuracy'])}</figcaption></figure>"
         for item in worst
@@ -93,6 +95,11 @@ def write_report(
     calibration = summary.get("calibration")
     if calibration:  # expected calibration error (segkit.inference.calibration)
         cards += f'<div class="card">ECE ({calibration["n_bins"]} bins)<b>{_fmt(calibration["ece"])}</b></div>'
+    uncertainty_note = (  # only when the worst images carry uncertainty maps
+        "<p class=\"meta\">Below each: the prediction overlay, then the per-pixel confidence (largest "
+        "probability), entropy / log C and, when sampled (uncertainty_method), the variance of the class "
+        "probabilities across samples; all on one scale from 0 to 1.</p>"
+        if any(item.get("uncertainty") for item in worst) else "")
     title = html.escape(str(meta.get("checkpoint", "")))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>segkit evaluation: {title}</title>
@@ -111,6 +118,7 @@ def write_report(
 <h2>Worst {len(worst)} images by mIoU</h2>
 <p class="meta">Left: prediction overlay. Middle: ground-truth overlay. Right: wrong pixels in red,
 ignored pixels in grey.</p>
+{uncertainty_note}
 {worst_html or "<p>No images.</p>"}
 </body></html>
 """

@@ -240,6 +240,44 @@ def save_comparison(
     return path
 
 
+UNCERTAINTY_TITLES = {
+    "confidence": "confidence (largest probability)",
+    "entropy": "entropy / log C",
+    "variance": "variance across samples",
+}
+
+
+def save_uncertainty_panels(
+    image: np.ndarray | torch.Tensor,
+    pred: np.ndarray | torch.Tensor,
+    maps: Mapping[str, np.ndarray | torch.Tensor],
+    path: Path,
+    palette: np.ndarray,
+    ignore_index: int = 255,
+) -> Path:
+    """Prediction overlay | each uncertainty map (confidence, entropy, variance), all on one 0-1 colour scale.
+
+    The maps are in [0, 1] (segkit/inference/uncertainty.py), so one fixed scale makes images comparable:
+    dark = sure for entropy and variance, bright = sure for confidence."""
+    pred_np = to_mask(pred)
+    panels = [("prediction", overlay(image, pred_np, palette, ignore_index=ignore_index), None)]
+    for name, values in maps.items():
+        array = values.float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        panels.append((UNCERTAINTY_TITLES.get(name, name), array, "viridis"))
+    height, width = pred_np.shape
+    fig = _figure(3.2 * len(panels), 3.2 * height / width + 0.6)
+    for ax, (name, picture, cmap) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
+        shown = ax.imshow(picture, interpolation="nearest", cmap=cmap, vmin=0 if cmap else None,
+                          vmax=1 if cmap else None)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+        if cmap:
+            fig.colorbar(shown, ax=ax, shrink=0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def save_reliability_diagram(calibration: Mapping[str, Any], path: Path) -> Path:
     """Accuracy against mean confidence per bin (bars), the diagonal of perfect calibration, and
     the share of pixels per bin; `calibration` as ReliabilityBins.compute() gives it."""
