@@ -13,7 +13,7 @@ import torch
 from segkit.engine.checkpoint import load_checkpoint
 from segkit.engine.trainer import Trainer, fit, seed_everything
 
-from .conftest import ROOT
+from .conftest import ROOT, read_csv
 
 LEARN = [
     "model=unet", "dataset.image_size=[32,32]", "dataset.train_size=64", "dataset.val_size=16",
@@ -134,3 +134,12 @@ def test_deterministic_mode_is_set_by_each_run_not_left_over_from_the_last():
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_epochs_csv_names_columns_that_first_appear_after_epoch_one(compose_cfg, tmp_path):
+    """Validation every 2nd epoch: its values get their own named columns, the first row stays empty there."""
+    summary = fit(compose_cfg(["trainer.max_epochs=2", "trainer.val_every_n_epochs=2"]), tmp_path / "run")
+    rows = read_csv(tmp_path / "run" / "epochs.csv")
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert rows[0]["val/miou"] == "" and float(rows[1]["val/miou"]) == pytest.approx(summary["final"]["miou"])
+    assert None not in rows[1]  # no value without a column name

@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -663,20 +664,28 @@ class Trainer:
         save_checkpoint(state, self.run.checkpoint(name), keep_previous=name == LAST)
 
     def _append_csv(self, record: dict[str, Any]) -> None:
+        """One row per epoch. A column that first appears later (validation every N epochs, metrics added
+        on resume) rewrites the file with the wider header, atomically, so every value keeps its name."""
         if not self.dist.is_main:
             return
         path = self.run.epochs_csv
-        fields = list(record)
-        new = not path.exists()
-        if not new:
+        rows: list[dict[str, Any]] = []
+        header: list[str] = []
+        if path.exists():
             with open(path, newline="") as handle:
-                header = next(csv.reader(handle), [])
-            fields = header + [k for k in record if k not in header]
-        with open(path, "a", newline="") as handle:
+                reader = csv.DictReader(handle)
+                header, rows = list(reader.fieldnames or []), list(reader)
+        fields = header + [k for k in record if k not in header]
+        if fields == header:
+            with open(path, "a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore").writerow(record)
+            return
+        partial = path.with_name(path.name + ".tmp")
+        with open(partial, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(record)
+            writer.writeheader()
+            writer.writerows([*rows, record])
+        os.replace(partial, path)
 
     def _write_summary(self, status: str) -> dict[str, Any]:
         best = getattr(self, "best_validation", None)
