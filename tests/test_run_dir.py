@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from segkit.cli.evaluate import default_output_dir
@@ -14,6 +15,8 @@ from segkit.errors import ConfigError
 from segkit.inference.predictor import load
 from segkit.sweeps import read_job
 from segkit.trackers.base import Tracker, build_trackers
+
+from .conftest import CONF_DIR
 
 
 def test_trainer_and_readers_of_a_run_share_one_layout(compose_cfg, tmp_path):
@@ -25,8 +28,8 @@ def test_trainer_and_readers_of_a_run_share_one_layout(compose_cfg, tmp_path):
     assert run.read_metrics() == json.loads(json.dumps(summary))
     best = run.checkpoint(BEST)
     assert RunDir.of_checkpoint(best) == run
-    evaluate_cfg = OmegaConf.create({"split": "val", "mode": "auto", "tta": False, "test_size": None,
-                                     "score_at": "native"})
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # segkit-evaluate's own config
+        evaluate_cfg = compose(config_name="evaluate", overrides=[f"checkpoint={best}"])
     assert default_output_dir(evaluate_cfg, best) == run.eval_dir("best_val")
     assert load(best, "cpu").class_names == ["sky", "road", "car", "tree"]
     run.hydra.mkdir()
