@@ -102,7 +102,7 @@ def confusion_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int
     target, preds = target.reshape(-1), preds.reshape(-1)
     codes = torch.where(target == ignore_index, n * n, target * n + preds)
     counts = torch.zeros(n * n + 1, dtype=torch.long, device=codes.device)
-    counts.scatter_add_(0, codes, torch.ones_like(codes))
+    counts.scatter_add_(0, codes, codes.new_ones(()).expand_as(codes))  # a view: no second pixel-sized tensor
     return counts[:-1].view(n, n)
 
 
