@@ -22,8 +22,9 @@ train: setup  ## the default job: a short CPU training on the built-in synthetic
 test: setup
 	$(BIN)/python -m pytest
 
-lint: setup
+lint: setup  ## style and the import layers (pyproject.toml [tool.importlinter])
 	$(BIN)/ruff check segkit scripts tests train.py
+	$(BIN)/lint-imports
 
 lock: setup  ## after an upgrade that passed the tests: record the exact versions
 	{ sed -n '1,2p' $(CONSTRAINTS); $(BIN)/pip freeze --all --exclude-editable | grep -v -e '^#' -e '^pip=='; } > $(CONSTRAINTS).new

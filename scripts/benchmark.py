@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # on a small loaded CPU, one thread beats two contending ones
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "segkit" / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*DEFAULTS, *args.overrides])
     command = "python scripts/benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     sections = SECTIONS if args.what == "all" else (args.what,)

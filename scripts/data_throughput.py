@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from segkit.cli.common import register_configs  # noqa: E402
 from segkit.data.loading import build_dataset, build_loader  # noqa: E402
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "segkit" / "conf"
 
 
 def main() -> None:

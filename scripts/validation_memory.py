@@ -38,7 +38,7 @@ def measure(val_size: int, image_size: int, batch_size: int) -> dict[str, float]
         f"dataset.image_size=[{image_size},{image_size}]", "dataset.train_size=64", f"dataset.val_size={val_size}",
         f"trainer.batch_size={batch_size}", "trainer.num_workers=0", "trainer.progress_bar=false", "logger=none",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "segkit" / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:

@@ -29,7 +29,7 @@ from segkit.config import validate_config
 from segkit.data.loading import build_loader
 from segkit.engine.step import to_model_input
 from segkit.engine.trainer import Trainer
-from segkit.inference.sliding import forward_logits
+from segkit.models.sliding import forward_logits
 from segkit.reference_pipeline import reference_loader
 
 SECTIONS = ("train", "eval", "data")

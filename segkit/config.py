@@ -109,7 +109,7 @@ PRIVACY_ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 @dataclass
 class PrivacyConfig:
-    """conf/privacy/dp.yaml (segkit/privacy.py): the seed guide's DP trainer keys plus the accountant."""
+    """conf/privacy/dp.yaml (segkit/engine/privacy.py): the seed guide's DP trainer keys plus the accountant."""
 
     noise_multiplier: float | None = None  # sigma; null = solved from target_epsilon for the planned steps
     max_grad_norm: float = 1.0  # per-sample gradient clipping bound C
@@ -150,7 +150,7 @@ class TrainConfig:
     augmentation: Any = None
     logger: Any = None
     metrics: dict[str, MetricConfig] = field(default_factory=dict)  # conf/metrics/: extra torchmetrics metrics
-    privacy: Any = None  # privacy=dp: DP-SGD with Opacus (segkit/privacy.py)
+    privacy: Any = None  # privacy=dp: DP-SGD with Opacus (segkit/engine/privacy.py)
     federated: Any = None  # federated=fedavg: a Flower federation (segkit/federated.py)
     task_name: str = "train"
     output_root: str = "outputs"
@@ -288,3 +288,10 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
             raise cause from None
         text = str(cause) if cause is not None else str(error)
         raise ConfigError(key, text.splitlines()[0] if text else type(error).__name__) from None
+
+
+def monitor_mode(monitor: str, mode: str) -> str:
+    """trainer.monitor_mode, with auto = min for losses (names ending in "loss"), max otherwise."""
+    if mode == "auto":
+        return "min" if monitor.endswith("loss") else "max"
+    return mode

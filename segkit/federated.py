@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from segkit.engine.run_dir import LAST
 from segkit.errors import ConfigError, SegkitError
+from segkit.runs.run_dir import LAST
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here; Flower would try to report usage
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class GlobalModel:
             self._resume()
 
     def _resume(self) -> None:
-        from segkit.engine.checkpoint import load_latest_checkpoint
+        from segkit.runs.checkpoint import load_latest_checkpoint
 
         found = load_latest_checkpoint(self.trainer.run.checkpoints)
         if found is None:

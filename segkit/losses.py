@@ -144,15 +144,6 @@ def _weight_tensor(class_weights: Sequence[float] | None) -> torch.Tensor | None
     return torch.tensor(list(class_weights), dtype=torch.float32) if class_weights is not None else None
 
 
-def median_frequency_weights(pixel_counts: torch.Tensor) -> list[float]:
-    """Median-frequency balancing (Eigen & Fergus): w_c = median(f) / f_c; absent classes get 0."""
-    freq = pixel_counts.double() / pixel_counts.sum().clamp_min(1)
-    present = freq > 0
-    median = freq[present].median() if present.any() else torch.tensor(1.0, dtype=torch.float64)
-    weights = torch.where(present, median / freq.clamp_min(1e-12), torch.zeros_like(freq))
-    return [round(float(w), 6) for w in weights]
-
-
 def needs_class_weights(node: object) -> bool:
     """Whether any loss term in the config asks for class_weights: auto."""
     if isinstance(node, Mapping):

@@ -39,7 +39,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from segkit.engine.run_dir import LAST, RunDir
+from segkit.runs.run_dir import LAST, RunDir
 from segkit.sweeps import TRIAL_FILE, error_message
 
 log = logging.getLogger("segkit")
@@ -89,7 +89,7 @@ def storage_url(sweeper: DictConfig | SearchConf, output_root: str | Path) -> st
 
 def directions(objectives: Sequence[str], cfg: DictConfig) -> list[str]:
     """Optuna directions; `miou` (the best trainer.monitor) follows trainer.monitor_mode."""
-    from segkit.engine.trainer import monitor_mode
+    from segkit.config import monitor_mode
 
     unknown = [name for name in objectives if name not in OBJECTIVES]
     if unknown or not objectives:

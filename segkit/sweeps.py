@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from segkit.cli.common import dumps
-from segkit.engine.run_dir import RunDir
 from segkit.errors import SegkitError, one_line
+from segkit.runs.json import dumps
+from segkit.runs.run_dir import RunDir
 
 log = logging.getLogger("segkit")
 T = TypeVar("T")

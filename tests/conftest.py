@@ -17,7 +17,7 @@ from PIL import Image
 from segkit.cli.common import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+CONF_DIR = ROOT / "segkit" / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "datasets"
 
 # Small enough to train in seconds on 2 CPU cores.

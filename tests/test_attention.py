@@ -7,9 +7,9 @@ import torch
 from timm.layers import NonLocalAttn, SEModule
 from timm.layers.cbam import CbamModule
 
-from segkit.attention import AttentionGate
 from segkit.config import build
 from segkit.errors import ConfigError
+from segkit.models.attention import AttentionGate
 
 # option -> (overrides, inserted module type, how many the test_resnet U-Net gets)
 OPTIONS = {

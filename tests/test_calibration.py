@@ -17,10 +17,10 @@ from torchmetrics.classification import MulticlassCalibrationError
 import segkit
 from segkit.cli import evaluate as evaluate_cli
 from segkit.cli import export as export_cli
-from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from segkit.engine.trainer import fit
 from segkit.errors import CheckpointError, ConfigError
 from segkit.inference.calibration import ReliabilityBins, confidence_and_entropy, fit_temperature
+from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
 
 from .conftest import CONF_DIR, ROOT, TINY, write_folder_dataset
 

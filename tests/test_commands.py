@@ -54,7 +54,7 @@ def test_help_lists_the_groups_a_user_picks_and_hides_the_schema_nodes():
             "optimizer", "scheduler", "trainer"} <= set(groups)
     datasets = groups["dataset"].split(", ")
     assert {"camvid", "cityscapes", "coco", "folder", "synthetic", "voc"} <= set(datasets)
-    assert datasets == sorted(path.stem for path in (ROOT / "conf" / "dataset").glob("*.yaml"))
+    assert datasets == sorted(path.stem for path in (ROOT / "segkit" / "conf" / "dataset").glob("*.yaml"))
     assert "torchvision/fcn_resnet50" in groups["model"].split(", ")  # picked as model=torchvision/fcn_resnet50
     assert "schema" not in text.split("== Config ==")[0] and "_base" not in groups["model"]
     assert "arch: fcn" in text  # the config as composed with the overrides

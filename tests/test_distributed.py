@@ -23,10 +23,10 @@ import torch
 
 from segkit.config import validate_config
 from segkit.data.loading import EpochSampler
-from segkit.engine.checkpoint import load_checkpoint
 from segkit.engine.distributed import DistContext, wrap_model
 from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
+from segkit.runs.checkpoint import load_checkpoint
 
 from .conftest import ROOT, TINY
 from .faults.kill_campaign import pids_with_tag

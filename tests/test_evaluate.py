@@ -12,10 +12,10 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from segkit.cli import evaluate as evaluate_cli
-from segkit.cli.common import json_safe
-from segkit.engine.checkpoint import load_checkpoint
 from segkit.engine.trainer import Trainer, fit
 from segkit.errors import CheckpointError, ConfigError
+from segkit.runs.checkpoint import load_checkpoint
+from segkit.runs.json import json_safe
 
 from .conftest import CONF_DIR, TINY, write_folder_dataset
 

@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 
 from segkit.cli import export as export_cli
 from segkit.config import build
-from segkit.engine.checkpoint import save_checkpoint
 from segkit.errors import ConfigError
 from segkit.inference.export import compare, onnx_runner, onnx_session
+from segkit.runs.checkpoint import save_checkpoint
 
 from .conftest import CONF_DIR, TINY
 

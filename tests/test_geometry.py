@@ -18,10 +18,10 @@ from segkit.cli import evaluate as evaluate_cli
 from segkit.cli import predict as predict_cli
 from segkit.data.geometry import TrainingGeometry, fitted_size, letterbox, letterbox_images, restore_logits
 from segkit.data.loading import build_dataset, build_loader
-from segkit.engine.checkpoint import load_checkpoint
 from segkit.engine.trainer import fit
 from segkit.inference.evaluation import evaluate
 from segkit.inference.predictor import Predictor
+from segkit.runs.checkpoint import load_checkpoint
 
 from .conftest import CONF_DIR, TINY
 

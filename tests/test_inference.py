@@ -14,15 +14,15 @@ import segkit
 from segkit.cli import predict as predict_cli
 from segkit.config import build
 from segkit.data.geometry import letterbox, unletterbox
-from segkit.engine.checkpoint import save_checkpoint
 from segkit.errors import CheckpointError, ConfigError
-from segkit.inference.sliding import (
+from segkit.models.sliding import (
     clean_mask,
     predict_logits,
     predict_probs,
     slide_logits,
     window_starts,
 )
+from segkit.runs.checkpoint import save_checkpoint
 
 from .conftest import CONF_DIR
 

@@ -13,9 +13,9 @@ from segkit.data.loading import (
     build_loader,
     device_batches,
 )
-from segkit.engine.checkpoint import load_checkpoint
 from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
+from segkit.runs.checkpoint import load_checkpoint
 
 CPU = torch.device("cpu")
 

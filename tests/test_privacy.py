@@ -10,10 +10,10 @@ import torch
 
 import segkit
 from segkit.config import validate_config
-from segkit.engine.checkpoint import load_checkpoint
+from segkit.engine.privacy import PoissonBatches, epsilon_after, make_model_private_compatible, steps_within_budget
 from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
-from segkit.privacy import PoissonBatches, epsilon_after, make_model_private_compatible, steps_within_budget
+from segkit.runs.checkpoint import load_checkpoint
 
 from .conftest import read_csv
 

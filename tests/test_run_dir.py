@@ -1,4 +1,4 @@
-"""segkit.engine.run_dir: the trainer writes where RunDir says, and every reader of a run finds it there."""
+"""segkit.runs.run_dir: the trainer writes where RunDir says, and every reader of a run finds it there."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from segkit.cli.evaluate import default_output_dir
-from segkit.engine.run_dir import BEST, LAST, RunDir
 from segkit.engine.trainer import fit
 from segkit.errors import ConfigError
 from segkit.inference.predictor import load
+from segkit.runs.run_dir import BEST, LAST, RunDir
 from segkit.sweeps import read_job
 from segkit.trackers.base import Tracker, build_trackers
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import segkit
-from segkit.engine.checkpoint import load_checkpoint
 from segkit.engine.step import to_model_input
 from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
+from segkit.runs.checkpoint import load_checkpoint
 
 from .conftest import TINY, read_csv, write_folder_dataset
 

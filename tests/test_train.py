@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from segkit.engine.checkpoint import load_checkpoint
 from segkit.engine.trainer import Trainer, fit, seed_everything
+from segkit.runs.checkpoint import load_checkpoint
 
 from .conftest import ROOT, read_csv
 

@@ -20,11 +20,11 @@ from PIL import Image
 import segkit
 from segkit.cli import reproduce
 from segkit.config import build
-from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from segkit.engine.trainer import fit
-from segkit.engine.trusted import check_run_config, checked_checkpoint_config
 from segkit.errors import CheckpointError, UntrustedConfigError
 from segkit.models import build_model
+from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
+from segkit.runs.trusted import check_run_config, checked_checkpoint_config
 
 from .conftest import CONF_DIR, ROOT
 

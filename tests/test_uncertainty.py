@@ -9,8 +9,8 @@ from torch import nn
 import segkit
 from segkit.errors import ConfigError
 from segkit.inference.predictor import Ensemble
-from segkit.inference.sliding import predict_probs
 from segkit.inference.uncertainty import Moments, sampled_probs
+from segkit.models.sliding import predict_probs
 
 from .test_inference import make_checkpoint
 

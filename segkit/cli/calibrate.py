@@ -34,11 +34,11 @@ def calibrate(checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
 
     from segkit.cli.evaluate import dataset_config
     from segkit.data.loading import build_dataset, build_loader
-    from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
     from segkit.engine.progress import Progress
     from segkit.inference.calibration import PixelSample, ece_of, fit_temperature
     from segkit.inference.predictor import load
-    from segkit.inference.sliding import MODES
+    from segkit.models.sliding import MODES
+    from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
 
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")

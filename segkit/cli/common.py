@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -27,7 +25,7 @@ from segkit.config import CheckDataConfig, FederatedConfig, PrivacyConfig, Train
 from segkit.data.readers.schemas import READER_SCHEMAS
 from segkit.errors import SegkitError, one_line
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # segkit/conf, shipped in the wheel
 SCHEMA_SUFFIX = "_schema"  # ConfigStore nodes that type a group's options; never an option themselves
 HELP_FLAGS = ("--help", "-h")
 T = TypeVar("T")
@@ -102,21 +100,6 @@ def group_options(group: str) -> list[str]:
     with contextlib.suppress(OSError):  # OSError: no node stored in this group
         names.update(name.removesuffix(".yaml") for name in ConfigStore.instance().list(group))
     return sorted(name for name in names if not name.endswith(SCHEMA_SUFFIX) and not Path(name).name.startswith("_"))
-
-
-def json_safe(value: Any) -> Any:
-    """NaN (a class with no pixels) becomes null, so the files are strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def dumps(value: Any, **kwargs: Any) -> str:
-    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
 def register_configs() -> None:

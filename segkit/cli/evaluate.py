@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from segkit.cli.common import dumps, hydra_main, json_safe, run_or_exit
-from segkit.engine.run_dir import RunDir
+from segkit.cli.common import hydra_main, run_or_exit
 from segkit.errors import ConfigError
+from segkit.runs.json import dumps, json_safe
+from segkit.runs.run_dir import RunDir
 
 if TYPE_CHECKING:  # the library (torch) is imported where it is used, so --help answers at once
     import numpy as np
@@ -61,7 +62,7 @@ def default_output_dir(cfg: DictConfig, checkpoint: Path) -> Path:
 def postprocessor(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if not (cfg.min_region or cfg.max_hole):
         return None
-    from segkit.inference.sliding import clean_mask
+    from segkit.models.sliding import clean_mask
 
     return partial(clean_mask, min_region=int(cfg.min_region), max_hole=int(cfg.max_hole))
 
@@ -80,9 +81,9 @@ def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str,
     from segkit.data.loading import build_dataset, build_loader
     from segkit.inference.evaluation import evaluate
     from segkit.inference.predictor import load, tta_option, tta_settings
-    from segkit.inference.sliding import MODES
     from segkit.inference.uncertainty import check_method, check_model
     from segkit.metrics import build_metrics
+    from segkit.models.sliding import MODES
     from segkit.reporting.plots import stable_palette
 
     if cfg.mode not in MODES:

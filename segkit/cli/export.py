@@ -56,7 +56,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
     import torch
 
-    from segkit.engine.checkpoint import save_safetensors
     from segkit.inference.export import (
         compare,
         example_size,
@@ -66,6 +65,7 @@ def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
         torchscript_runner,
     )
     from segkit.inference.predictor import load
+    from segkit.runs.checkpoint import save_safetensors
 
     if cfg.format not in FORMATS:
         raise ConfigError("format", f"must be one of {', '.join(FORMATS)}, got {cfg.format!r}")

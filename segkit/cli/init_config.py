@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the data tools (torch, PIL) are imported where they are use
     from segkit.tools.checks import SplitReport
     from segkit.tools.layout import Layout
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

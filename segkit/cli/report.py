@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segkit.engine.run_dir import BEST, LAST, RunDir
+from segkit.runs.run_dir import BEST, LAST, RunDir
 from segkit.sweeps import JobRecord, best_miou, collect_jobs, varying_overrides
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -128,8 +128,8 @@ def _override(overrides: Sequence[str], key: str) -> str | None:
 
 def count_parameters(run_dir: Path) -> int | None:
     """Trainable-size count from checkpoints/best.pt (or last.pt); None without a checkpoint."""
-    from segkit.engine.checkpoint import load_checkpoint
     from segkit.errors import CheckpointError
+    from segkit.runs.checkpoint import load_checkpoint
 
     for name in (BEST, LAST):
         path = RunDir(run_dir).checkpoint(name)

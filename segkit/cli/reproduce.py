@@ -5,7 +5,7 @@ The new run goes to `RUN_DIR/reproductions/<time>` (or `--out`); then its final 
 with the original's. With `trainer.deterministic=true` on CPU they are identical; `--check` exits 1 if not.
 
 The run directory may come from someone else: before anything is built, its config is checked
-(segkit/engine/trusted.py): only allowlisted segkit / torch / kornia / smp parts, no paths outside the
+(segkit/runs/trusted.py): only allowlisted segkit / torch / kornia / smp parts, no paths outside the
 working directory to write to, no server to send to. `--trust` skips the check for a run you trust;
 the overrides you pass are yours and are not refused.
 """

@@ -19,8 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segkit.engine.run_dir import RunDir
 from segkit.errors import ConfigError
+from segkit.runs.run_dir import RunDir
 
 COMPARED = ("status", "steps", "epochs", "best_score", "best_epoch", "final", "best")  # keys of metrics.json
 
@@ -58,14 +58,14 @@ def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Pat
     """Train the run in `run_dir` again into `out` (default `<run>/reproductions/<time>`) and compare.
 
     Unless `trust`, the saved config is first checked like any file from someone else
-    (segkit.engine.trusted.check_run_config); `overrides` are the caller's own. Like the Hydra app,
+    (segkit.runs.trusted.check_run_config); `overrides` are the caller's own. Like the Hydra app,
     this configures logging and Hydra's run config for the process."""
     import time
 
     from hydra.core.hydra_config import HydraConfig
 
     from segkit.engine.trainer import fit
-    from segkit.engine.trusted import check_run_config
+    from segkit.runs.trusted import check_run_config
 
     original = RunDir(Path(run_dir).resolve())
     if not original.hydra_config.is_file():

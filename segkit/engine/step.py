@@ -24,7 +24,7 @@ from segkit.config import PRECISIONS
 from segkit.errors import ConfigError
 
 if TYPE_CHECKING:
-    from segkit.privacy import PrivateTraining
+    from segkit.engine.privacy import PrivateTraining
 
 
 def resolve_device(requested: str | torch.device | None = "auto", key: str = "device") -> torch.device:
@@ -91,7 +91,7 @@ class TrainStep:
     precision: str = "32"
     channels_last: bool = False
     gradient_clip_val: float | None = None
-    private: PrivateTraining | None = None  # privacy=dp: Opacus per-sample gradients, clip + noise (segkit/privacy.py)
+    private: PrivateTraining | None = None  # privacy=dp (engine/privacy.py): per-sample clip + noise
 
     def autocast(self) -> AbstractContextManager:
         return autocast(self.device, self.precision)

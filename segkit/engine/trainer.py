@@ -28,10 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 
 from segkit.augment import JointAugment
-from segkit.config import build, validate_config
+from segkit.config import build, monitor_mode, validate_config
+from segkit.data.class_balance import median_frequency_weights
 from segkit.data.geometry import TrainingGeometry, restore_logits
 from segkit.data.loading import Shard, build_dataset, device_batches
-from segkit.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from segkit.engine.distributed import (
     broadcast_from_main,
     gather_objects,
@@ -44,8 +44,13 @@ from segkit.engine.distributed import (
     wrap_model,
 )
 from segkit.engine.optim import build_optimizer
+from segkit.engine.privacy import (
+    PoissonBatches,
+    PrivateTraining,
+    check_privacy_config,
+    make_model_private_compatible,
+)
 from segkit.engine.progress import Progress
-from segkit.engine.run_dir import BEST, LAST, RunDir
 from segkit.engine.run_lock import RunLock
 from segkit.engine.step import (
     TrainStep,
@@ -55,17 +60,13 @@ from segkit.engine.step import (
     use_channels_last,
 )
 from segkit.errors import CheckpointError, ConfigError, SegkitError
-from segkit.inference.sliding import slide_logits
-from segkit.losses import fill_class_weights, median_frequency_weights, needs_class_weights
+from segkit.losses import fill_class_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics, build_metrics, class_scores
 from segkit.models import Segmenter
-from segkit.privacy import (
-    PoissonBatches,
-    PrivateTraining,
-    check_privacy_config,
-    make_model_private_compatible,
-)
+from segkit.models.sliding import slide_logits
 from segkit.reporting.plots import comparison_grid, save_png, stable_palette
+from segkit.runs.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
+from segkit.runs.run_dir import BEST, LAST, RunDir
 from segkit.trackers.base import build_trackers, flatten
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class Trainer:
             # fit() passes the lock; a Trainer built directly (tests, notebooks) takes none.
             if run_lock is not None:
                 run_lock.acquire_for_job(self.output_dir, self.dist, "training")
-        self.run = RunDir(self.output_dir)  # where every file of the run goes (segkit/engine/run_dir.py)
+        self.run = RunDir(self.output_dir)  # where every file of the run goes (segkit/runs/run_dir.py)
         if cfg.dataset.get("gpu_decode") and self.device.type != "cuda":
             raise ConfigError("dataset.gpu_decode", f"nvjpeg needs a CUDA device, training runs on {self.device}; "
                               "set it to false")
@@ -150,7 +151,7 @@ class Trainer:
 
         # Everything that can fail on a config value is built before any data is read.
         self.model: Segmenter = build(cfg.model, "model").to(self.device)
-        if cfg.get("privacy") is not None:  # DP-SGD (segkit/privacy.py): refuse what does not combine, fix BatchNorm
+        if cfg.get("privacy") is not None:  # DP-SGD (engine/privacy.py): refuse what does not combine
             check_privacy_config(cfg)
             if self.dist.enabled:
                 raise ConfigError("privacy", "DP-SGD runs in one process; start it without torchrun/submitit tasks")
@@ -711,13 +712,6 @@ class Trainer:
         if best is not None:
             log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
         return summary
-
-
-def monitor_mode(monitor: str, mode: str) -> str:
-    """trainer.monitor_mode, with auto = min for losses (names ending in "loss"), max otherwise."""
-    if mode == "auto":
-        return "min" if monitor.endswith("loss") else "max"
-    return mode
 
 
 def peak_memory_stats(device: torch.device) -> dict[str, float]:

@@ -27,7 +27,7 @@ from torch import nn
 from segkit.data.geometry import TrainingGeometry, letterbox_images, restore_logits
 from segkit.errors import SegkitError
 from segkit.extras import require_extra
-from segkit.inference.sliding import predict_logits
+from segkit.models.sliding import predict_logits
 
 INPUT, OUTPUT = "images", "logits"
 GEOMETRY_KEY = "segkit.geometry"

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from segkit.data.io import IMAGE_SUFFIXES
 from segkit.errors import ConfigError, DataError
 from segkit.inference.predictor import Ensemble, tta_option, tta_settings
-from segkit.inference.sliding import MODES, clean_mask
 from segkit.inference.uncertainty import check_method, check_model, to_grey
+from segkit.models.sliding import MODES, clean_mask
 from segkit.reporting.plots import overlay, save_mask_png, save_png, stable_palette
 
 log = logging.getLogger("segkit")

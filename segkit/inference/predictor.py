@@ -6,7 +6,7 @@ sees at prediction time what it saw in training: every image is letterboxed to t
 scale, predicted (whole, or in sliding windows for crop-trained models), and its scores are
 resized back to the image's own size before the argmax (segkit/data/geometry.py). Inputs may be
 tensors, PIL images or numpy arrays; outputs are class ids at the input's size. The config may come
-from someone else: it only builds allowlisted segkit code (segkit/engine/trusted.py) unless the
+from someone else: it only builds allowlisted segkit code (segkit/runs/trusted.py) unless the
 caller passes trust=True.
 """
 
@@ -24,19 +24,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import build
 from segkit.data.geometry import TrainingGeometry, letterbox_images, restore_logits
-from segkit.engine.checkpoint import (
+from segkit.engine.step import autocast, resolve_device, to_model_input, use_channels_last
+from segkit.errors import CheckpointError, ConfigError
+from segkit.inference.uncertainty import DEFAULT_MC_SAMPLES, Moments, Uncertainty, check_method, sampled_probs
+from segkit.models import Segmenter
+from segkit.models.sliding import DEFAULT_TTA_SCALES, MODES, predict_logits, probs_to_logits
+from segkit.runs.checkpoint import (
     load_checkpoint,
     load_safetensors,
     read_safetensors_config,
     read_safetensors_extras,
 )
-from segkit.engine.run_dir import RunDir
-from segkit.engine.step import autocast, resolve_device, to_model_input, use_channels_last
-from segkit.engine.trusted import checked_checkpoint_config
-from segkit.errors import CheckpointError, ConfigError
-from segkit.inference.sliding import DEFAULT_TTA_SCALES, MODES, predict_logits, probs_to_logits
-from segkit.inference.uncertainty import DEFAULT_MC_SAMPLES, Moments, Uncertainty, check_method, sampled_probs
-from segkit.models import Segmenter
+from segkit.runs.run_dir import RunDir
+from segkit.runs.trusted import checked_checkpoint_config
 
 ImageLike = Any  # torch.Tensor | PIL.Image.Image | np.ndarray
 
@@ -296,7 +296,7 @@ def to_batch(image: ImageLike) -> tuple[torch.Tensor, bool]:
 def model_config(config_yaml: str, path: Path, trust: bool = False) -> DictConfig:
     """The training config stored in a checkpoint, with pretrained weights switched off.
 
-    Unless `trust`, the config is resolved and checked (segkit/engine/trusted.py) before anything is
+    Unless `trust`, the config is resolved and checked (segkit/runs/trusted.py) before anything is
     built from it: its model and dataset may only name allowlisted segkit code."""
     try:
         cfg = OmegaConf.create(config_yaml)
@@ -343,7 +343,7 @@ def load(path: str | Path, device: str | torch.device | None = "auto", trust: bo
     cfg = model_config(config, path, trust)
     model = build(cfg.model, "model")
     if cfg.get("privacy") is not None:  # trained with DP-SGD: BatchNorm was replaced by GroupNorm
-        from segkit.privacy import make_model_private_compatible
+        from segkit.engine.privacy import make_model_private_compatible
 
         model = make_model_private_compatible(model)
     if state is None:

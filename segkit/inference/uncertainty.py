@@ -27,7 +27,7 @@ from torch import nn
 
 from segkit.errors import ConfigError
 from segkit.inference.calibration import confidence_and_entropy
-from segkit.inference.sliding import predict_probs, tta_views
+from segkit.models.sliding import predict_probs, tta_views
 
 METHODS = ("softmax", "tta_variance", "mc_dropout")
 DEFAULT_MC_SAMPLES = 8

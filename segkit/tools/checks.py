@@ -24,10 +24,10 @@ import torch
 from omegaconf import DictConfig
 
 from segkit.config import build
+from segkit.data.class_balance import median_frequency_weights
 from segkit.data.geometry import letterbox
 from segkit.data.readers.base import SegmentationDataset
 from segkit.errors import DataError
-from segkit.losses import median_frequency_weights
 from segkit.reporting.plots import save_overlay_preview, stable_palette
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")

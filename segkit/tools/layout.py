@@ -29,7 +29,7 @@ SPLIT_TEMPLATES = [
     ("{split}", "{split}annot", "camvid"), ("{split}", "{split}_labels", "camvid"),
     ("{split}", "{split}_masks", "camvid"),
 ]
-PRESETS = Path(__file__).resolve().parents[2] / "conf" / "dataset"  # benchmark layouts take their preset's keys
+PRESETS = Path(__file__).resolve().parents[1] / "conf" / "dataset"  # benchmark layouts take their preset's keys
 FLAT_TEMPLATES = [
     ("images", "masks"), ("images", "labels"), ("images", "annotations"), ("image", "label"),
     ("image", "mask"), ("imgs", "masks"), ("img", "mask"),

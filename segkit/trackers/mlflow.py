@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from segkit.engine.run_dir import BEST, RunDir
+from segkit.runs.run_dir import BEST, RunDir
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from segkit.engine.run_dir import BEST, RunDir
 from segkit.extras import require_extra
+from segkit.runs.run_dir import BEST, RunDir
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 

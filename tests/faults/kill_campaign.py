@@ -26,7 +26,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from segkit.engine.checkpoint import load_checkpoint
+from segkit.runs.checkpoint import load_checkpoint
 
 from ..conftest import ROOT, TINY
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from segkit.engine import checkpoint as checkpoint_module
-from segkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from segkit.engine.trainer import OutOfMemory, Trainer, TrainingDiverged, fit
 from segkit.errors import CheckpointError
+from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
 
 from ..conftest import ROOT, TINY, write_folder_dataset
 

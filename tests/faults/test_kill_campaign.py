@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from segkit.engine.checkpoint import load_checkpoint
+from segkit.runs.checkpoint import load_checkpoint
 
 from .kill_campaign import GONE_WITHIN_S, Kill, differing_weights, run_campaign, uninterrupted
 

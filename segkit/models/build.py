@@ -21,8 +21,8 @@ from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
-from segkit.attention import ATTENTION_KEYS, add_attention
 from segkit.errors import ConfigError
+from segkit.models.attention import ATTENTION_KEYS, add_attention
 
 SMP, HEAD, TORCHVISION = "smp", "head", "torchvision"
 CONTEXT_ONLY = ("context",)
@@ -36,7 +36,7 @@ class Architecture:
     #              head (EncoderHead) | torchvision: torchvision's complete builder, its own backbone
     builder: str  # the smp class name, the head, or the torchvision.models.segmentation function
     dilates: bool = False  # takes backbone.output_stride 8 / 16 (dilated encoder)
-    attention: tuple[str, ...] = ()  # the model.attention keys its network has slots for (segkit/attention.py)
+    attention: tuple[str, ...] = ()  # the model.attention keys its network has slots for (segkit/models/attention.py)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -146,7 +146,7 @@ def build_model(
     """Assemble `arch` on `backbone` (the config's backbone node) for `num_classes` classes.
 
     `attention` (the model.attention node: decoder / skip_gates / context) inserts attention blocks
-    into smp architectures (segkit/attention.py)."""
+    into smp architectures (segkit/models/attention.py)."""
     options = dict(options or {})
     if arch not in ARCHITECTURES:
         raise ConfigError("model.arch", f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from segkit.engine.run_dir import LAST
 from segkit.errors import CheckpointError
+from segkit.runs.run_dir import LAST
 
 log = logging.getLogger(__name__)
 METADATA_PREFIX = "segkit."  # safetensors metadata keys segkit writes (values: JSON)
