@@ -16,7 +16,7 @@ import types
 from pathlib import Path
 
 from segkit.cli.train import main
-from segkit.engine import checkpoint
+from segkit.runs import checkpoint
 from segkit.metrics import SegmentationMetrics
 
 

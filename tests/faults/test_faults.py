@@ -14,7 +14,7 @@ import weakref
 import pytest
 import torch
 
-from segkit.engine import checkpoint as checkpoint_module
+from segkit.runs import checkpoint as checkpoint_module
 from segkit.engine.trainer import OutOfMemory, Trainer, TrainingDiverged, fit
 from segkit.errors import CheckpointError
 from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
