@@ -98,7 +98,7 @@ def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
         runners["TorchScript"] = torchscript_runner(module)
 
     if "safetensors" in FORMATS[cfg.format]:  # no pickle; the config (as checked) in YAML beside it
-        # The rest of the record (temperature, geometry, class names) travels in the file's metadata, so
+        # The rest of the record (temperature, geometry, class names, privacy ledger) travels in its metadata, so
         # segkit.load(<stem>.safetensors) predicts exactly as from the checkpoint.
         weights, config = save_safetensors(model, record, stem.with_suffix(".safetensors"))
         result["files"]["safetensors"], result["files"]["config"] = weights, config
