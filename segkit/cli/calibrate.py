@@ -36,15 +36,18 @@ def calibrate(checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
     from segkit.data.loading import build_dataset, build_loader
     from segkit.engine.progress import Progress
     from segkit.inference.calibration import PixelSample, ece_of, fit_temperature
-    from segkit.inference.predictor import load
+    from segkit.inference.predictor import from_record
     from segkit.models.sliding import MODES
-    from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
+    from segkit.runs.checkpoint import PT, read_checkpoint, save_calibration
 
     if cfg.mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.max_pixels <= 0:
         raise ConfigError("max_pixels", f"must be > 0, got {cfg.max_pixels}")
-    predictor = load(checkpoint, cfg.device)
+    record = read_checkpoint(checkpoint)
+    if record.format != PT:  # before the pass over the split: only a .pt can store what it fits
+        raise ConfigError("checkpoint", f"{checkpoint}: calibrate the .pt checkpoint, then export it again")
+    predictor = from_record(record, cfg.device)
     predictor.model.temperature = 1.0  # refit from the raw logits, whatever was stored before
     dataset = build_dataset(dataset_config(predictor.cfg.dataset, cfg.get("dataset")), cfg.split)
     stored_trainer = predictor.cfg.get("trainer") or {}
@@ -64,17 +67,15 @@ def calibrate(checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
     if target.numel() == 0:
         raise ConfigError("split", f"{cfg.split!r} has no labelled pixels to calibrate on")
     temperature = fit_temperature(logits, target)
-    record = {
+    calibration = {
         "temperature": temperature, "split": str(cfg.split), "pixels": int(target.numel()),
         "n_bins": int(cfg.n_bins), "ece_before": ece_of(logits, target, 1.0, cfg.n_bins),
         "ece_after": ece_of(logits, target, temperature, cfg.n_bins),
     }
-    state = load_checkpoint(checkpoint)
-    state["calibration"] = record
-    save_checkpoint(state, checkpoint)
+    save_calibration(record, calibration)
     log.info("%s: temperature %.4f on %d %s pixels; ECE %.4f -> %.4f", checkpoint, temperature,
-             record["pixels"], cfg.split, record["ece_before"], record["ece_after"])
-    return record
+             calibration["pixels"], cfg.split, calibration["ece_before"], calibration["ece_after"])
+    return calibration
 
 
 @hydra_main("calibrate")

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from segkit.cli.common import hydra_main, run_or_exit
 from segkit.errors import ConfigError
@@ -64,15 +64,16 @@ def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
         time_runner,
         torchscript_runner,
     )
-    from segkit.inference.predictor import load
-    from segkit.runs.checkpoint import save_safetensors
+    from segkit.inference.predictor import from_record
+    from segkit.runs.checkpoint import read_checkpoint, save_safetensors
 
     if cfg.format not in FORMATS:
         raise ConfigError("format", f"must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     threads = torch.get_num_threads()
-    predictor = load(checkpoint, "cpu", trust=bool(cfg.trust_checkpoint))
+    record = read_checkpoint(checkpoint, trust=bool(cfg.trust_checkpoint))
+    predictor = from_record(record, "cpu")
     model = predictor.model.to(memory_format=torch.contiguous_format).eval()
     height = int(cfg.height or predictor.image_size[0])
     width = int(cfg.width or predictor.image_size[1])
@@ -97,11 +98,9 @@ def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
         runners["TorchScript"] = torchscript_runner(module)
 
     if "safetensors" in FORMATS[cfg.format]:  # no pickle; the config (as checked) in YAML beside it
-        # The temperature (segkit-calibrate) and the training geometry travel in the file's metadata, so
+        # The rest of the record (temperature, geometry, class names, privacy ledger) travels in its metadata, so
         # segkit.load(<stem>.safetensors) predicts exactly as from the checkpoint.
-        extras = {"calibration": {"temperature": predictor.temperature}, "geometry": predictor.geometry.as_dict()}
-        weights, config = save_safetensors(model, OmegaConf.to_yaml(predictor.cfg), stem.with_suffix(".safetensors"),
-                                           extras)
+        weights, config = save_safetensors(model, record, stem.with_suffix(".safetensors"))
         result["files"]["safetensors"], result["files"]["config"] = weights, config
         log.info("wrote %s and %s", weights, config)
 

@@ -5,14 +5,13 @@ exactly as trained (without downloading ImageNet weights: the checkpoint has all
 sees at prediction time what it saw in training: every image is letterboxed to the training
 scale, predicted (whole, or in sliding windows for crop-trained models), and its scores are
 resized back to the image's own size before the argmax (segkit/data/geometry.py). Inputs may be
-tensors, PIL images or numpy arrays; outputs are class ids at the input's size. The config may come
-from someone else: it only builds allowlisted segkit code (segkit/runs/trusted.py) unless the
-caller passes trust=True.
+tensors, PIL images or numpy arrays; outputs are class ids at the input's size. The file is read once
+into a `CheckpointRecord` (segkit/runs/checkpoint.py), whose config may come from someone else: it
+only builds allowlisted segkit code (segkit/runs/trusted.py) unless the caller passes trust=True.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -20,23 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from segkit.config import build
 from segkit.data.geometry import TrainingGeometry, letterbox_images, restore_logits
 from segkit.engine.step import autocast, resolve_device, to_model_input, use_channels_last
-from segkit.errors import CheckpointError, ConfigError
+from segkit.errors import ConfigError
 from segkit.inference.uncertainty import DEFAULT_MC_SAMPLES, Moments, Uncertainty, check_method, sampled_probs
 from segkit.models import Segmenter
 from segkit.models.sliding import DEFAULT_TTA_SCALES, MODES, predict_logits, probs_to_logits
-from segkit.runs.checkpoint import (
-    load_checkpoint,
-    load_safetensors,
-    read_safetensors_config,
-    read_safetensors_extras,
-)
-from segkit.runs.run_dir import RunDir
-from segkit.runs.trusted import checked_checkpoint_config
+from segkit.runs.checkpoint import CheckpointRecord, read_checkpoint
 
 ImageLike = Any  # torch.Tensor | PIL.Image.Image | np.ndarray
 
@@ -55,14 +47,6 @@ def tta_option(cfg: Mapping[str, Any]) -> dict[str, Any] | bool:
     return {"scales": list(cfg["tta_scales"]), "flip": bool(cfg["tta_flip"])} if cfg["tta"] else False
 
 
-def checkpoint_geometry(state: Mapping[str, Any], cfg: DictConfig) -> TrainingGeometry:
-    """The geometry the checkpoint recorded; older checkpoints: derived from their stored config."""
-    recorded = state.get("geometry")
-    if isinstance(recorded, Mapping):
-        return TrainingGeometry.from_dict(recorded)
-    return TrainingGeometry.from_config(cfg)
-
-
 class Predictor:
     """A loaded model plus what is needed to use it: class names, training geometry, settings.
 
@@ -79,16 +63,14 @@ class Predictor:
     """
 
     def __init__(self, model: Segmenter, cfg: DictConfig, device: torch.device, source: str = "",
-                 geometry: TrainingGeometry | None = None) -> None:
+                 geometry: TrainingGeometry | None = None, class_names: Sequence[str] | None = None) -> None:
         self.model = model.eval()
         self.cfg = cfg
         self.device = device
         self.source = source
         dataset = cfg.dataset
         self.num_classes = int(dataset.num_classes)
-        names = dataset.get("class_names")
-        if not names and source:
-            names = class_names_of_run(Path(source), self.num_classes)
+        names = class_names or dataset.get("class_names")
         self.class_names = list(names) if names else [f"class_{i}" for i in range(self.num_classes)]
         colors = dataset.get("colors")
         self.colors: list[list[int]] | None = [list(c) for c in colors] if colors else None
@@ -254,12 +236,6 @@ class Ensemble:
         return Uncertainty(means.mean(), (within / len(self.predictors) + means.variance()).clamp(0, 1))
 
 
-def class_names_of_run(checkpoint: Path, num_classes: int) -> list[str] | None:
-    """Names the data set itself supplied (e.g. a dataset.json), as the run's metrics.json recorded them."""
-    names = (RunDir.of_checkpoint(checkpoint).read_metrics() or {}).get("class_names")
-    return list(names) if isinstance(names, list) and len(names) == num_classes else None
-
-
 def to_batch(image: ImageLike) -> tuple[torch.Tensor, bool]:
     """Any supported image -> ((B, 3, H, W) uint8, or float in [0, 1], whether it was a single image).
 
@@ -293,36 +269,6 @@ def to_batch(image: ImageLike) -> tuple[torch.Tensor, bool]:
     return tensor.float(), single
 
 
-def model_config(config_yaml: str, path: Path, trust: bool = False) -> DictConfig:
-    """The training config stored in a checkpoint, with pretrained weights switched off.
-
-    Unless `trust`, the config is resolved and checked (segkit/runs/trusted.py) before anything is
-    built from it: its model and dataset may only name allowlisted segkit code."""
-    try:
-        cfg = OmegaConf.create(config_yaml)
-    except Exception as error:  # noqa: BLE001 - any YAML problem gets the same one-line report
-        reason = str(error).splitlines()[0]
-        raise CheckpointError(f"{path}: stored config is not valid YAML ({reason})") from None
-    if isinstance(cfg, DictConfig) and not trust:
-        cfg = checked_checkpoint_config(cfg, str(path))
-    if not isinstance(cfg, DictConfig) or cfg.get("model") is None or cfg.get("dataset") is None:
-        raise CheckpointError(f"{path}: stored config has no model/dataset section")
-    backbone = cfg.model.get("backbone")
-    if isinstance(backbone, DictConfig):  # the checkpoint holds every weight: never download
-        backbone.pretrained = False
-        backbone.weights = None
-    return cfg
-
-
-def stored_temperature(state: Mapping[str, Any], path: Path) -> float:
-    """The temperature segkit-calibrate stored in the checkpoint (1.0 when never calibrated)."""
-    calibration = state.get("calibration") or {}
-    temperature = calibration.get("temperature", 1.0) if isinstance(calibration, Mapping) else None
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise CheckpointError(f"{path}: calibration.temperature must be a positive number, got {temperature!r}")
-    return float(temperature)
-
-
 def load(path: str | Path, device: str | torch.device | None = "auto", trust: bool = False) -> Predictor:
     """Rebuild the model from a segkit checkpoint (`best.pt` / `last.pt`) and load its weights.
 
@@ -330,32 +276,23 @@ def load(path: str | Path, device: str | torch.device | None = "auto", trust: bo
     Only tensors and plain values are read, and the stored config may only build segkit's own model
     and data set code; anything else is refused before it is called. `trust=True` skips that check
     for a file whose author you trust (a model built by your own code)."""
-    path = Path(path).expanduser()
-    state, extras = None, None
-    if path.suffix == ".safetensors":
-        config = read_safetensors_config(path)
-        extras = read_safetensors_extras(path)  # calibration and geometry, as a checkpoint holds them
-    else:
-        state = load_checkpoint(path)
-        config = state.get("config")
-        if not isinstance(config, str):
-            raise CheckpointError(f"{path}: no stored config; the checkpoint was not written by segkit's trainer")
-    cfg = model_config(config, path, trust)
-    model = build(cfg.model, "model")
-    if cfg.get("privacy") is not None:  # trained with DP-SGD: BatchNorm was replaced by GroupNorm
+    return from_record(read_checkpoint(path, trust=trust), device)
+
+
+def from_record(record: CheckpointRecord, device: str | torch.device | None = "auto") -> Predictor:
+    """A predictor for a checkpoint already read (segkit.runs.checkpoint.read_checkpoint)."""
+    target = resolve_device(device)
+    return Predictor(rebuild_model(record).to(target), record.config, target, source=str(record.path),
+                     geometry=record.geometry, class_names=record.class_names)
+
+
+def rebuild_model(record: CheckpointRecord) -> Segmenter:
+    """The model as trained, with the record's weights and temperature (no pretrained weights downloaded)."""
+    model = build(record.config.model, "model")
+    if record.private:
         from segkit.engine.privacy import make_model_private_compatible
 
         model = make_model_private_compatible(model)
-    if state is None:
-        load_safetensors(model, path)
-        model.temperature = stored_temperature(extras or {}, path)
-    else:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            reason = str(error).splitlines()[0]
-            raise CheckpointError(f"{path}: weights do not fit the stored model ({reason})") from None
-        model.temperature = stored_temperature(state, path)
-    target = resolve_device(device)
-    geometry = checkpoint_geometry(state or extras or {}, cfg)
-    return Predictor(model.to(target), cfg, target, source=str(path), geometry=geometry)
+    record.load_into(model)
+    model.temperature = record.temperature
+    return model

@@ -1,23 +1,156 @@
-"""Checkpoints written atomically and read without unpickling arbitrary objects; safetensors + YAML pairs."""
+"""Checkpoint files: written atomically, read without unpickling arbitrary objects, and read for use into one record.
+
+A trained model comes in one of two files:
+
+    <name>.pt            the trainer's checkpoint: the weights (`model`), the resolved training config, the
+                         training geometry, segkit-calibrate's `calibration`, a private run's `privacy` ledger,
+                         and what resuming needs (optimizer, progress, RNG states)
+    <name>.safetensors   segkit-export format=safetensors: the weights without any pickle, the config as plain
+                         `<name>.yaml` beside them, the rest as JSON in the file's metadata (`segkit.<key>`)
+
+`read_checkpoint` reads either once into a `CheckpointRecord`; `segkit.load`, the commands and the exports
+build from that record. The trainer resumes from the whole `.pt` (`load_checkpoint`, `load_latest_checkpoint`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from segkit.data.geometry import TrainingGeometry
 from segkit.errors import CheckpointError
-from segkit.runs.run_dir import LAST
+from segkit.runs.run_dir import LAST, RunDir
+from segkit.runs.trusted import checked_checkpoint_config
 
 log = logging.getLogger(__name__)
+PT, SAFETENSORS = "pt", "safetensors"  # the two formats a CheckpointRecord is read from
 METADATA_PREFIX = "segkit."  # safetensors metadata keys segkit writes (values: JSON)
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A trained model as its file holds it, read once: what every loader builds from.
+
+    The tensors and the rest of the file take no part in comparisons: two records are equal when they
+    read the same file to the same config, geometry, temperature, class names and privacy ledger."""
+
+    path: Path
+    format: str  # PT | SAFETENSORS
+    config: DictConfig  # the training config: checked (runs/trusted.py) unless trusted; pretrained weights off
+    geometry: TrainingGeometry  # how training saw images, what inference reproduces (data/geometry.py)
+    temperature: float  # logits are divided by it (segkit-calibrate); 1.0 when never calibrated
+    class_names: tuple[str, ...]
+    privacy: Mapping[str, Any] | None  # a privacy=dp run's accountant ledger (engine/privacy.py); None otherwise
+    weights: Mapping[str, torch.Tensor] = field(repr=False, compare=False)
+    stored: Mapping[str, Any] = field(repr=False, compare=False)  # a .pt's every entry, to rewrite it; {} otherwise
+
+    @property
+    def private(self) -> bool:
+        """Trained with privacy=dp: BatchNorm was replaced by GroupNorm, so a model built for it must be too."""
+        return self.config.get("privacy") is not None
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Copy the weights into `model` (built from `config`): every tensor it has, nothing else.
+
+        A tensor the model reaches under two names (`encoder` and `net.encoder`) is filled through its
+        first name, the only one a safetensors file stores."""
+        try:
+            missing, unexpected = model.load_state_dict(self.weights, strict=False)
+        except RuntimeError as error:  # a shape that does not fit
+            reason = str(error).splitlines()[0]
+            raise CheckpointError(f"{self.path}: weights do not fit the stored model ({reason})") from None
+        first = _first_names(model)
+        missing = [name for name in missing if name in first]
+        if missing or unexpected:
+            raise CheckpointError(f"{self.path}: weights do not fit the stored model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+
+
+def read_checkpoint(path: str | Path, *, trust: bool = False) -> CheckpointRecord:
+    """A `.pt` checkpoint, or a `.safetensors` export with the `.yaml` beside it, as one record.
+
+    Only tensors and plain values are read, and unless `trust` the stored config may only build segkit's
+    own model and data set code (segkit/runs/trusted.py): anything else is refused here, before anything
+    is built. `trust=True` skips that check for a file whose author you trust."""
+    path = Path(path).expanduser()
+    if path.suffix == f".{SAFETENSORS}":
+        text = _read_safetensors_config(path)
+        weights, stored = _read_safetensors(path)
+        file_format, entries = SAFETENSORS, {}
+    else:
+        stored = load_checkpoint(path)
+        text = stored.get("config")
+        if not isinstance(text, str):
+            raise CheckpointError(f"{path}: no stored config; the checkpoint was not written by segkit's trainer")
+        weights, file_format, entries = stored["model"], PT, stored
+    config = _training_config(text, path, trust)
+    recorded = stored.get("geometry")  # older checkpoints have none: their config says it
+    geometry = (TrainingGeometry.from_dict(recorded) if isinstance(recorded, Mapping)
+                else TrainingGeometry.from_config(config))
+    privacy = stored.get("privacy")
+    return CheckpointRecord(path, file_format, config, geometry, _temperature(stored, path),
+                            _class_names(config, stored, path), privacy if isinstance(privacy, Mapping) else None,
+                            weights, entries)
+
+
+def _training_config(text: str, path: Path, trust: bool) -> DictConfig:
+    """The stored config with pretrained weights switched off (the file holds every weight: never download)."""
+    try:
+        cfg = OmegaConf.create(text)
+    except Exception as error:  # noqa: BLE001 - any YAML problem gets the same one-line report
+        reason = str(error).splitlines()[0]
+        raise CheckpointError(f"{path}: stored config is not valid YAML ({reason})") from None
+    if isinstance(cfg, DictConfig) and not trust:
+        cfg = checked_checkpoint_config(cfg, str(path))
+    if not isinstance(cfg, DictConfig) or cfg.get("model") is None or cfg.get("dataset") is None:
+        raise CheckpointError(f"{path}: stored config has no model/dataset section")
+    backbone = cfg.model.get("backbone")
+    if isinstance(backbone, DictConfig):
+        backbone.pretrained = False
+        backbone.weights = None
+    return cfg
+
+
+def _temperature(stored: Mapping[str, Any], path: Path) -> float:
+    calibration = stored.get("calibration") or {}
+    temperature = calibration.get("temperature", 1.0) if isinstance(calibration, Mapping) else None
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise CheckpointError(f"{path}: calibration.temperature must be a positive number, got {temperature!r}")
+    return float(temperature)
+
+
+def _class_names(config: DictConfig, stored: Mapping[str, Any], path: Path) -> tuple[str, ...]:
+    """The config's `dataset.class_names`; else the names the data set itself supplied (e.g. a dataset.json),
+    as an export or the run's metrics.json recorded them; else class_0, class_1, ..."""
+    count = int(config.dataset.num_classes)
+    names = config.dataset.get("class_names")
+    if names:
+        return tuple(names)
+    names = stored.get("class_names")
+    if not (isinstance(names, list) and len(names) == count):
+        names = (RunDir.of_checkpoint(path).read_metrics() or {}).get("class_names")
+    if isinstance(names, list) and len(names) == count:
+        return tuple(names)
+    return tuple(f"class_{i}" for i in range(count))
+
+
+def save_calibration(record: CheckpointRecord, calibration: Mapping[str, Any]) -> None:
+    """Rewrite the record's `.pt` with segkit-calibrate's `calibration` entry and every other entry as read."""
+    if record.format != PT:
+        raise CheckpointError(f"{record.path}: only a .pt checkpoint stores a calibration; calibrate the .pt, "
+                              "then export it again")
+    save_checkpoint({**record.stored, "calibration": dict(calibration)}, record.path)
 
 
 def previous_path(path: Path) -> Path:
@@ -65,92 +198,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def save_safetensors(model: torch.nn.Module, config_yaml: str, path: Path,
-                     extras: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
-    """The weights as `<stem>.safetensors` (no pickle at all) and the config as plain `<stem>.yaml` beside them.
-
-    Each file is written to a temporary name and renamed. A tensor the model reaches under two names
-    (`encoder` and `net.encoder`) is stored once, under its first name, as safetensors requires. `extras`
-    (plain values: the checkpoint's `calibration` and `geometry`) go into the file's string metadata as JSON
-    under `segkit.<key>`: the YAML beside it stays the training config, checked as a checkpoint's is."""
-    from safetensors.torch import save_file
-
-    state = model.state_dict()
-    tensors = {name: state[name].contiguous() for name in _first_names(model) if name in state}
-    config = config_path(path)
-    metadata = {f"{METADATA_PREFIX}{key}": json.dumps(value) for key, value in (extras or {}).items()}
-    for target, write in ((path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or None)),
-                          (config, lambda tmp: tmp.write_text(config_yaml))):
-        tmp = target.with_name(f".{target.name}.tmp")
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        except OSError as error:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"{target}: cannot write ({error.strerror or error})") from None
-    return path, config
-
-
-def config_path(weights: Path) -> Path:
-    """`best.safetensors` -> `best.yaml`: the config that goes with safetensors weights."""
-    return weights.with_suffix(".yaml")
-
-
-def read_safetensors_config(path: Path) -> str:
-    """The YAML config beside safetensors weights (as written by save_safetensors)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    config = config_path(path)
-    try:
-        return config.read_text()
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot read its config {config.name} ({error.strerror or error}); "
-                              "segkit-export format=safetensors writes both files") from None
-
-
-def read_safetensors_extras(path: Path) -> dict[str, Any]:
-    """The `extras` save_safetensors stored (`calibration`, `geometry`); {} for a file without them."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
-    extras = {}
-    for key, value in metadata.items():
-        if key.startswith(METADATA_PREFIX):
-            try:
-                extras[key.removeprefix(METADATA_PREFIX)] = json.loads(value)
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{path}: metadata {key} is not valid JSON") from None
-    return extras
-
-
-def load_safetensors(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights into `model`: every tensor it has (second names included), nothing else."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path), device="cpu")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except (RuntimeError, SafetensorError, OSError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path}: weights do not fit the stored model ({reason})") from None
-    first = _first_names(model)
-    missing = [name for name in missing if name in first]  # second names are filled through the first
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the stored model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-
-
-def _first_names(model: torch.nn.Module) -> set[str]:
-    """Each parameter and buffer under the first name that reaches it."""
-    return {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-
-
 def load_latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     """last.pt, or last.prev.pt with a warning when last.pt is missing or damaged; None if neither."""
     last = directory / LAST
@@ -162,6 +209,79 @@ def load_latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | Non
         except CheckpointError as error:
             log.warning("%s; trying the previous checkpoint", error)
     return None
+
+
+def save_safetensors(model: torch.nn.Module, record: CheckpointRecord, path: Path) -> tuple[Path, Path]:
+    """`model` (built from `record`) as `<stem>.safetensors` (no pickle at all), its config as plain `<stem>.yaml`.
+
+    The temperature, geometry, class names and privacy ledger go into the file's string metadata as JSON
+    under `segkit.<key>`, so read_checkpoint reads both files back into a record equal to `record` in all
+    of them; the YAML stays the training config, checked as a checkpoint's is. Each file is written to a
+    temporary name and renamed. A tensor the model reaches under two names is stored once, under its first
+    name, as safetensors requires."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    tensors = {name: state[name].contiguous() for name in _first_names(model) if name in state}
+    extras: dict[str, Any] = {"calibration": {"temperature": record.temperature},
+                              "geometry": record.geometry.as_dict(), "class_names": list(record.class_names)}
+    if record.privacy is not None:
+        extras["privacy"] = dict(record.privacy)
+    metadata = {f"{METADATA_PREFIX}{key}": json.dumps(value) for key, value in extras.items()}
+    config = _config_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, write in ((path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)),
+                          (config, lambda tmp: tmp.write_text(OmegaConf.to_yaml(record.config)))):
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{target}: cannot write ({error.strerror or error})") from None
+    return path, config
+
+
+def _config_path(weights: Path) -> Path:
+    """`best.safetensors` -> `best.yaml`: the config that goes with safetensors weights."""
+    return weights.with_suffix(".yaml")
+
+
+def _read_safetensors_config(path: Path) -> str:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    config = _config_path(path)
+    try:
+        return config.read_text()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read its config {config.name} ({error.strerror or error}); "
+                              "segkit-export format=safetensors writes both files") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the plain values save_safetensors stored in the metadata ({} for a file without them)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
+    values = {}
+    for key, value in metadata.items():
+        if key.startswith(METADATA_PREFIX):
+            try:
+                values[key.removeprefix(METADATA_PREFIX)] = json.loads(value)
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path}: metadata {key} is not valid JSON") from None
+    return tensors, values
+
+
+def _first_names(model: torch.nn.Module) -> set[str]:
+    """Each parameter and buffer under the first name that reaches it."""
+    return {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
 
 
 def _fsync_dir(directory: Path) -> None:
