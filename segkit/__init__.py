@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package's version: pyproject.toml reads it from here
 __all__ = ["Predictor", "load"]
 
 if TYPE_CHECKING:

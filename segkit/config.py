@@ -59,7 +59,9 @@ class TrainerConfig:
     # protocol, every published figure) | input: at the letterboxed size, with the letterboxed mask (faster)
     score_at: str = "native"
     log_every_n_steps: int = 10
-    monitor: str = "val/miou"  # any logged value: val/miou, val/loss, val/<metrics name>, train/loss, ...
+    # any logged value (val/miou, val/loss, val/<metrics name>, train/loss, ...): selects the best checkpoint
+    # and drives early stopping
+    monitor: str = "val/miou"
     monitor_mode: str = "auto"  # max | min | auto (min for names ending in "loss", else max)
     save_top_k: int = 0  # also keep the k best checkpoints, epoch=E-<monitor>=S.pt, besides best.pt / last.pt
     ema_decay: float | None = None  # e.g. 0.999: validate, select and save an EMA of the weights (timm ModelEmaV3)
@@ -166,6 +168,110 @@ class CheckDataConfig:
     preview: str | None = None  # path: PNG grid of train images with class overlays and a legend
     preview_count: int = 8
     preview_size: int = 256  # longest side of each preview tile
+
+
+# The entry configs of the inference commands: keys and types only, so that a misspelt key or a wrong type
+# fails at start with the key named. Each default, and what the key does, is written once, in the
+# command's conf/<name>.yaml (a key the YAML leaves out would compose as ??? and fail where it is read).
+@dataclass
+class EvaluateConfig:
+    """`segkit-evaluate` (conf/evaluate.yaml)."""
+
+    checkpoint: str
+    split: str
+    output_dir: str | None
+    dataset: dict[str, Any]  # stored dataset keys to change; +dataset.<key>=value adds any other
+    device: str
+    trust_checkpoint: bool
+    batch_size: int | None
+    num_workers: int
+    score_at: str
+    test_size: list[int] | None
+    mode: str
+    crop_size: list[int] | None
+    stride: list[int] | None
+    tta: bool
+    tta_scales: list[float]
+    tta_flip: bool
+    min_region: int
+    max_hole: int
+    save_masks: bool
+    report: bool
+    calibration_bins: int
+    uncertainty_maps: bool
+    uncertainty_method: str
+    mc_samples: int
+    worst_n: int
+    progress_bar: bool
+
+
+@dataclass
+class PredictConfig:
+    """`segkit-predict` (conf/predict.yaml)."""
+
+    checkpoint: Any  # a path, or a list of paths (an ensemble)
+    input: str
+    output: str
+    device: str
+    trust_checkpoint: bool
+    batch_size: int
+    num_workers: int
+    test_size: list[int] | None
+    mode: str
+    crop_size: list[int] | None
+    stride: list[int] | None
+    tta: bool
+    tta_scales: list[float]
+    tta_flip: bool
+    overlay: bool
+    probabilities: bool
+    uncertainty: bool
+    uncertainty_method: str
+    mc_samples: int
+    min_region: int
+    max_hole: int
+    max_pixels: int
+    progress_bar: bool
+
+
+@dataclass
+class ExportConfig:
+    """`segkit-export` (conf/export.yaml)."""
+
+    checkpoint: str
+    format: str
+    trust_checkpoint: bool
+    output: str | None
+    opset: int
+    dynamic: bool
+    height: int | None
+    width: int | None
+    validate: bool
+    atol: float
+    benchmark: bool
+    benchmark_batch: int
+    benchmark_runs: int
+    benchmark_warmup: int
+    threads: int | None
+
+
+@dataclass
+class CalibrateConfig:
+    """`segkit-calibrate` (conf/calibrate.yaml)."""
+
+    checkpoint: str
+    split: str
+    dataset: dict[str, Any]  # as in EvaluateConfig
+    device: str
+    batch_size: int | None
+    num_workers: int
+    mode: str
+    crop_size: list[int] | None
+    stride: list[int] | None
+    max_pixels: int
+    n_bins: int
+    seed: int
+    progress_bar: bool
 
 
 def validate_config(cfg: DictConfig) -> None:

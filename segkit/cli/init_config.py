@@ -1,4 +1,4 @@
-"""`segkit-init-config ROOT [--name NAME]`: look at a data set and write conf/dataset/<name>.yaml for it.
+"""`segkit-init-config ROOT [--name NAME]`: look at a data set and write ./conf/dataset/<name>.yaml for it.
 
 It recognises the layout (folder, camvid-like, voc, cityscapes with label or train ids, coco,
 and the benchmark layouts of ADE20K and COCO-Stuff 164k, which take their preset's classes and
@@ -6,7 +6,8 @@ id convention), reads a sample of
 masks for the class count, ignore value, remap or colour table, reads image headers for
 the size, writes split lists when everything is in one folder, then builds the new config's
 reader and reads samples through it, so the file it leaves behind trains as it is:
-`python train.py dataset=<name>`. Check the class names it could not know.
+`segkit-train dataset=<name>` from the same directory (its ./conf layers over segkit's own configs).
+Check the class names it could not know.
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ if TYPE_CHECKING:  # the data tools (torch, PIL) are imported where they are use
     from segkit.tools.checks import SplitReport
     from segkit.tools.layout import Layout
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The user's config directory, relative to where the command runs: every segkit command run there reads it
+# on top of segkit's own tree (hydra_plugins/segkit_conf). Never the installed package's segkit/conf.
+USER_DATASETS = Path("conf") / "dataset"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="segkit-init-config", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="the data set's directory")
     parser.add_argument("--name", help="config name (default: the directory's name)")
-    parser.add_argument("--out", type=Path, default=CONFIG_DIR / "dataset", help="where the YAML goes")
+    parser.add_argument("--out", type=Path, default=USER_DATASETS,
+                        help="where the YAML goes (default: ./conf/dataset, read by segkit commands run here)")
     parser.add_argument("--splits-dir", type=Path, help="list files for a single-folder data set "
                         "(default: <root>/splits, or ./splits/<name> when the root is read-only)")
     parser.add_argument("--val-ratio", type=float, default=0.2, help="validation share when splitting")
