@@ -144,65 +144,6 @@ def test_each_precision_trains_and_resumes_exactly(compose_cfg, tmp_path, device
     assert a["scaler"] == b["scaler"]
 
 
-# ---------------------------------------------------------------------------- memory format and compilation
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖got − expected‖ / ‖expected‖ in float64; NaN or Inf never passes."""
-    got, expected = got.double().cpu(), expected.double().cpu()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return float((got - expected).norm() / expected.norm().clamp_min(1e-30))
-
-
-def assert_as_accurate_as_eager(variant: torch.Tensor, eager: torch.Tensor, float64: torch.Tensor) -> None:
-    """`variant` is as close to the float64 result as the eager float32 computation is, within a factor of 10.
-
-    Two float32 computations of one function may round differently (other conv algorithms, fused kernels, other
-    vector widths: AVX-512 or AVX2 on the CPU), and gradients through BatchNorm's mean subtraction cancel, so
-    even eager float32 is ~1e-3 off float64 there while the logits are ~1e-5 off. Ten times the eager error (at
-    least 1e-4) leaves room for another rounding order; a wrong layout, a missed sync or a miscompiled op is O(1).
-    """
-    assert variant.shape == eager.shape == float64.shape
-    bound = max(10 * relative_error(eager, float64), 1e-4)
-    assert relative_error(variant, float64) <= bound
-
-
-@pytest.fixture
-def exact_float32():
-    """Convolutions and matmuls in full float32 (not TF32 on CUDA), so two orders of one sum differ by rounding."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def forward_backward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and every parameter's gradient as one vector. Compared as one vector: some gradients are zero in
-    exact arithmetic (a conv bias before BatchNorm), so their own relative error would be rounding noise over 0."""
-    model.zero_grad(set_to_none=True)
-    logits = model(images)
-    logits.float().square().mean().backward()
-    grads = torch.cat([p.grad.detach().flatten() for p in model.parameters() if p.grad is not None])
-    return logits.detach().float(), grads
-
-
-@pytest.mark.parametrize("variant", ["channels_last", pytest.param("compile", marks=pytest.mark.slow)])
-def test_channels_last_and_compile_give_the_eager_result(compose_cfg, exact_float32, device, variant):
-    torch.manual_seed(0)
-    eager = build(compose_cfg().model, "model").to(device)  # U-Net on timm's small test ResNet: compiles fast
-    other, reference = copy.deepcopy(eager), copy.deepcopy(eager).double()
-    images = torch.rand(2, 3, 64, 96, device=device)
-    eager_logits, eager_grads = forward_backward(eager, images)
-    float64_logits, float64_grads = forward_backward(reference, images.double())
-    if variant == "channels_last":
-        other = other.to(memory_format=torch.channels_last)
-        logits, grads = forward_backward(other, images.contiguous(memory_format=torch.channels_last))
-    else:
-        logits, grads = forward_backward(torch.compile(other), images)
-    assert logits.device.type == device.type
-    assert_as_accurate_as_eager(logits, eager_logits, float64_logits)
-    assert_as_accurate_as_eager(grads, eager_grads, float64_grads)
-
-
 # ---------------------------------------------------------------------------- the input path
 def test_prefetcher_yields_the_loaders_batches_on_the_device(compose_cfg, device):
     dataset = build_dataset(compose_cfg(["dataset.train_size=12"]).dataset, "train")
@@ -280,3 +221,63 @@ def test_augmentation_on_the_device_keeps_labels_exact_under_each_precision(devi
     assert out.dtype == torch.int64 and out_images.dtype == torch.float32 and out.shape == (4, 32, 32)
     assert (out == IGNORE).any() and not (out == 0).any()  # the zoomed-out border was invented
     assert set(out.unique().tolist()) <= {*classes, IGNORE}
+
+
+# ---------------------------------------------------------------------------- memory format and compilation
+# Last in the file: torch.compile is the slowest test, and a GPU check stopped at its time limit keeps the rest.
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖got − expected‖ / ‖expected‖ in float64; NaN or Inf never passes."""
+    got, expected = got.double().cpu(), expected.double().cpu()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def assert_as_accurate_as_eager(variant: torch.Tensor, eager: torch.Tensor, float64: torch.Tensor) -> None:
+    """`variant` is as close to the float64 result as the eager float32 computation is, within a factor of 10.
+
+    Two float32 computations of one function may round differently (other conv algorithms, fused kernels, other
+    vector widths: AVX-512 or AVX2 on the CPU), and gradients through BatchNorm's mean subtraction cancel, so
+    even eager float32 is ~1e-3 off float64 there while the logits are ~1e-5 off. Ten times the eager error (at
+    least 1e-4) leaves room for another rounding order; a wrong layout, a missed sync or a miscompiled op is O(1).
+    """
+    assert variant.shape == eager.shape == float64.shape
+    bound = max(10 * relative_error(eager, float64), 1e-4)
+    assert relative_error(variant, float64) <= bound
+
+
+@pytest.fixture
+def exact_float32():
+    """Convolutions and matmuls in full float32 (not TF32 on CUDA), so two orders of one sum differ by rounding."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def forward_backward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and every parameter's gradient as one vector. Compared as one vector: some gradients are zero in
+    exact arithmetic (a conv bias before BatchNorm), so their own relative error would be rounding noise over 0."""
+    model.zero_grad(set_to_none=True)
+    logits = model(images)
+    logits.float().square().mean().backward()
+    grads = torch.cat([p.grad.detach().flatten() for p in model.parameters() if p.grad is not None])
+    return logits.detach().float(), grads
+
+
+@pytest.mark.parametrize("variant", ["channels_last", pytest.param("compile", marks=pytest.mark.slow)])
+def test_channels_last_and_compile_give_the_eager_result(compose_cfg, exact_float32, device, variant):
+    torch.manual_seed(0)
+    eager = build(compose_cfg().model, "model").to(device)  # U-Net on timm's small test ResNet: compiles fast
+    other, reference = copy.deepcopy(eager), copy.deepcopy(eager).double()
+    images = torch.rand(2, 3, 64, 96, device=device)
+    eager_logits, eager_grads = forward_backward(eager, images)
+    float64_logits, float64_grads = forward_backward(reference, images.double())
+    if variant == "channels_last":
+        other = other.to(memory_format=torch.channels_last)
+        logits, grads = forward_backward(other, images.contiguous(memory_format=torch.channels_last))
+    else:
+        logits, grads = forward_backward(torch.compile(other), images)
+    assert logits.device.type == device.type
+    assert_as_accurate_as_eager(logits, eager_logits, float64_logits)
+    assert_as_accurate_as_eager(grads, eager_grads, float64_grads)
