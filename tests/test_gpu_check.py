@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,3 +86,25 @@ def test_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary_and_versions(
     if head.returncode == 0:  # a checkout with its .git
         assert versions["segkit_commit"].startswith(head.stdout.strip())
     assert versions["segkit_commit"].split()[0] in summary  # the summary names the commit too
+
+
+def test_versions_name_the_commit_where_the_checkout_travels_without_its_git(tmp_path):
+    """On the GPU machine the checkout has no .git: the commit comes from --commit, else the pack's commit.txt."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "gpu_versions.py", tmp_path / "scripts")  # a checkout copy, no .git above it
+    (tmp_path / ".gpu-pack").mkdir()
+    (tmp_path / ".gpu-pack" / "commit.txt").write_text("0123abc\n")
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}
+
+    def versions(*args: str) -> tuple[dict, str]:
+        done = subprocess.run([sys.executable, "scripts/gpu_versions.py", "out", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300, check=True)
+        return json.loads((tmp_path / "out" / "versions.json").read_text()), done.stdout
+
+    recorded, line = versions()
+    assert recorded["segkit_commit"].startswith("0123abc (from ") and "commit.txt" in recorded["segkit_commit"]
+    assert line.rstrip().endswith(recorded["segkit_commit"]) and recorded["torch_cuda"] == torch.version.cuda
+    given, _ = versions("--commit", "fedcba9")
+    assert given["segkit_commit"] == "fedcba9"
+    (tmp_path / ".gpu-pack" / "commit.txt").unlink()
+    assert versions()[0]["segkit_commit"].startswith("unknown")
