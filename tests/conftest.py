@@ -82,3 +82,24 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file a run wrote (epochs.csv, a sweep's leaderboard)."""
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def _device_params() -> list:
+    """The devices a device-parametrized test runs on: SEGKIT_TEST_DEVICES (comma-separated), by default the
+    CPU and CUDA. A CUDA variant carries the `cuda` marker and is skipped without a CUDA device, so the CPU
+    runs every test here and `pytest -m cuda` on a GPU runs the same tests there."""
+    names = [name.strip() for name in os.environ.get("SEGKIT_TEST_DEVICES", "cpu,cuda").split(",") if name.strip()]
+    params = []
+    for name in names:
+        marks = []
+        if name == "cuda":
+            marks = [pytest.mark.cuda,
+                     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=_device_params())
+def device(request) -> torch.device:
+    """The training device of a test that must behave alike on every device (tests/test_devices.py)."""
+    return torch.device(request.param)

@@ -1,15 +1,16 @@
-"""The GPU path on a real CUDA device: `pytest -m cuda tests/test_cuda.py` (scripts/gpu_check.sh runs it).
+"""What only CUDA has: `pytest -m cuda` on a GPU adds these to the device suite (tests/test_devices.py).
 
-Skipped without CUDA. Each test runs a piece that only a GPU executes (side-stream prefetch, the device cache,
-nvjpeg, GradScaler's on-device skip, channels_last, torch.compile, a real out-of-memory, SyncBatchNorm over
-NCCL, peak-memory logging) and compares it with the CPU or eager computation it must equal.
+Everything else the GPU runs (precisions, GradScaler's skip of a non-finite step, exact resume, channels_last,
+torch.compile, the prefetcher, the device cache, Kornia on the device) is a test of tests/test_devices.py, run on
+the CPU always and on CUDA when there is one. Here, skipped without CUDA: nvjpeg decoding, CUDA memory statistics
+and a real out-of-memory, NCCL and SyncBatchNorm, and sync-debug mode (no host sync in the optimizer step).
 Tolerances compare two computations of one function; each says what arithmetic bounds it.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
+import dataclasses
 import gc
 import json
 
@@ -23,16 +24,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from segkit.config import build
 from segkit.data.io import read_image
-from segkit.data.loading import (
-    DeviceCachedBatches,
-    DevicePrefetcher,
-    EpochSampler,
-    build_dataset,
-    build_loader,
-    decode_split,
-)
+from segkit.data.loading import build_dataset, decode_split
 from segkit.engine.distributed import DistContext, wrap_model
-from segkit.engine.trainer import OutOfMemory, Trainer, fit
+from segkit.engine.trainer import Trainer, fit
+from segkit.errors import SegkitError
+
+from .conftest import read_csv
+from .test_devices import assert_as_accurate_as_eager, exact_float32, forward_backward
 
 pytestmark = [
     pytest.mark.cuda,
@@ -41,96 +39,10 @@ pytestmark = [
 
 CUDA = torch.device("cuda")
 ON_CUDA = ["trainer.accelerator=cuda"]
+__all__ = ["exact_float32"]  # a fixture, used by name
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖got − expected‖ / ‖expected‖ in float64; NaN or Inf never passes."""
-    got, expected = got.double(), expected.double()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return float((got - expected).norm() / expected.norm().clamp_min(1e-30))
-
-
-def assert_as_accurate_as_eager(variant: torch.Tensor, eager: torch.Tensor, float64: torch.Tensor) -> None:
-    """`variant` is as close to the float64 result as the eager float32 computation is, within a factor of 10.
-
-    Two float32 computations of one function may round differently (other conv algorithms, fused kernels,
-    statistics gathered otherwise), and gradients through BatchNorm's mean subtraction cancel, so even eager
-    float32 is ~1e-3 off float64 there while the logits are ~1e-5 off. Ten times the eager error (at least
-    1e-4) leaves room for another rounding order; a wrong layout, a missed sync or a miscompiled op is O(1).
-    """
-    assert variant.shape == eager.shape == float64.shape
-    bound = max(10 * relative_error(eager, float64), 1e-4)
-    assert relative_error(variant, float64) <= bound
-
-
-@pytest.fixture
-def exact_float32():
-    """Convolutions and matmuls in full float32 (not TF32), so two orders of the same sums differ by rounding only."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-# ---------------------------------------------------------------------------- the input path
-def test_prefetcher_yields_the_loaders_batches_on_the_device(compose_cfg):
-    dataset = build_dataset(compose_cfg(["dataset.train_size=12"]).dataset, "train")
-    reference = build_loader(dataset, batch_size=4, num_workers=0, train=True, seed=3, pin_memory=False)
-    loader = build_loader(dataset, batch_size=4, num_workers=2, train=True, seed=3, pin_memory=True)
-    prefetcher = DevicePrefetcher(loader, CUDA)
-    assert prefetcher.sampler is loader.sampler and len(prefetcher) == len(reference) == 3
-    for epoch in (0, 1):
-        reference.sampler.set_epoch(epoch)
-        prefetcher.sampler.set_epoch(epoch)
-        # Work on each batch on the compute stream while the next copy is in flight on the side stream:
-        # a missing stream wait would read a half-copied batch.
-        sums = [(images.float().sum(dim=(1, 2, 3)), masks.sum(dim=(1, 2)), images.device, masks.dtype)
-                for images, masks in prefetcher]
-        expected = [(images.float().sum(dim=(1, 2, 3)), masks.sum(dim=(1, 2))) for images, masks in reference]
-        assert len(sums) == len(expected)
-        for (image_sum, mask_sum, device, mask_dtype), (image_ref, mask_ref) in zip(sums, expected, strict=True):
-            assert device.type == "cuda" and mask_dtype == torch.int64
-            assert torch.equal(image_sum.cpu(), image_ref) and torch.equal(mask_sum.cpu(), mask_ref)
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_device_cache_on_cuda_yields_the_dataloader_batches_in_order(compose_cfg, train):
-    cfg = compose_cfg(["dataset.train_size=11", "dataset.val_size=11"])
-    split = "train" if train else "val"
-    plain = build_loader(build_dataset(cfg.dataset, split), batch_size=4, num_workers=0, train=train, seed=3,
-                         pin_memory=False)
-    cfg.dataset.cache = "device"
-    cached = DeviceCachedBatches(build_dataset(cfg.dataset, split), EpochSampler(11, shuffle=train, seed=3),
-                                 batch_size=4, drop_last=train, device=CUDA, num_workers=2)
-    assert cached.images.device.type == "cuda"
-    for epoch, start in ((0, 0), (1, 0), (1, 4)):  # start: the samples a resumed epoch skips
-        plain.sampler.set_epoch(epoch, start=start)
-        cached.sampler.set_epoch(epoch, start=start)
-        expected, got = list(plain), list(cached)
-        assert len(got) == len(expected) > 0
-        for (image_a, mask_a), (image_b, mask_b) in zip(expected, got, strict=True):
-            assert image_b.device.type == "cuda" and mask_b.dtype == torch.int64
-            assert torch.equal(image_a, image_b.cpu()) and torch.equal(mask_a, mask_b.cpu())
-
-
-def test_training_from_the_device_cache_resumes_on_exactly_the_remaining_batches(compose_cfg, tmp_path):
-    common = [*ON_CUDA, "dataset.cache=device", "trainer.max_epochs=2"]  # 4 steps per epoch
-    stopped = fit(compose_cfg([*common, "trainer.stop_after_steps=6"]), tmp_path / "split")  # mid-epoch 1
-    assert stopped["status"] == "STOPPED"
-    resumed = Trainer(compose_cfg([*common, "trainer.resume=auto"]), tmp_path / "split")
-    assert (resumed.epoch, resumed.global_step, resumed.samples_done_in_epoch) == (1, 6, 8)
-    resumed.train_loader.sampler.set_epoch(resumed.epoch, start=resumed.samples_done_in_epoch)
-    uninterrupted = Trainer(compose_cfg(common), tmp_path / "straight")
-    uninterrupted.train_loader.sampler.set_epoch(1)
-    expected = list(uninterrupted.train_loader)[2:]  # the two batches epoch 1 had left after step 6
-    got = list(resumed.train_loader)
-    assert len(got) == len(expected) == 2
-    for (image_a, mask_a), (image_b, mask_b) in zip(expected, got, strict=True):
-        assert torch.equal(image_a, image_b) and torch.equal(mask_a, mask_b)
-    assert resumed.fit()["status"] == "FINISHED"
-
-
+# ---------------------------------------------------------------------------- nvjpeg
 def _smooth_jpeg(path, size: tuple[int, int], seed: int, subsampling: int) -> None:
     """A photo-like image: smooth colour gradients plus mild noise (no sharp edges for the chroma filters)."""
     rng = np.random.default_rng(seed)
@@ -173,67 +85,37 @@ def test_gpu_decode_fills_the_device_cache_like_the_cpu_decode(compose_cfg, tmp_
     assert int((images_gpu.int() - images_cpu.int()).abs().max()) <= 4  # the 4:4:4 bound above
 
 
-# ---------------------------------------------------------------------------- the training step
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_injected_inf_is_skipped_on_the_device_without_a_host_sync(compose_cfg, tmp_path, precision):
+# ---------------------------------------------------------------------------- sync-debug mode
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
+def test_the_optimizer_step_skips_an_injected_inf_without_any_host_sync(compose_cfg, tmp_path, precision):
+    """tests/test_devices.py sees Python-level reads on every device; sync-debug mode sees every device -> host
+    wait, also those inside torch's C++ (GradScaler's inf check, the fused optimizer)."""
     trainer = Trainer(compose_cfg([*ON_CUDA, f"trainer.precision={precision}"]), tmp_path)
+    poison = torch.full((), float("inf"), device=CUDA)
+    loss_fn = trainer.step.loss_fn
+    step = dataclasses.replace(trainer.step, loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)
     images, masks = next(iter(trainer.train_loader))
-    images = images.float().div_(255)
-
-    def backward(poison: float) -> None:
-        with trainer._autocast():
-            logits = trainer.forward(images)
-        trainer.scaler.scale(trainer.loss_fn(logits.float(), masks) * poison).backward()
-
-    def optimizer_step_without_sync() -> None:
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    for poisoned in (True, False):
+        poison.fill_(float("inf") if poisoned else 1.0)
+        step.backward(images, masks)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any device -> host wait inside raises
         try:
-            trainer._optimizer_step()
+            step.optimizer_step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    scale = trainer.scaler.get_scale()  # a host read, before the checked region
-    backward(float("inf"))
-    assert not all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)
-    optimizer_step_without_sync()
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))  # skipped
-    assert trainer.global_step == 1
-    if precision == "16-mixed":
-        assert trainer.scaler.get_scale() == scale * 0.5  # the loss scale backed off, on the device
-
-    backward(1.0)  # a finite step right after still trains
-    optimizer_step_without_sync()
-    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+        assert unchanged == poisoned  # the poisoned step was skipped, the finite one trained
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def _forward_backward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and every parameter's gradient as one vector. Compared as one vector: some gradients are zero in
-    exact arithmetic (a conv bias before BatchNorm), so their own relative error would be rounding noise over 0."""
-    model.zero_grad(set_to_none=True)
-    logits = model(images)
-    logits.float().square().mean().backward()
-    grads = torch.cat([p.grad.detach().flatten() for p in model.parameters() if p.grad is not None])
-    return logits.detach().float(), grads
-
-
-@pytest.mark.parametrize("variant", ["channels_last", "compile"])
-def test_channels_last_and_compile_give_the_eager_result(compose_cfg, exact_float32, variant):
-    torch.manual_seed(0)
-    eager = build(compose_cfg().model, "model").to(CUDA)  # U-Net on timm's small test ResNet: compiles fast
-    other, reference = copy.deepcopy(eager), copy.deepcopy(eager).double()
-    images = torch.rand(2, 3, 96, 128, device=CUDA)
-    eager_logits, eager_grads = _forward_backward(eager, images)
-    float64_logits, float64_grads = _forward_backward(reference, images.double())
-    if variant == "channels_last":
-        other = other.to(memory_format=torch.channels_last)
-        logits, grads = _forward_backward(other, images.contiguous(memory_format=torch.channels_last))
-    else:
-        logits, grads = _forward_backward(torch.compile(other), images)
-    assert_as_accurate_as_eager(logits, eager_logits, float64_logits)
-    assert_as_accurate_as_eager(grads, eager_grads, float64_grads)
+# ---------------------------------------------------------------------------- CUDA memory
+def test_a_run_logs_its_peak_memory(compose_cfg, tmp_path):
+    summary = fit(compose_cfg([*ON_CUDA, "trainer.precision=bf16-mixed", "trainer.max_epochs=2"]), tmp_path)
+    assert summary["status"] == "FINISHED"
+    rows = read_csv(tmp_path / "epochs.csv")
+    assert len(rows) == 2 and all(float(row["train/peak_memory_gib"]) > 0 for row in rows)
 
 
 def test_a_real_allocation_failure_becomes_the_one_line_out_of_memory_message(compose_cfg, tmp_path):
@@ -244,7 +126,7 @@ def test_a_real_allocation_failure_becomes_the_one_line_out_of_memory_message(co
     # The allocator may hold what it holds now plus 1 MiB: the first batch's activations cannot fit.
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 2**20) / total)
     try:
-        with pytest.raises(OutOfMemory) as caught:
+        with pytest.raises(SegkitError) as caught:
             trainer.fit()
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
@@ -256,16 +138,6 @@ def test_a_real_allocation_failure_becomes_the_one_line_out_of_memory_message(co
     del trainer, caught
     gc.collect()
     torch.cuda.empty_cache()
-
-
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_a_mixed_precision_run_trains_and_logs_peak_memory(compose_cfg, tmp_path, precision):
-    summary = fit(compose_cfg([*ON_CUDA, f"trainer.precision={precision}", "trainer.max_epochs=2"]), tmp_path)
-    assert summary["status"] == "FINISHED" and summary["bad_steps"] == 0
-    assert 0 <= summary["final"]["miou"] <= 1
-    with open(tmp_path / "epochs.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 2 and all(float(row["train/peak_memory_gib"]) > 0 for row in rows)
 
 
 # ---------------------------------------------------------------------------- several processes' parts
@@ -282,9 +154,9 @@ def test_nccl_process_group_wraps_the_model_with_sync_batchnorm(compose_cfg, tmp
         assert dist.get_backend() == "nccl" and isinstance(synced, DistributedDataParallel)
         assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
         images = torch.rand(4, 3, 64, 64, device=CUDA)
-        float64_logits, float64_grads = _forward_backward(copy.deepcopy(plain).double(), images.double())
-        eager_logits, eager_grads = _forward_backward(plain, images)
-        logits, grads = _forward_backward(synced, images)
+        float64_logits, float64_grads = forward_backward(copy.deepcopy(plain).double(), images.double())
+        eager_logits, eager_grads = forward_backward(plain, images)
+        logits, grads = forward_backward(synced, images)
         torch.cuda.synchronize()
     finally:
         dist.destroy_process_group()
@@ -307,7 +179,7 @@ def _sync_batchnorm_rank(rank: int, model_cfg: dict, weights: dict, images: torc
         synced = wrap_model(model.to(device).train(), DistContext(rank=rank, world_size=2), device,
                             sync_batchnorm=True)
         half = images.shape[0] // 2
-        logits, grads = _forward_backward(synced, images[rank * half : (rank + 1) * half].to(device))
+        logits, grads = forward_backward(synced, images[rank * half : (rank + 1) * half].to(device))
         running = [m.running_mean.cpu() for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
         assert running  # converted
         torch.save({"logits": logits.cpu(), "grads": grads.cpu(), "running_means": running},
@@ -329,9 +201,9 @@ def test_sync_batchnorm_over_two_processes_on_one_gpu_equals_batchnorm_over_the_
         args=(OmegaConf.to_container(cfg.model, resolve=True), weights, images, str(tmp_path / "rendezvous"), results),
     )
     float64 = copy.deepcopy(plain).double().to(CUDA)
-    float64_logits, float64_grads = _forward_backward(float64, images.double().to(CUDA))
+    float64_logits, float64_grads = forward_backward(float64, images.double().to(CUDA))
     plain = plain.to(CUDA)
-    eager_logits, eager_grads = _forward_backward(plain, images.to(CUDA))
+    eager_logits, eager_grads = forward_backward(plain, images.to(CUDA))
     ranks = [torch.load(f"{results}.{rank}") for rank in (0, 1)]
     # Statistics of the two halves combined (Welford counts) versus over the whole batch at once; DDP averages
     # the two halves' gradients, which is the whole batch's mean loss.
