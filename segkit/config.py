@@ -85,11 +85,13 @@ class TrainerConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet18"  # any timm model name that supports features_only
+    name: str = "resnet18"  # any timm model name that supports features_only, or any timm plain ViT
     pretrained: bool = False
-    weights: str | None = None  # local weights file used when pretrained=true (no download)
+    weights: str | None = None  # local weights (file, or a timm / Hugging Face folder) used when pretrained=true
     output_stride: int | None = None  # 8 or 16 for dilated encoders; null = architecture default
     freeze: bool = False
+    drop_path_rate: float = 0.0  # stochastic depth in the encoder's blocks (ViTs, ConvNeXt, ...)
+    block_indices: list[int] | None = None  # plain ViTs: the 4 blocks feeding strides 4-32; null = the last block
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import (
 
 from segkit.config import build
 from segkit.errors import ConfigError
+from segkit.models.vit import layer_decay_groups
 
 
 def _with_warmup(
@@ -69,15 +70,22 @@ def step(
 
 
 def build_optimizer(optimizer_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Instantiate the partial optimizer with two groups: encoder at lr, the rest at lr * head_lr_mult."""
+    """Instantiate the partial optimizer with two groups: encoder at lr, the rest at lr * head_lr_mult;
+    with optimizer.layer_decay, a ViT encoder gets one group per block instead."""
     settings = OmegaConf.to_container(optimizer_cfg, resolve=True)
     head_lr_mult = float(settings.pop("head_lr_mult", 1.0))
-    encoder_ids = {id(p) for p in model.encoder.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    encoder_params = [p for p in trainable if id(p) in encoder_ids]
-    head_params = [p for p in trainable if id(p) not in encoder_ids]
+    layer_decay = settings.pop("layer_decay", None)
     lr = settings["lr"]
-    groups = [{"params": encoder_params, "lr": lr}, {"params": head_params, "lr": lr * head_lr_mult}]
+    if layer_decay is not None:  # a ViT: one group per block, lr * decay^depth (segkit/models/vit.py)
+        if not 0 < float(layer_decay) <= 1:
+            raise ConfigError("optimizer.layer_decay", f"must be in (0, 1], got {layer_decay}")
+        groups = layer_decay_groups(model, lr, float(layer_decay), lr * head_lr_mult)
+    else:
+        encoder_ids = {id(p) for p in model.encoder.parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        encoder_params = [p for p in trainable if id(p) in encoder_ids]
+        head_params = [p for p in trainable if id(p) not in encoder_ids]
+        groups = [{"params": encoder_params, "lr": lr}, {"params": head_params, "lr": lr * head_lr_mult}]
     try:
         return build(settings, "optimizer")([g for g in groups if g["params"]])
     except (ValueError, TypeError) as error:

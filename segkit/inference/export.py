@@ -31,6 +31,7 @@ from segkit.models.sliding import predict_logits
 
 INPUT, OUTPUT = "images", "logits"
 GEOMETRY_KEY = "segkit.geometry"
+DEFAULT_OPSET = 18  # Resize with antialias: what a ViT's position embeddings need at another input size
 
 
 class ExportError(SegkitError):
@@ -43,8 +44,28 @@ def example_size(height: int, width: int, stride: int) -> tuple[int, int]:
             width + (stride // 2 if width % stride == 0 else 0))
 
 
+def _antialiased_bicubic(g, images, output_size, align_corners, scale_factors):  # noqa: ANN001 - ONNX symbolic
+    """aten::_upsample_bicubic2d_aa as ONNX Resize (opset 18: cubic, antialias, PIL's a = -0.5, as torch).
+    timm resamples a ViT's position embeddings to the input's patch grid with it; torch's exporter has no
+    symbolic for it."""
+    from torch.onnx import symbolic_helper
+
+    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    leading = g.op("Slice", g.op("Shape", images), g.op("Constant", value_t=torch.tensor([0])),
+                   g.op("Constant", value_t=torch.tensor([2])))
+    size = output_size
+    if symbolic_helper._is_packed_list(size):
+        one = g.op("Constant", value_t=torch.tensor([1]))
+        size = g.op("Concat", *(symbolic_helper._reshape_helper(g, s, one)
+                                for s in symbolic_helper._unpack_list(size)), axis_i=0)
+    sizes = g.op("Concat", leading, g.op("Cast", size, to_i=7), axis_i=0)  # 7: int64
+    corners = symbolic_helper._maybe_get_const(align_corners, "b")
+    return g.op("Resize", images, empty, empty, sizes, mode_s="cubic", antialias_i=1, cubic_coeff_a_f=-0.5,
+                exclude_outside_i=1, coordinate_transformation_mode_s="align_corners" if corners else "half_pixel")
+
+
 def export_onnx(
-    model: nn.Module, path: Path, size: Sequence[int], opset: int = 17, dynamic: bool = True,
+    model: nn.Module, path: Path, size: Sequence[int], opset: int = DEFAULT_OPSET, dynamic: bool = True,
     geometry: TrainingGeometry | None = None,
 ) -> Path:
     """Write `path` with the TorchScript-based exporter (dynamo=False: no onnxscript needed).
@@ -55,6 +76,7 @@ def export_onnx(
     example = torch.rand(1, 3, int(size[0]), int(size[1]))
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _antialiased_bicubic, 18)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about the stride branch: handled by example_size

@@ -8,6 +8,7 @@ stride and resizing logits to the input, so training, prediction and export see 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ from torchvision.models.segmentation.lraspp import LRASPPHead
 
 from segkit.errors import ConfigError
 from segkit.models.attention import ATTENTION_KEYS, add_attention
+from segkit.models.vit import LinearProbe, ViTPyramidEncoder, is_plain_vit, patch_size, smp_encoder_name
 
-SMP, HEAD, TORCHVISION = "smp", "head", "torchvision"
+SMP, HEAD, TORCHVISION, VIT = "smp", "head", "torchvision", "vit"
 CONTEXT_ONLY = ("context",)
 
 
@@ -33,10 +35,12 @@ class Architecture:
     """What segkit knows about a `model.arch`: one row of ARCHITECTURES."""
 
     family: str  # smp: smp.create_model on a timm encoder | head: a timm encoder + torchvision's FCN / LR-ASPP
-    #              head (EncoderHead) | torchvision: torchvision's complete builder, its own backbone
+    #              head (EncoderHead) | torchvision: torchvision's complete builder, its own backbone |
+    #              vit: a head on a plain ViT's patch features (segkit/models/vit.py)
     builder: str  # the smp class name, the head, or the torchvision.models.segmentation function
     dilates: bool = False  # takes backbone.output_stride 8 / 16 (dilated encoder)
     attention: tuple[str, ...] = ()  # the model.attention keys its network has slots for (segkit/models/attention.py)
+    needs_vit: bool = False  # only on a plain ViT backbone (DPT, the linear probe)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -48,6 +52,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "pspnet": Architecture(SMP, "PSPNet", attention=CONTEXT_ONLY),
     "segformer": Architecture(SMP, "Segformer", attention=CONTEXT_ONLY),
     "upernet": Architecture(SMP, "UPerNet", attention=CONTEXT_ONLY),
+    "dpt": Architecture(SMP, "DPT", needs_vit=True),
+    "linear": Architecture(VIT, "linear", needs_vit=True),
     "fcn": Architecture(HEAD, "fcn", dilates=True),
     "lraspp": Architecture(HEAD, "lraspp", dilates=True),
     **{name: Architecture(TORCHVISION, name) for name in (
@@ -92,7 +98,7 @@ class Segmenter(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the timm encoder: its stages are recomputed in backward."""
-        timm_model = getattr(self.encoder, "model", None)
+        timm_model = getattr(self.encoder, "model", self.encoder)  # smp's timm wrapper, or a timm ViT itself
         if not hasattr(timm_model, "set_grad_checkpointing"):
             raise ConfigError("trainer.activation_checkpointing",
                               f"needs a timm encoder (smp `tu-` or fcn/lraspp), not {type(self.encoder).__name__}")
@@ -160,8 +166,20 @@ def build_model(
 
     pretrained, weights_file = bool(backbone.get("pretrained")), backbone.get("weights")
     download = pretrained and not weights_file
+    vit = spec.family != TORCHVISION and is_plain_vit(name)
+    if spec.needs_vit and not vit:
+        raise ConfigError("backbone.name", f"{arch} takes a plain ViT (e.g. vit_small_patch14_dinov2), not {name!r}")
+    if backbone.get("block_indices") is not None and not vit:
+        raise ConfigError("backbone.block_indices", f"only for plain ViT backbones, not {name!r}")
+    stride = 32
     if spec.family == TORCHVISION:
         net, encoder = _torchvision_model(spec.builder, num_classes, download, options)
+    elif vit:
+        net, encoder = _vit_model(arch, name, output_stride, num_classes, options, download, backbone)
+        if spec.family == SMP:
+            add_attention(net, attention)
+        # the linear probe pads to the patch size; the pyramid decoders and DPT (its coarsest map at 1/32) to 32
+        stride = patch_size(encoder) if arch == "linear" else 32
     else:
         net, encoder = _timm_model(arch, name, output_stride, num_classes, options, download)
         if spec.family == SMP:
@@ -169,7 +187,8 @@ def build_model(
     if pretrained and weights_file:
         load_encoder_weights(encoder, name, weights_file)
     return Segmenter(
-        net, encoder, num_classes=num_classes, mean=mean, std=std, freeze_encoder=bool(backbone.get("freeze"))
+        net, encoder, num_classes=num_classes, mean=mean, std=std, stride=stride,
+        freeze_encoder=bool(backbone.get("freeze")),
     )
 
 
@@ -205,6 +224,45 @@ def _timm_model(
             raise _offline_error(name, error) from None
         raise _explain_build_error(arch, name, output_stride, error) from None
     return net, net.encoder
+
+
+def _vit_model(
+    arch: str, name: str, output_stride: int | None, num_classes: int, options: dict[str, Any], download: bool,
+    backbone: Mapping[str, Any],
+) -> tuple[nn.Module, nn.Module]:
+    """A decoder on a plain ViT; the second value is the timm ViT itself (what freezing, the layer decay,
+    activation checkpointing and local weights act on; the pyramid and decoder always train)."""
+    spec = ARCHITECTURES[arch]
+    drop_path = float(backbone.get("drop_path_rate") or 0.0)
+    indices = backbone.get("block_indices")
+    try:
+        if spec.family == VIT:
+            probe = LinearProbe(name, num_classes, pretrained=download, block_indices=indices, drop_path_rate=drop_path)
+            return probe, probe.model
+        if spec.family == HEAD:
+            encoder = ViTPyramidEncoder(name, output_stride=output_stride or 32, pretrained=download,
+                                        block_indices=indices, drop_path_rate=drop_path)
+            return EncoderHead(encoder, spec.builder, num_classes), encoder.model
+        if output_stride is not None:
+            options["encoder_output_stride"] = output_stride
+        if arch == "dpt":  # smp's own ViT encoder; timm interpolates the position embeddings
+            options.setdefault("dynamic_img_size", True)
+            options.setdefault("drop_path_rate", drop_path)
+            if indices is not None:
+                options.setdefault("encoder_output_indices", [int(i) for i in indices])
+            net = smp.create_model(spec.builder, encoder_name=f"tu-{name}", encoder_weights=True if download else None,
+                                   classes=num_classes, **options)
+            if patch_size(net.encoder.model) != 16:  # smp's DPT scales its maps by stride / 4: patch 16 only
+                raise ConfigError("backbone.name", f"smp's DPT needs a patch-16 ViT, {name} has patch "
+                                  f"{patch_size(net.encoder.model)}; use model=upernet / unet / fpn on it instead")
+        else:
+            net = smp.create_model(spec.builder, encoder_name=smp_encoder_name(name, download, backbone),
+                                   encoder_weights=None, classes=num_classes, **options)
+    except (RuntimeError, ValueError, TypeError, KeyError, AssertionError, OSError) as error:
+        if download and not isinstance(error, (TypeError, KeyError, AssertionError)):
+            raise _offline_error(name, error) from None
+        raise _explain_build_error(arch, name, output_stride, error) from None
+    return net, net.encoder.model
 
 
 def _offline_error(name: str, error: Exception) -> ConfigError:
@@ -244,9 +302,20 @@ def _torchvision_model(
     return net, net.backbone
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
 def load_encoder_weights(encoder: nn.Module, name: str, weights: str) -> None:
-    """Load a local ImageNet checkpoint (timm/torchvision state dict) into the encoder."""
+    """Load local pretrained weights (a timm / torchvision state dict, or a Hugging Face / timm hub folder
+    holding one of WEIGHT_FILES) into the encoder. A ViT's weights pass through timm's own checkpoint
+    filter for that model, which converts the original releases (DINOv2, EVA, ...) and resamples the
+    position embeddings to the model's grid."""
     path = Path(weights).expanduser()
+    if path.is_dir():
+        found = [path / file for file in WEIGHT_FILES if (path / file).is_file()]
+        if not found:
+            raise ConfigError("backbone.weights", f"{path}: a folder without {' or '.join(WEIGHT_FILES)}")
+        path = found[0]
     if not path.is_file():
         raise ConfigError("backbone.weights", f"{path}: file not found")
     try:
@@ -261,6 +330,9 @@ def load_encoder_weights(encoder: nn.Module, name: str, weights: str) -> None:
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     target = getattr(encoder, "model", encoder)  # smp's timm wrapper keeps the timm model in .model
+    filter_fn = getattr(sys.modules.get(type(target).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None and isinstance(state, Mapping) and hasattr(target, "patch_embed"):
+        state = filter_fn(dict(state), target)
     own = target.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matched:
