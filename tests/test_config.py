@@ -24,7 +24,10 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("option", options("model"))
 def test_every_model_builds_and_runs(compose_cfg, option):
-    cfg = compose_cfg([f"model={option}"])
+    from segkit.models import ARCHITECTURES
+
+    needs_vit = ARCHITECTURES[option.rsplit("/", 1)[-1]].needs_vit  # dpt, linear: timm's tiny test ViT
+    cfg = compose_cfg([f"model={option}", *(["backbone.name=test_vit2"] if needs_vit else [])])
     validate_config(cfg)
     model = build(cfg.model, "model")
     assert isinstance(model, Segmenter)
