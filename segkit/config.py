@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from segkit import registry
 from segkit.errors import ConfigError, SegkitError
 
 # trainer.precision -> the autocast dtype (a torch attribute name; None: no autocast). The one table:
@@ -249,21 +250,14 @@ def _check_binary_task(cfg: DictConfig) -> None:
                           f"{'/'.join(sorted(modes))} terms; use loss=dice_bce (or mode: binary terms)")
 
 
-# Losses that take one logit per pixel, and those that take one per class.
-_BINARY_LOSSES = {"segkit.losses.BinaryCrossEntropy"}
-_MULTICLASS_LOSSES = {"segkit.losses.CrossEntropy", "segkit.losses.GeneralizedDice", "segkit.losses.OhemCrossEntropy"}
-
-
 def _loss_modes(node: Any) -> set[str]:
-    """'binary' / 'multiclass' / 'multilabel' for every loss term in the config (smp's `mode` or the class)."""
+    """'binary' / 'multiclass' / 'multilabel' for every loss term in the config: smp's `mode` key, or
+    the `mode` attribute of a loss class registered in segkit.registry."""
     if not hasattr(node, "items"):
         return set()
     modes = {str(node["mode"])} if "mode" in node else set()
-    target = node.get("_target_")
-    if target in _BINARY_LOSSES:
-        modes.add("binary")
-    elif target in _MULTICLASS_LOSSES:
-        modes.add("multiclass")
+    if mode := registry.loss_mode(node.get("_target_")):
+        modes.add(mode)
     for value in node.values():
         modes |= _loss_modes(value)
     return modes

@@ -21,8 +21,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from segkit import registry
 from segkit.config import CheckDataConfig, FederatedConfig, PrivacyConfig, TrainConfig
-from segkit.data.readers.schemas import READER_SCHEMAS
 from segkit.errors import SegkitError, one_line
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # segkit/conf, shipped in the wheel
@@ -105,14 +105,15 @@ def group_options(group: str) -> list[str]:
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore, where the configs' defaults lists name them.
 
-    Everything imported here is torch-free: composing a config must answer at once."""
+    Everything imported here is torch-free: composing a config must answer at once. Dataset schemas
+    come from segkit.registry: segkit's formats and those installed packages register."""
     cs = ConfigStore.instance()
     cs.store(name=f"train{SCHEMA_SUFFIX}", node=TrainConfig)
     cs.store(name=f"check_data{SCHEMA_SUFFIX}", node=CheckDataConfig)
     cs.store(group="privacy", name=f"privacy{SCHEMA_SUFFIX}", node=PrivacyConfig)
     cs.store(group="federated", name=f"federated{SCHEMA_SUFFIX}", node=FederatedConfig)
-    for name, schema in READER_SCHEMAS.items():
-        cs.store(group="dataset", name=f"{name}{SCHEMA_SUFFIX}", node=schema)
+    for name, part in registry.dataset_formats().items():
+        cs.store(group="dataset", name=f"{name}{SCHEMA_SUFFIX}", node=part.schema)
     _register_launcher_schemas(cs)
 
 

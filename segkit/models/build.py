@@ -23,6 +23,7 @@ from torchvision.models.segmentation.lraspp import LRASPPHead
 
 from segkit.errors import ConfigError
 from segkit.models.attention import ATTENTION_KEYS, add_attention
+from segkit.registry import register
 
 SMP, HEAD, TORCHVISION = "smp", "head", "torchvision"
 CONTEXT_ONLY = ("context",)
@@ -133,6 +134,7 @@ class EncoderHead(nn.Module):
         return self.head({"low": features[-3], "high": features[-1]})
 
 
+@register("model", "segkit.models.build_model")  # the name configs use: the package's re-export
 def build_model(
     *,
     arch: str,

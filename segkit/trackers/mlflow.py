@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from segkit.registry import register
 from segkit.runs.run_dir import BEST, RunDir
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
@@ -41,6 +42,7 @@ def default_artifact_location(output_root: str | Path) -> str:
     return (Path(output_root).resolve() / "mlartifacts").as_uri()
 
 
+@register("tracker")
 class MLflowTracker(Tracker):
     """Logs params, tags, per-step metrics and the run's config/metrics files to MLflow."""
 
