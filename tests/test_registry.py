@@ -1,0 +1,138 @@
+"""segkit.registry: every part a shipped config names is on the allowlist, and a user's own package adds
+a loss (its module, its YAML, its entry point) without editing segkit, trusted only where it is installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from segkit import registry
+from segkit.cli.common import config_groups, group_options
+from segkit.config import validate_config
+from segkit.errors import ConfigError, UntrustedConfigError
+from segkit.runs.trusted import allowed_training_target, check_run_config
+
+from .conftest import CONF_DIR, ROOT, TINY
+
+GROUPS = sorted(path.name for path in CONF_DIR.iterdir() if path.is_dir() and path.name != "hydra")
+
+
+def _targets(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "_target_"] + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
+def _composed_targets(group: str) -> dict[str, list[str]]:
+    """option -> the `_target_`s of train.yaml composed with `group=option` (the run config Hydra saves)."""
+    found = {}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for option in group_options(group):
+            cfg = compose(config_name="train", overrides=[f"{group}={option}"])
+            found[option] = _targets(OmegaConf.to_container(cfg, resolve=False))
+    return found
+
+
+def test_every_group_of_the_config_tree_is_one_train_composes():
+    assert set(GROUPS) <= set(config_groups("train"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_names_only_allowlisted_targets(group):
+    refused = {option: [t for t in targets if not allowed_training_target(t)]
+               for option, targets in _composed_targets(group).items()}
+    assert not {option: targets for option, targets in refused.items() if targets}
+
+
+def test_every_registered_part_of_segkit_is_named_by_a_shipped_config():
+    """The other direction: no registration is left over from a part the config tree no longer offers."""
+    named = {t for group in GROUPS for targets in _composed_targets(group).values() for t in targets}
+    registered = registry.targets(*registry.KINDS)
+    assert registered - named == set()
+
+
+def test_loss_modes_are_the_classes_attributes(compose_cfg):
+    for part in registry.parts("loss"):
+        assert registry.loss_mode(part.target) == getattr(registry.load(part.target), "mode", None)
+    cfg = compose_cfg(["loss=dice_bce"])  # binary terms on a multiclass model
+    with pytest.raises(ConfigError, match="model.num_classes=1"):
+        validate_config(cfg)
+    assert registry.loss_mode("os.system") is None  # unregistered: never imported, no mode
+
+
+def test_registering_a_target_twice_differently_fails():
+    registry.register("loss", "segkit.losses.CrossEntropy")  # a module imported again: the same part
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register("tracker", "segkit.losses.CrossEntropy")
+
+
+USER_LOSS = '''
+"""A user's loss, outside segkit: registered through the `segkit.parts` entry point of its package."""
+import torch.nn.functional as F
+from torch import nn
+
+from segkit.registry import register
+
+
+@register("loss")
+class SoftBinaryCrossEntropy(nn.Module):
+    mode = "binary"
+
+    def __init__(self, ignore_index: int = 255, smoothing: float = 0.1) -> None:
+        super().__init__()
+        self.ignore_index, self.smoothing = ignore_index, smoothing
+
+    def forward(self, logits, target):
+        valid = target != self.ignore_index
+        soft = (target == 1).float() * (1 - self.smoothing) + self.smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits[:, 0][valid], soft[valid])
+'''
+
+
+def _user_package(tmp_path: Path) -> tuple[Path, Path]:
+    """site/ holds the installed package (its module, its dist-info with the entry point); project/conf the YAML."""
+    site = tmp_path / "site"
+    (site / "my_losses").mkdir(parents=True)
+    (site / "my_losses" / "__init__.py").write_text(USER_LOSS)
+    info = site / "my_losses-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-losses\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[segkit.parts]\nloss = my_losses\n")
+    project = tmp_path / "project"
+    (project / "conf" / "loss").mkdir(parents=True)
+    (project / "conf" / "loss" / "soft_bce.yaml").write_text(
+        "_target_: my_losses.SoftBinaryCrossEntropy\nignore_index: ${dataset.ignore_index}\nsmoothing: 0.05\n")
+    return site, project
+
+
+def test_a_users_package_adds_a_loss_trusted_only_where_it_is_installed(tmp_path):
+    site, project = _user_package(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    train = [sys.executable, str(ROOT / "train.py"), "--config-dir", "conf", *TINY, "loss=soft_bce",
+             "model.num_classes=1", "dataset.num_classes=2", "dataset.class_names=null",
+             "trainer.save_checkpoints=false", "hydra.run.dir=outputs/run"]
+    result = subprocess.run(train, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = project / "outputs" / "run" / ".hydra" / "config.yaml"
+    assert OmegaConf.load(saved).loss._target_ == "my_losses.SoftBinaryCrossEntropy"
+
+    # Where the package is installed, segkit-reproduce's check passes and the loss's mode is known.
+    check = ("import sys; from segkit import registry; from segkit.runs.trusted import check_run_config; "
+             f"check_run_config({str(saved)!r}); print(registry.loss_mode('my_losses.SoftBinaryCrossEntropy'))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=project, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "binary"
+
+    # Here, without the package, the same run is a foreign file naming an unknown target: refused.
+    with pytest.raises(UntrustedConfigError, match="loss._target_: 'my_losses.SoftBinaryCrossEntropy'"):
+        check_run_config(str(saved))
+    assert "my_losses" not in sys.modules
