@@ -3,6 +3,8 @@ a loss (its module, its YAML, its entry point) without editing segkit, trusted o
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import subprocess
 import sys
@@ -72,6 +74,37 @@ def test_registering_a_target_twice_differently_fails():
     registry.register("loss", "segkit.losses.CrossEntropy")  # a module imported again: the same part
     with pytest.raises(ValueError, match="registered twice"):
         registry.register("tracker", "segkit.losses.CrossEntropy")
+
+
+def _defaults_agree(function, schema: type) -> list[str]:
+    """`function`'s keyword defaults that differ from the same key's default in `schema`; a field with a
+    default factory (a mapping, a list) agrees with an empty default (None, ())."""
+    fields = {field.name: field for field in dataclasses.fields(schema)}
+    differ = []
+    for param in inspect.signature(function).parameters.values():
+        field = fields.get(param.name)
+        if field is None or param.default is inspect.Parameter.empty:
+            continue
+        if field.default_factory is not dataclasses.MISSING:
+            agree = not param.default and not field.default_factory()
+        else:
+            agree = param.default == field.default
+        if not agree:
+            differ.append(f"{param.name}: {param.default!r}")
+    return differ
+
+
+@pytest.mark.parametrize("name", sorted(registry.dataset_formats()))
+def test_a_readers_defaults_are_its_schemas(name):
+    part = registry.dataset_formats()[name]
+    assert not _defaults_agree(registry.load(part.target).__init__, part.schema)
+
+
+def test_the_base_readers_options_default_as_their_schema():
+    from segkit.data.readers.base import SegmentationDataset
+    from segkit.data.readers.schemas import DatasetOptions
+
+    assert not _defaults_agree(SegmentationDataset.__init__, DatasetOptions)
 
 
 USER_LOSS = '''
