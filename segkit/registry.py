@@ -12,7 +12,7 @@ Parts are found by importing the modules that register them, kind by kind, when 
 asked for: segkit's own modules (SEGKIT_MODULES) and every entry point of the `segkit.parts` group
 whose name is the kind or starts with `<kind>.` (`loss = "my_package.losses"` in the user's
 pyproject). Dataset schemas are torch-free, so composing a config still answers before torch loads.
-This module imports nothing of segkit's: it sits beside segkit.config at the bottom of the layers.
+This module imports only segkit.errors: it sits just above it, below segkit.config.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
+
+from segkit.errors import SegkitError
 
 ENTRY_POINT_GROUP = "segkit.parts"
 KINDS = ("model", "dataset", "loss", "schedule", "augmentation", "tracker")
@@ -138,7 +140,17 @@ def _load(kind: str) -> None:
             importlib.import_module(module)
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             if entry.name == kind or entry.name.startswith(f"{kind}."):
-                entry.load()
+                _load_entry_point(entry)
     except BaseException:
         _loaded.discard(kind)  # asked again, the kind is loaded again (and fails again, visibly)
         raise
+
+
+def _load_entry_point(entry: Any) -> None:
+    """Import an installed package's registering module; a broken one is one line naming it."""
+    try:
+        entry.load()
+    except Exception as error:  # noqa: BLE001 - any failure inside someone else's module
+        where = f"{entry.dist.name} {entry.dist.version}" if entry.dist is not None else "an installed package"
+        raise SegkitError(f"{ENTRY_POINT_GROUP} entry point {entry.name} = {entry.value} ({where}) failed to "
+                          f"import: {type(error).__name__}: {error}") from error

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from segkit import registry
 from segkit.cli.common import config_groups, group_options
 from segkit.config import validate_config
-from segkit.errors import ConfigError, UntrustedConfigError
+from segkit.errors import ConfigError, SegkitError, UntrustedConfigError
 from segkit.runs.trusted import allowed_training_target, check_run_config
 
 from .conftest import CONF_DIR, ROOT, TINY
@@ -74,6 +74,18 @@ def test_registering_a_target_twice_differently_fails():
     registry.register("loss", "segkit.losses.CrossEntropy")  # a module imported again: the same part
     with pytest.raises(ValueError, match="registered twice"):
         registry.register("tracker", "segkit.losses.CrossEntropy")
+
+
+def test_a_broken_package_is_one_line_naming_its_entry_point(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    broken = EntryPoint(name="loss", value="no_such_module_of_segkit", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [broken])
+    monkeypatch.setattr(registry, "_loaded", set())
+    with pytest.raises(SegkitError, match="entry point loss = no_such_module_of_segkit .* failed to import"):
+        registry.parts("loss")
+    with pytest.raises(SegkitError):  # not marked loaded: asked again, it fails again
+        registry.parts("loss")
 
 
 def _defaults_agree(function, schema: type) -> list[str]:
