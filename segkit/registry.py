@@ -18,6 +18,7 @@ This module imports only segkit.errors: it sits just above it, below segkit.conf
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -27,16 +28,16 @@ from segkit.errors import SegkitError
 
 ENTRY_POINT_GROUP = "segkit.parts"
 KINDS = ("model", "dataset", "loss", "schedule", "augmentation", "tracker")
-# The modules that register segkit's own parts. Imported by name (not by an import statement), so this
-# bottom layer never imports the layers above it; importing a module is what registers its parts.
+# The modules that register segkit's own parts (`package.*`: each module of the package, so a new tracker
+# module needs no line here). Imported by name, not by an import statement: this low layer imports none
+# of the layers above it at the top; importing a module is what registers its parts.
 SEGKIT_MODULES: dict[str, tuple[str, ...]] = {
     "model": ("segkit.models.build",),
     "dataset": ("segkit.data.readers.schemas",),
     "loss": ("segkit.losses",),
     "schedule": ("segkit.engine.optim",),
     "augmentation": ("segkit.augment",),
-    "tracker": ("segkit.trackers.base", "segkit.trackers.mlflow", "segkit.trackers.wandb",
-                "segkit.trackers.tensorboard"),
+    "tracker": ("segkit.trackers.*",),
 }
 T = TypeVar("T")
 
@@ -137,13 +138,22 @@ def _load(kind: str) -> None:
     _loaded.add(kind)  # first: a module being imported may ask for its own kind
     try:
         for module in SEGKIT_MODULES.get(kind, ()):
-            importlib.import_module(module)
+            _import(module)
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             if entry.name == kind or entry.name.startswith(f"{kind}."):
                 _load_entry_point(entry)
     except BaseException:
         _loaded.discard(kind)  # asked again, the kind is loaded again (and fails again, visibly)
         raise
+
+
+def _import(module: str) -> None:
+    if not module.endswith(".*"):
+        importlib.import_module(module)
+        return
+    package = importlib.import_module(module.removesuffix(".*"))
+    for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+        importlib.import_module(info.name)
 
 
 def _load_entry_point(entry: Any) -> None:

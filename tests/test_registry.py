@@ -20,7 +20,7 @@ from segkit.config import validate_config
 from segkit.errors import ConfigError, SegkitError, UntrustedConfigError
 from segkit.runs.trusted import allowed_training_target, check_run_config
 
-from .conftest import CONF_DIR, ROOT, TINY
+from .conftest import CONF_DIR, ROOT, TINY, write_folder_dataset
 
 GROUPS = sorted(path.name for path in CONF_DIR.iterdir() if path.is_dir() and path.name != "hydra")
 
@@ -86,6 +86,33 @@ def test_a_broken_package_is_one_line_naming_its_entry_point(monkeypatch):
         registry.parts("loss")
     with pytest.raises(SegkitError):  # not marked loaded: asked again, it fails again
         registry.parts("loss")
+
+
+def detect_marked(root: Path):
+    """A user's format detector: its data sets hold a MARKER file."""
+    from segkit.tools.layout import Layout
+
+    return Layout("marked", "marked", root) if (root / "MARKER").is_file() else None
+
+
+def test_a_registered_format_is_detected_before_the_generic_folders(tmp_path, monkeypatch):
+    from segkit.config import DatasetConfig
+    from segkit.tools.layout import detect_layout
+
+    write_folder_dataset(tmp_path)
+    assert detect_layout(tmp_path).kind == "folder"
+    registry.parts("dataset")
+    monkeypatch.setattr(registry, "_parts", dict(registry._parts))  # the registration ends with the test
+
+    @registry.dataset_format("marked", detect="tests.test_registry.detect_marked")
+    @dataclasses.dataclass
+    class MarkedSchema(DatasetConfig):
+        _target_: str = "tests.test_registry.MarkedReader"
+
+    assert detect_layout(tmp_path).kind == "folder"
+    (tmp_path / "MARKER").touch()
+    assert detect_layout(tmp_path).kind == "marked"
+    assert registry.dataset_formats()["marked"].schema is MarkedSchema
 
 
 def _defaults_agree(function, schema: type) -> list[str]:
