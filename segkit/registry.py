@@ -121,7 +121,7 @@ def dataset_formats() -> dict[str, Part]:
 def loss_mode(target: Any) -> str | None:
     """The `mode` attribute (binary / multiclass) of a registered loss class; None for anything else.
     Only registered targets are imported, so a config cannot make this import a module it names."""
-    if find(target, "loss") is None:
+    if not isinstance(target, str) or find(target, "loss") is None:
         return None
     return getattr(load(target), "mode", None)
 
