@@ -70,6 +70,17 @@ def test_loss_modes_are_the_classes_attributes(compose_cfg):
     assert registry.loss_mode("os.system") is None  # unregistered: never imported, no mode
 
 
+def test_a_config_error_still_answers_before_torch_loads():
+    """Loss modes live on the (torch) loss classes, so validate_config checks them last."""
+    code = ("import sys; from hydra import compose, initialize_config_dir; "
+            "from segkit.cli.common import CONFIG_DIR, register_configs; from segkit.config import validate_config; "
+            "register_configs(); initialize_config_dir(config_dir=CONFIG_DIR, version_base='1.3'); "
+            "cfg = compose('train', overrides=['trainer.save_top_k=-1', 'loss=dice_bce'])\n"
+            "try:\n    validate_config(cfg)\nexcept Exception as error:\n    print(error, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "trainer.save_top_k: must be >= 0, got -1 False", result.stderr[-2000:]
+
+
 def test_registering_a_target_twice_differently_fails():
     registry.register("loss", "segkit.losses.CrossEntropy")  # a module imported again: the same part
     with pytest.raises(ValueError, match="registered twice"):
