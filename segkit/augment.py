@@ -14,7 +14,10 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+from segkit.registry import register
 
+
+@register("augmentation")
 class JointAugment(nn.Module):
     def __init__(
         self,

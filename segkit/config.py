@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from segkit import registry
 from segkit.errors import ConfigError, SegkitError
 
 # trainer.precision -> the autocast dtype (a torch attribute name; None: no autocast). The one table:
@@ -314,16 +315,6 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if len(dataset.image_size) != 2 or min(dataset.image_size) <= 0:
         raise ConfigError("dataset.image_size", f"must be [height, width] > 0, got {list(dataset.image_size)}")
-    model_classes = _select(cfg, "model.num_classes")
-    if model_classes == 1:
-        _check_binary_task(cfg)
-    elif model_classes is not None and model_classes != dataset.num_classes:
-        raise ConfigError(
-            "model.num_classes", f"{model_classes} does not match dataset.num_classes={dataset.num_classes} "
-            "(or 1 for a binary task with one output)"
-        )
-    elif _loss_modes(cfg.get("loss")) & {"binary"}:
-        raise ConfigError("loss", "a binary loss (one logit per pixel) needs model.num_classes=1")
     crop = _select(cfg, "augmentation.crop_size")
     if crop is not None:
         if len(crop) != 2 or min(crop) <= 0:
@@ -345,6 +336,17 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.ema_decay", f"must be in (0, 1) (e.g. 0.999) or null, got {trainer.ema_decay}")
     if trainer.resume not in (None, "auto") and not str(trainer.resume).endswith(".pt"):
         raise ConfigError("trainer.resume", f"must be auto or a path to a .pt checkpoint, got {trainer.resume!r}")
+    # Last: a loss's mode is an attribute of its class, so this imports the losses (and torch).
+    model_classes = _select(cfg, "model.num_classes")
+    if model_classes == 1:
+        _check_binary_task(cfg)
+    elif model_classes is not None and model_classes != dataset.num_classes:
+        raise ConfigError(
+            "model.num_classes", f"{model_classes} does not match dataset.num_classes={dataset.num_classes} "
+            "(or 1 for a binary task with one output)"
+        )
+    elif _loss_modes(cfg.get("loss")) & {"binary"}:
+        raise ConfigError("loss", "a binary loss (one logit per pixel) needs model.num_classes=1")
 
 
 def _check_binary_task(cfg: DictConfig) -> None:
@@ -357,21 +359,14 @@ def _check_binary_task(cfg: DictConfig) -> None:
                           f"{'/'.join(sorted(modes))} terms; use loss=dice_bce (or mode: binary terms)")
 
 
-# Losses that take one logit per pixel, and those that take one per class.
-_BINARY_LOSSES = {"segkit.losses.BinaryCrossEntropy"}
-_MULTICLASS_LOSSES = {"segkit.losses.CrossEntropy", "segkit.losses.GeneralizedDice", "segkit.losses.OhemCrossEntropy"}
-
-
 def _loss_modes(node: Any) -> set[str]:
-    """'binary' / 'multiclass' / 'multilabel' for every loss term in the config (smp's `mode` or the class)."""
+    """'binary' / 'multiclass' / 'multilabel' for every loss term in the config: smp's `mode` key, or
+    the `mode` attribute of a loss class registered in segkit.registry."""
     if not hasattr(node, "items"):
         return set()
     modes = {str(node["mode"])} if "mode" in node else set()
-    target = node.get("_target_")
-    if target in _BINARY_LOSSES:
-        modes.add("binary")
-    elif target in _MULTICLASS_LOSSES:
-        modes.add("multiclass")
+    if mode := registry.loss_mode(node.get("_target_")):  # imports only registered loss modules
+        modes.add(mode)
     for value in node.values():
         modes |= _loss_modes(value)
     return modes

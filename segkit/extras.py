@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from segkit import registry
 from segkit.errors import ConfigError
 
 
@@ -21,3 +22,10 @@ def require_extra(key: str, extra: str, *modules: str) -> None:
             missing = isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == module
             # Installed but broken (e.g. one of its own dependencies is missing): say what failed too.
             raise ConfigError(key, fix if missing else f"{fix} ({module} failed to import: {error})") from None
+
+
+def require_extras_of(key: str, part: object) -> None:
+    """require_extra with the extra and modules `part` (a class or function) registered in segkit.registry."""
+    found = registry.registered(part)
+    if found is not None and found.extra:
+        require_extra(key, found.extra, *found.requires)

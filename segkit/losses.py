@@ -3,6 +3,8 @@
 
 Every loss takes logits (B, C, H, W) and int64 targets (B, H, W) and skips ignore_index pixels.
 Binary tasks (model.num_classes=1): logits (B, 1, H, W), targets 0/1 (conf/loss/dice_bce.yaml).
+Each loss is registered here (segkit.registry) with its `mode`: binary (one logit per pixel) or
+multiclass (one per class), which segkit.config.validate_config checks against model.num_classes.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.errors import ConfigError
+from segkit.registry import register
 
 
+@register("loss")
 class CrossEntropy(nn.CrossEntropyLoss):
     """Cross-entropy with class weights given as a list (or computed from the data for 'auto')."""
+
+    mode = "multiclass"
 
     def __init__(
         self, ignore_index: int = 255, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0
@@ -27,6 +33,7 @@ class CrossEntropy(nn.CrossEntropyLoss):
         )
 
 
+@register("loss")
 class WeightedSum(nn.Module):
     """sum_i weight_i * loss_i, e.g. ce + dice."""
 
@@ -47,11 +54,14 @@ def _valid_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
     return target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
 
 
+@register("loss")
 class BinaryCrossEntropy(nn.Module):
     """BCE on a single logit (B, 1, H, W) against 0/1 masks (B, H, W), averaged over non-ignored pixels.
 
     (smp's SoftBCEWithLogitsLoss zeroes ignored pixels but still divides by all of them.)
     """
+
+    mode = "binary"
 
     def __init__(self, ignore_index: int | None = 255, pos_weight: float | None = None) -> None:
         super().__init__()
@@ -68,6 +78,7 @@ class BinaryCrossEntropy(nn.Module):
         return (losses * valid).sum() / valid.sum().clamp_min(1)
 
 
+@register("loss")
 class GeneralizedDice(nn.Module):
     """Generalized Dice loss (Sudre et al. 2017) over the batch, multiclass softmax.
 
@@ -76,6 +87,8 @@ class GeneralizedDice(nn.Module):
     an infinite weight; it gets the largest finite weight instead (as MONAI does), so predicting it
     still costs. Ignored pixels count in neither sum.
     """
+
+    mode = "multiclass"
 
     def __init__(self, ignore_index: int | None = 255, eps: float = 1e-7) -> None:
         super().__init__()
@@ -99,6 +112,7 @@ class GeneralizedDice(nn.Module):
         return 1.0 - 2.0 * intersection / denominator.clamp_min(self.eps)
 
 
+@register("loss")
 class OhemCrossEntropy(nn.Module):
     """Cross-entropy over the hard pixels only (online hard example mining, as MMSeg and PaddleSeg).
 
@@ -106,6 +120,8 @@ class OhemCrossEntropy(nn.Module):
     of the valid pixels (the least confident) are kept per batch however easy they are. The loss is
     the mean over the kept pixels. Selection stays on the device (no host sync).
     """
+
+    mode = "multiclass"
 
     def __init__(self, ignore_index: int = 255, threshold: float = 0.7, min_kept: int = 100_000,
                  class_weights: Sequence[float] | None = None) -> None:

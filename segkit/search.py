@@ -430,8 +430,11 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, train: Callable[..., dict
         outcome.update(state="COMPLETE", values=[measured[name] for name in objectives], **measured)
         study.tell(number, outcome["values"])
     (output_dir / TRIAL_FILE).write_text(json.dumps(outcome, indent=2))
-    tag_mlflow_runs(cfg, output_dir, {"optuna.study": study.study_name, "optuna.trial": str(number),
-                                      "optuna.state": outcome["state"]})
+    if (mlflow_node := (cfg.get("logger") or {}).get("mlflow")) is not None:
+        from segkit.trackers.mlflow import tag_runs
+
+        tag_runs(mlflow_node, output_dir, {"optuna.study": study.study_name, "optuna.trial": str(number),
+                                           "optuna.state": outcome["state"]})
     log.info("trial %d: %s %s", number, outcome["state"], outcome.get("values", ""))
     return summary
 
@@ -477,25 +480,3 @@ def inference_latency_ms(model: Any, cfg: DictConfig, device: Any, windows: int 
 
     timing = interleave({"latency": step}, device, windows=windows, steps=steps, settle=1, warmup=3)
     return 1000.0 / timing.median("latency")
-
-
-def tag_mlflow_runs(cfg: DictConfig, run_dir: Path, tags: dict[str, str]) -> None:
-    """Tag the MLflow run(s) of `run_dir` (a resumed trial may have several); no MLflow logger: nothing."""
-    node = (cfg.get("logger") or {}).get("mlflow")
-    if node is None:
-        return
-    try:
-        from mlflow.tracking import MlflowClient
-
-        from segkit.trackers.mlflow import default_tracking_uri
-
-        client = MlflowClient(tracking_uri=node.tracking_uri or default_tracking_uri(node.output_root))
-        experiment = client.get_experiment_by_name(str(node.experiment_name))
-        if experiment is None:
-            return
-        where = str(Path(run_dir).resolve()).replace("'", "\\'")
-        for run in client.search_runs([experiment.experiment_id], filter_string=f"tags.run_dir = '{where}'"):
-            for key, value in tags.items():
-                client.set_tag(run.info.run_id, key, value)
-    except Exception as error:  # noqa: BLE001 - tracking never fails a trial
-        log.warning("could not tag the trial's MLflow run (%s)", error)

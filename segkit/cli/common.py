@@ -27,6 +27,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from segkit import registry
 from segkit.config import (
     CalibrateConfig,
     CheckDataConfig,
@@ -37,7 +38,6 @@ from segkit.config import (
     PrivacyConfig,
     TrainConfig,
 )
-from segkit.data.readers.schemas import READER_SCHEMAS
 from segkit.errors import ConfigError, SegkitError, one_line
 
 if TYPE_CHECKING:
@@ -170,7 +170,8 @@ def _group_options(loader: ConfigLoader, group: str) -> list[str]:
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore, where the configs' defaults lists name them.
 
-    Everything imported here is torch-free: composing a config must answer at once."""
+    Everything imported here is torch-free: composing a config must answer at once. Dataset schemas
+    come from segkit.registry: segkit's formats and those installed packages register."""
     cs = ConfigStore.instance()
     cs.store(name=f"train{SCHEMA_SUFFIX}", node=TrainConfig)
     cs.store(name=f"check_data{SCHEMA_SUFFIX}", node=CheckDataConfig)
@@ -180,8 +181,8 @@ def register_configs() -> None:
     for name, schema in (("evaluate", EvaluateConfig), ("predict", PredictConfig), ("export", ExportConfig),
                          ("calibrate", CalibrateConfig)):
         cs.store(name=f"{name}{SCHEMA_SUFFIX}", node=schema)
-    for name, schema in READER_SCHEMAS.items():
-        cs.store(group="dataset", name=f"{name}{SCHEMA_SUFFIX}", node=schema)
+    for name, part in registry.dataset_formats().items():
+        cs.store(group="dataset", name=f"{name}{SCHEMA_SUFFIX}", node=part.schema)
     _register_launcher_schemas(cs)
 
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from omegaconf import OmegaConf
 
+from segkit import registry
 from segkit.cli.common import run_or_exit
-from segkit.data.readers.schemas import READER_SCHEMAS
 from segkit.errors import ConfigError, SegkitError
 
 if TYPE_CHECKING:  # the data tools (torch, PIL) are imported where they are used, so --help answers at once
@@ -119,7 +119,7 @@ def load_dataset_config(layout: Layout, text: str) -> Any:
     """The written YAML on its schema, as `dataset=<name>` composes it."""
     body = yaml.safe_load(text)
     body.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(READER_SCHEMAS[layout.schema]), body)
+    return OmegaConf.merge(OmegaConf.structured(registry.dataset_formats()[layout.schema].schema), body)
 
 
 def sample_report(cfg: Any, split: str, count: int) -> tuple[SplitReport, int]:

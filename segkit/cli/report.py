@@ -15,16 +15,17 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from segkit.runs.run_dir import BEST, LAST, RunDir
 from segkit.sweeps import JobRecord, best_miou, collect_jobs, varying_overrides
+
+if TYPE_CHECKING:
+    from segkit.trackers.mlflow import RunRecord
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -67,55 +68,31 @@ def _row_from_job(job: JobRecord) -> Row:
 
 
 def rows_from_mlflow(experiment: str, tracking_uri: str) -> list[Row]:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
-    from mlflow.tracking import MlflowClient
+    from segkit.errors import SegkitError
+    from segkit.trackers.mlflow import experiment_runs
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise SystemExit(f"error: no MLflow experiment {experiment!r} at {tracking_uri}")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    return [_row_from_run(client, run) for run in runs]
+    try:
+        runs = experiment_runs(experiment, tracking_uri)
+    except SegkitError as error:
+        raise SystemExit(f"error: {error}") from None
+    return [_row_from_run(run) for run in runs]
 
 
-def _row_from_run(client: Any, run: Any) -> Row:
-    tags, metrics = run.data.tags, run.data.metrics
-    summary = _mlflow_summary(client, run.info.run_id)
-    best = (summary or {}).get("best") or {}
-    if best.get("miou") is not None:
-        miou = float(best["miou"])
-    else:
-        history = [m.value for m in client.get_metric_history(run.info.run_id, "val/miou")]
-        miou = max(history) if history else None
+def _row_from_run(run: RunRecord) -> Row:
+    tags, best = run.tags, (run.summary or {}).get("best") or {}
     per_class = dict(best.get("per_class_iou") or {}) or {
-        k.removeprefix("val/iou_"): v for k, v in metrics.items() if k.startswith("val/iou_")}
-    seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
+        k.removeprefix("val/iou_"): v for k, v in run.metrics.items() if k.startswith("val/iou_")}
     run_dir = Path(tags["run_dir"]) if tags.get("run_dir") else None
     overrides = json.loads(tags.get("overrides", "[]"))
     pruned = tags.get("optuna.state") == "PRUNED"  # a search trial stopped by its pruner (segkit/search.py)
     return Row(
-        job=tags.get("optuna.trial") or tags.get("job_num") or run.info.run_name or run.info.run_id[:8],
-        overrides=overrides, status="PRUNED" if pruned else run.info.status, best_miou=miou,
-        per_class_iou=per_class, seconds=seconds,
+        job=tags.get("optuna.trial") or tags.get("job_num") or run.run_name or run.run_id[:8],
+        overrides=overrides, status="PRUNED" if pruned else run.status, best_miou=run.best_miou,
+        per_class_iou=per_class, seconds=run.seconds,
         params=count_parameters(run_dir) if run_dir else None,
-        model=tags.get("choice.model") or run.data.params.get("model.arch"),
+        model=tags.get("choice.model") or run.params.get("model.arch"),
         loss=tags.get("choice.loss") or _override(overrides, "loss"), error=tags.get("error"),
     )
-
-
-def _mlflow_summary(client: Any, run_id: str) -> dict[str, Any] | None:
-    try:
-        with tempfile.TemporaryDirectory(prefix="segkit_report_") as tmp:
-            return json.loads(Path(client.download_artifacts(run_id, "metrics.json", tmp)).read_text())
-    except Exception:  # noqa: BLE001 - a failed run has no metrics.json
-        return None
 
 
 def _override(overrides: Sequence[str], key: str) -> str | None:

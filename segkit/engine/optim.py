@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import (
 from segkit.config import build
 from segkit.errors import ConfigError
 from segkit.models.vit import layer_decay_groups
+from segkit.registry import register
 
 
 def _with_warmup(
@@ -32,6 +33,7 @@ def _with_warmup(
     return SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
 
 
+@register("schedule")
 def poly(
     optimizer: Optimizer,
     total_steps: int,
@@ -44,6 +46,7 @@ def poly(
     return _with_warmup(optimizer, main, warmup_steps, warmup_start_factor)
 
 
+@register("schedule")
 def cosine(
     optimizer: Optimizer,
     total_steps: int,
@@ -55,6 +58,7 @@ def cosine(
     return _with_warmup(optimizer, main, warmup_steps, warmup_start_factor)
 
 
+@register("schedule")
 def step(
     optimizer: Optimizer,
     total_steps: int,

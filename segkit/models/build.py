@@ -25,6 +25,7 @@ from torchvision.models.segmentation.lraspp import LRASPPHead
 from segkit.errors import ConfigError
 from segkit.models.attention import ATTENTION_KEYS, add_attention
 from segkit.models.vit import LinearProbe, ViTPyramidEncoder, is_plain_vit, patch_size, smp_encoder_name
+from segkit.registry import register
 
 SMP, HEAD, TORCHVISION, VIT = "smp", "head", "torchvision", "vit"
 CONTEXT_ONLY = ("context",)
@@ -139,6 +140,7 @@ class EncoderHead(nn.Module):
         return self.head({"low": features[-3], "high": features[-1]})
 
 
+@register("model", "segkit.models.build_model")  # the name configs use: the package's re-export
 def build_model(
     *,
     arch: str,

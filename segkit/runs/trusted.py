@@ -7,10 +7,11 @@ from such a file, the whole node is checked, and what gets built is exactly what
 
 - every `_target_` must be on the allowlist for that use. From a checkpoint segkit builds two things:
   `model` (segkit's model builder, which picks smp / torchvision architectures and timm encoders by
-  name) and, in segkit-evaluate, `dataset` (segkit's readers); neither may hold another Hydra key
+  name) and, in segkit-evaluate, `dataset` (a registered reader); neither may hold another Hydra key
   (`_target_`, `_partial_`, `_args_`, `_recursive_`, `_convert_`) anywhere inside. A run config may
-  also name the optimizers, schedules, losses, augmentations and trackers of segkit's conf/ tree.
-  Deciding imports nothing the file names;
+  also name the optimizers, schedules, losses, augmentations and trackers registered in
+  segkit.registry (segkit's own, and those of packages installed here). Deciding imports nothing
+  the file names;
 - interpolations may point at other keys of the same file, and use only the resolvers allowed for
   that use: none in a checkpoint (its config is stored resolved), RUN_RESOLVERS in a run config.
   `oc.create` / `oc.decode` would build new nodes from strings and are refused;
@@ -39,26 +40,16 @@ from omegaconf import DictConfig, OmegaConf, grammar_parser
 from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 
+from segkit import registry
 from segkit.errors import CheckpointError, UntrustedConfigError
 
 CHECKPOINT_HINT = "segkit.load(path, trust=True), or trust_checkpoint=true on segkit-predict/-evaluate/-export"
 RUN_HINT = "segkit-reproduce --trust"
 
-MODEL_BUILDERS = frozenset({"segkit.models.build_model"})
-DATASET_READERS = frozenset({
-    "segkit.data.readers.synthetic.SyntheticShapes",
-    "segkit.data.readers.folder.FolderDataset",
-    "segkit.data.readers.voc.VocDataset",
-    "segkit.data.readers.cityscapes.CityscapesDataset",
-    "segkit.data.readers.coco.CocoDataset",
-})
-TRAINING_PARTS = frozenset({
-    "segkit.engine.optim.poly", "segkit.engine.optim.cosine", "segkit.engine.optim.step",
-    "segkit.augment.JointAugment", "segkit.losses.CrossEntropy", "segkit.losses.WeightedSum",
-    "segkit.losses.BinaryCrossEntropy", "segkit.losses.GeneralizedDice", "segkit.losses.OhemCrossEntropy",
-    "segkit.trackers.base.ConsoleTracker", "segkit.trackers.mlflow.MLflowTracker",
-    "segkit.trackers.wandb.WandbTracker", "segkit.trackers.tensorboard.TensorBoardTracker",
-})
+# The allowlists are segkit.registry's parts: segkit's own and those the user's installed packages
+# register (the `segkit.parts` entry points), never a module a file names. A checkpoint's `model` and
+# `dataset` sections build a part of that kind each; a run config may name a part of any kind.
+CHECKPOINT_SECTIONS = ("model", "dataset")
 # `<module>.<Class>`: one name directly after the module (so `kornia.augmentation.torch.load`, an
 # attribute path through a re-exported module, is no member), naming a class derived from the base.
 TARGET_FAMILIES = {
@@ -98,7 +89,8 @@ def checked_checkpoint_config(cfg: DictConfig, source: str) -> DictConfig:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as error:
         raise CheckpointError(f"{source}: stored config does not resolve ({str(error).splitlines()[0]})") from None
-    for section, allowed in (("model", MODEL_BUILDERS), ("dataset", DATASET_READERS)):
+    for section in CHECKPOINT_SECTIONS:
+        allowed = registry.targets(section)
         node = plain.get(section)
         if not isinstance(node, dict):
             raise CheckpointError(f"{source}: stored config has no {section} mapping")
@@ -136,7 +128,7 @@ def check_run_config(path: str, overrides: Sequence[str] = ()) -> None:
         if name == "_target_" and not allowed_training_target(value):
             check.refuse(key, value, "not a model builder, data set reader, optimizer, schedule, loss, "
                                      "augmentation or tracker on segkit's allowlist")
-    if isinstance(raw.get("model"), dict) and raw["model"].get("_target_") in MODEL_BUILDERS:
+    if isinstance(raw.get("model"), dict) and registry.find(raw["model"].get("_target_"), "model"):
         try:
             model = OmegaConf.to_container(cfg.model, resolve=True)
         except OmegaConfBaseException as error:
@@ -150,7 +142,7 @@ def allowed_training_target(target: Any) -> bool:
     """Whether a run config may name `target`; imports only the allowlisted family modules."""
     if not isinstance(target, str):
         return False
-    if target in MODEL_BUILDERS | DATASET_READERS | TRAINING_PARTS:
+    if target in registry.targets(*registry.KINDS):
         return True
     module, _, name = target.rpartition(".")
     if module not in TARGET_FAMILIES or not name.isidentifier() or name.startswith("_"):

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from segkit import registry
 from segkit.data.readers.pairs import files_by_stem
 from segkit.errors import DataError
 
@@ -38,8 +39,8 @@ FLAT_TEMPLATES = [
 
 @dataclass
 class Layout:
-    kind: str  # folder | camvid | voc | cityscapes | coco | ade20k | coco_stuff164k
-    schema: str  # the dataset schema the config uses (folder, voc, cityscapes, coco)
+    kind: str  # folder | camvid | voc | cityscapes | coco | ade20k | coco_stuff164k, or a registered format's
+    schema: str  # the dataset format whose schema the config uses (registry.dataset_formats())
     root: Path
     settings: dict[str, Any] = field(default_factory=dict)  # dataset keys the layout decides
     images: list[Path] = field(default_factory=list)  # training images (for sizes)
@@ -50,10 +51,12 @@ class Layout:
 
 
 def detect_layout(root: Path) -> Layout:
-    """The first layout that matches, checked from the most specific (coco) to flat folders."""
+    """The first layout that matches, checked from the most specific (coco) to flat folders; formats
+    that installed packages register with a `detect` function come before the generic folders."""
     if not root.is_dir():
         raise DataError(f"{root}: directory not found")
-    for detector in (_ade20k, _coco_stuff, _coco, _cityscapes, _voc, _split_folders, _flat_folders):
+    registered = [registry.load(part.detect) for part in registry.parts("dataset") if part.detect]
+    for detector in (_ade20k, _coco_stuff, _coco, _cityscapes, _voc, *registered, _split_folders, _flat_folders):
         layout = detector(root)
         if layout is not None:
             return layout

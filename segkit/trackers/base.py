@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from segkit.registry import register
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,7 @@ class Tracker:
         """`status` is FINISHED, FAILED or KILLED."""
 
 
+@register("tracker")
 class ConsoleTracker(Tracker):
     """Prints epoch-level metrics (keys starting with `val/` or `epoch`) as one log line."""
 

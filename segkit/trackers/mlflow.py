@@ -3,21 +3,29 @@
 Everything goes through `MlflowClient` with the run id (not the fluent `mlflow.start_run` state),
 so several runs in one process (a sweep) never mix. The constructor only stores settings: connecting happens in
 `start`, where a failure (unreachable server, locked database) is a warning, not a crash.
+
+Everything else segkit asks of MLflow is here too, behind public names: `tag_runs` (an Optuna
+trial's outcome on its runs, segkit/search.py) and `experiment_runs` (segkit-report --experiment).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from segkit.errors import SegkitError
+from segkit.registry import register
 from segkit.runs.run_dir import BEST, RunDir
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
@@ -41,6 +49,7 @@ def default_artifact_location(output_root: str | Path) -> str:
     return (Path(output_root).resolve() / "mlartifacts").as_uri()
 
 
+@register("tracker")
 class MLflowTracker(Tracker):
     """Logs params, tags, per-step metrics and the run's config/metrics files to MLflow."""
 
@@ -158,3 +167,80 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
 def metric_key(key: str) -> str:
     """MLflow keys allow letters, digits, `_ - . /` and spaces; anything else (class `a:b`) becomes `_`."""
     return _BAD_KEY_CHARS.sub("_", str(key))
+
+
+def tag_runs(node: Mapping[str, Any], run_dir: Path, tags: Mapping[str, str]) -> None:
+    """Tag the MLflow run(s) of `run_dir` (a resumed run may have several) in the store the tracker
+    config `node` (logger.mlflow) names. Never raises: a failure is a warning."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=node.get("tracking_uri") or default_tracking_uri(node["output_root"]))
+        experiment = client.get_experiment_by_name(str(node["experiment_name"]))
+        if experiment is None:
+            return
+        where = str(Path(run_dir).resolve()).replace("'", "\\'")
+        for run in client.search_runs([experiment.experiment_id], filter_string=f"tags.run_dir = '{where}'"):
+            for key, value in tags.items():
+                client.set_tag(run.info.run_id, key, value)
+    except Exception as error:  # noqa: BLE001 - tagging never fails what it records
+        log.warning("could not tag the MLflow run of %s (%s)", run_dir, error)
+
+
+@dataclass
+class RunRecord:
+    """One run of an MLflow experiment, as segkit-report ranks it."""
+
+    run_id: str
+    run_name: str | None
+    status: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]  # the last value of each
+    seconds: float | None  # start to end; None while running
+    summary: dict[str, Any] | None  # the run's metrics.json artifact; None for a failed run
+    best_miou: float | None  # the summary's best, else the highest val/miou logged
+
+
+def experiment_runs(experiment: str, tracking_uri: str) -> list[RunRecord]:
+    """Every run of `experiment` at `tracking_uri`, oldest first; SegkitError when there is no such experiment."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise SegkitError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return [_record(client, run) for run in runs]
+
+
+def _record(client: Any, run: Any) -> RunRecord:
+    summary = _summary(client, run.info.run_id)
+    best = (summary or {}).get("best") or {}
+    if best.get("miou") is not None:
+        miou = float(best["miou"])
+    else:
+        history = [m.value for m in client.get_metric_history(run.info.run_id, "val/miou")]
+        miou = max(history) if history else None
+    return RunRecord(
+        run_id=run.info.run_id, run_name=run.info.run_name, status=run.info.status, tags=dict(run.data.tags),
+        params=dict(run.data.params), metrics=dict(run.data.metrics),
+        seconds=(run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
+        summary=summary, best_miou=miou,
+    )
+
+
+def _summary(client: Any, run_id: str) -> dict[str, Any] | None:
+    try:
+        with tempfile.TemporaryDirectory(prefix="segkit_report_") as tmp:
+            return json.loads(Path(client.download_artifacts(run_id, "metrics.json", tmp)).read_text())
+    except Exception:  # noqa: BLE001 - a failed run has no metrics.json
+        return None

@@ -12,14 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from segkit.extras import require_extra
+from segkit.extras import require_extras_of
+from segkit.registry import register
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 
 
+@register("tracker", extra="tensorboard", requires=("tensorboard",))
 class TensorBoardTracker(Tracker):
     def __init__(self, subdir: str = "tensorboard") -> None:
-        require_extra("logger.tensorboard", "tensorboard", "tensorboard")
+        require_extras_of("logger.tensorboard", TensorBoardTracker)
         self.subdir = subdir
         self.writer: Any = None
 

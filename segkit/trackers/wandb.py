@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from segkit.extras import require_extra
+from segkit.extras import require_extras_of
+from segkit.registry import register
 from segkit.runs.run_dir import BEST, RunDir
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
@@ -33,10 +34,11 @@ def wandb_mode(mode: str | None) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
+@register("tracker", extra="wandb", requires=("wandb",))
 class WandbTracker(Tracker):
     def __init__(self, project: str = "segkit", entity: str | None = None, mode: str | None = None,
                  log_checkpoint: bool = False) -> None:
-        require_extra("logger.wandb", "wandb", "wandb")
+        require_extras_of("logger.wandb", WandbTracker)
         self.project = project
         self.entity = entity
         self.mode = mode

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from segkit.data.readers.pairs import PairedFiles, require_dir
+from segkit.data.readers.schemas import CityscapesSchema as Schema
 from segkit.errors import ConfigError
 
 # label id -> train id, for the 19 evaluated classes (cityscapesScripts helpers/labels.py).
@@ -35,11 +36,11 @@ class CityscapesDataset(PairedFiles):
         *,
         split: str,
         root: str,
-        image_dir: str = "leftImg8bit/{split}",
-        mask_dir: str = "gtFine/{split}",
-        image_suffix: str = "_leftImg8bit.png",
-        labels: str = "label_ids",
-        mask_suffix: str | None = None,
+        image_dir: str = Schema.image_dir,  # defaults: the schema's, written once there
+        mask_dir: str = Schema.mask_dir,
+        image_suffix: str = Schema.image_suffix,
+        labels: str = Schema.labels,
+        mask_suffix: str | None = Schema.mask_suffix,
         **common: Any,
     ) -> None:
         if labels not in LABEL_FILES:

@@ -46,6 +46,7 @@ from pycocotools import mask as mask_utils
 from segkit.data.io import read_image, read_mask
 from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset
 from segkit.data.readers.coco_format import read_coco, segmentation_problems
+from segkit.data.readers.schemas import CocoSchema as Schema
 from segkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,10 @@ class CocoDataset(SegmentationDataset):
         split: str,
         root: str,
         annotations: dict[str, str],
-        image_dir: str = "{split}2017",
-        categories: Sequence[Any] | None = None,
-        crowd: str = "ignore",
-        cache_dir: str | None = None,
+        image_dir: str = Schema.image_dir,  # defaults: the schema's, written once there
+        categories: Sequence[Any] | None = Schema.categories,
+        crowd: str = Schema.crowd,
+        cache_dir: str | None = Schema.cache_dir,
         **common: Any,
     ) -> None:
         super().__init__(split=split, **common)

@@ -23,6 +23,7 @@ import torch
 
 from segkit.data.io import IMAGE_SUFFIXES, ColorTable, read_color_mask, read_stem_list
 from segkit.data.readers.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir
+from segkit.data.readers.schemas import FolderSchema as Schema
 from segkit.errors import ConfigError, DataError
 
 
@@ -32,14 +33,14 @@ class FolderDataset(PairedFiles):
         *,
         split: str,
         root: str,
-        image_dir: str = "images/{split}",
-        mask_dir: str = "masks/{split}",
+        image_dir: str = Schema.image_dir,  # defaults: the schema's, written once there (None: an empty mapping)
+        mask_dir: str = Schema.mask_dir,
         split_names: Mapping[str, str] | None = None,
         remap: Mapping[int, int] | None = None,
-        split_file: str | None = None,
-        fold: int | None = None,
-        dataset_json: str | None = "dataset.json",
-        colors: Sequence[Sequence[int]] | None = None,
+        split_file: str | None = Schema.split_file,
+        fold: int | None = Schema.fold,
+        dataset_json: str | None = Schema.dataset_json,
+        colors: Sequence[Sequence[int]] | None = Schema.colors,
         ignore_colors: Sequence[Sequence[int]] = (),
         **common: Any,
     ) -> None:

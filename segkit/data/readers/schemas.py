@@ -4,6 +4,9 @@ Hydra composes `dataset=<name>` onto these schemas (registered by segkit.cli.com
 so a misspelt key or a wrong type fails with the key named. They live apart from the readers and
 import no torch, so that composing a config (`--help`, `--cfg job`, a config error) answers at once;
 each schema's `_target_` names the reader class that takes its keys as keyword arguments.
+
+A format is registered once, on its schema (`@dataset_format(name)`, segkit.registry): that gives
+Hydra its `dataset/<name>_schema` node, the trust allowlist its reader, segkit-init-config its schema.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from segkit.config import DatasetConfig
+from segkit.registry import dataset_format
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -36,6 +40,7 @@ class DatasetOptions:
     gpu_decode: bool = False  # with cache=device on CUDA: decode JPEGs with nvjpeg while filling the cache
 
 
+@dataset_format("synthetic")
 @dataclass
 class SyntheticSchema(DatasetConfig, DatasetOptions):
     """The synthetic fields plus the base-class options (on_error, cache)."""
@@ -49,6 +54,7 @@ class SyntheticSchema(DatasetConfig, DatasetOptions):
     seed: int = 0
 
 
+@dataset_format("folder")
 @dataclass
 class FolderSchema(DatasetConfig, DatasetOptions):
     _target_: str = "segkit.data.readers.folder.FolderDataset"
@@ -66,6 +72,7 @@ class FolderSchema(DatasetConfig, DatasetOptions):
     ignore_colors: list[list[int]] = field(default_factory=list)  # RGB colours mapped to ignore_index
 
 
+@dataset_format("voc")
 @dataclass
 class VocSchema(DatasetConfig, DatasetOptions):
     _target_: str = "segkit.data.readers.voc.VocDataset"
@@ -79,6 +86,7 @@ class VocSchema(DatasetConfig, DatasetOptions):
     remap: dict[int, int] = field(default_factory=dict)
 
 
+@dataset_format("cityscapes")
 @dataclass
 class CityscapesSchema(DatasetConfig, DatasetOptions):
     _target_: str = "segkit.data.readers.cityscapes.CityscapesDataset"
@@ -94,6 +102,7 @@ class CityscapesSchema(DatasetConfig, DatasetOptions):
     image_size: list[int] = field(default_factory=lambda: [512, 1024])
 
 
+@dataset_format("coco")
 @dataclass
 class CocoSchema(DatasetConfig, DatasetOptions):
     _target_: str = "segkit.data.readers.coco.CocoDataset"
@@ -111,11 +120,3 @@ class CocoSchema(DatasetConfig, DatasetOptions):
     cache_dir: str | None = None  # null = <root>/.segkit_cache, or ~/.cache/segkit when root is read-only
     num_classes: int = 81  # background + categories
     image_size: list[int] = field(default_factory=lambda: [512, 512])
-
-
-# `dataset/<name>_schema` in Hydra's ConfigStore (segkit.cli.common.register_configs): a dataset config
-# lists it first in its defaults. A new format adds its schema here and its reader next to this file.
-READER_SCHEMAS: dict[str, type[DatasetConfig]] = {
-    "synthetic": SyntheticSchema, "folder": FolderSchema, "voc": VocSchema, "cityscapes": CityscapesSchema,
-    "coco": CocoSchema,
-}

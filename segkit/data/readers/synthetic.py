@@ -12,6 +12,7 @@ import math
 import torch
 
 from segkit.data.readers.base import SegmentationDataset
+from segkit.data.readers.schemas import SyntheticSchema as Schema
 
 # One base colour per class id (class 0 is the background and uses random colours).
 _PALETTE = torch.tensor(
@@ -27,10 +28,10 @@ class SyntheticShapes(SegmentationDataset):
         self,
         *,
         split: str,
-        train_size: int = 256,
-        val_size: int = 64,
-        max_shapes: int = 4,
-        seed: int = 0,
+        train_size: int = Schema.train_size,  # defaults: the schema's, written once there
+        val_size: int = Schema.val_size,
+        max_shapes: int = Schema.max_shapes,
+        seed: int = Schema.seed,
         **common,
     ) -> None:
         super().__init__(split=split, **common)

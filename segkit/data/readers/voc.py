@@ -12,6 +12,7 @@ from typing import Any
 
 from segkit.data.io import read_stem_list
 from segkit.data.readers.pairs import PairedFiles, require_dir
+from segkit.data.readers.schemas import VocSchema as Schema
 from segkit.errors import DataError
 
 
@@ -36,9 +37,9 @@ class VocDataset(PairedFiles):
         *,
         split: str,
         root: str,
-        image_dir: str = "JPEGImages",
-        mask_dir: str = "SegmentationClass",
-        split_dir: str = "ImageSets/Segmentation",
+        image_dir: str = Schema.image_dir,  # defaults: the schema's, written once there
+        mask_dir: str = Schema.mask_dir,
+        split_dir: str = Schema.split_dir,
         **common: Any,
     ) -> None:
         super().__init__(split=split, **common)
