@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from segkit import registry
-from segkit.cli.common import config_groups, group_options
+from segkit.cli.common import config_groups, config_loader, group_options
 from segkit.config import validate_config
 from segkit.errors import ConfigError, SegkitError, UntrustedConfigError
 from segkit.runs.trusted import allowed_training_target, check_run_config
@@ -35,16 +35,17 @@ def _targets(node) -> list[str]:
 
 def _composed_targets(group: str) -> dict[str, list[str]]:
     """option -> the `_target_`s of train.yaml composed with `group=option` (the run config Hydra saves)."""
-    found = {}
+    found, options = {}, group_options(group)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for option in group_options(group):
+        for option in options:
             cfg = compose(config_name="train", overrides=[f"{group}={option}"])
             found[option] = _targets(OmegaConf.to_container(cfg, resolve=False))
     return found
 
 
 def test_every_group_of_the_config_tree_is_one_train_composes():
-    assert set(GROUPS) <= set(config_groups("train"))
+    with config_loader() as loader:
+        assert set(GROUPS) <= set(config_groups(loader, "train"))
 
 
 @pytest.mark.parametrize("group", GROUPS)
