@@ -190,7 +190,7 @@ class SegmentationDataset(Dataset):
                 small = max(self.num_classes - 1, self.ignore_index) <= 255
                 self._native_masks[candidate] = mask.to(torch.uint8) if small else mask
             return mask.long()
-        raise DataError(f"{self.name}[{self.split}]: all {len(self)} masks failed to read")
+        raise DataError(f"{self.name}[{self.split}]: every mask failed to read ({plural(len(self), 'mask')})")
 
     def describe(self, index: int) -> str:
         return f"{self.name}[{self.split}][{index}]"
@@ -236,7 +236,7 @@ class SegmentationDataset(Dataset):
                 self.skipped[candidate] = str(error)
                 log.warning("dataset.on_error=skip: skipped %s (%d skipped so far in this process)",
                             error, len(self.skipped))
-        raise DataError(f"{self.name}[{self.split}]: all {len(self)} samples failed to read")
+        raise DataError(f"{self.name}[{self.split}]: every sample failed to read ({plural(len(self), 'sample')})")
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cache is not None and index in self._cache:

@@ -45,7 +45,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segkit.data.io import read_image, read_mask, user_cache_dir
-from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset
+from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset, plural
 from segkit.data.readers.coco_format import read_coco, segmentation_problems
 from segkit.errors import ConfigError, DataError
 
@@ -95,8 +95,8 @@ class CocoDataset(SegmentationDataset):
         self.report_layout(self.coco.problems)
         self.left_out = {"images": self.coco.left_out_images, "annotations": self.coco.left_out_annotations}
         if any(self.left_out.values()):
-            log.warning("dataset.on_error=skip: %s: left out %d images and %d annotations (listed above)",
-                        self.annotation_file, *self.left_out.values())
+            log.warning("dataset.on_error=skip: %s: left out %s and %s (listed above)", self.annotation_file,
+                        plural(self.left_out["images"], "image"), plural(self.left_out["annotations"], "annotation"))
         self.images = self.coco.images
         # Objects of categories left out of dataset.categories are background: not drawn, not checked.
         self.annotations = {image_id: [a for a in anns if a["category_id"] in self.class_of]

@@ -38,6 +38,7 @@ class PairedFiles(SegmentationDataset):
         self.id_table = named_remap(id_mapping, self.ignore_index)
         self.pairs: list[tuple[Path, Path]] = []
         self.value_table = self.ids_table(id_mapping)
+        self._table: tuple[Mapping[int, int], torch.Tensor, torch.Tensor] | None = None
 
     def ids_table(self, id_mapping: str | None) -> ValueTable:
         """The values this reader's settings define, and the fix that exists for them."""
@@ -85,7 +86,9 @@ class PairedFiles(SegmentationDataset):
         mask = reduce_zero_label(raw, self.ignore_index) if self.reduce_zero_label else raw
         unknown = torch.zeros(mask.shape, dtype=torch.bool)
         if self.id_table:
-            mask, unknown = lookup(mask, self.id_table)
+            if self._table is None or self._table[0] is not self.id_table:  # built once per table
+                self._table = (self.id_table, *table_tensors(self.id_table))
+            mask, unknown = lookup(mask, *self._table[1:])
         mask = apply_remap(mask, self.remap)
         return mask, unknown | out_of_range(mask, self.num_classes, self.ignore_index)
 
@@ -110,13 +113,19 @@ class PairedFiles(SegmentationDataset):
         self.leave_out_unlabelled()
 
 
-def lookup(mask: torch.Tensor, table: Mapping[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values through a table that defines a format's values: (mapped, where a value is not in it)."""
+def table_tensors(table: Mapping[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A value table as lookup tensors: the target of each value, and whether the table defines it."""
     size = max(table) + 1
     values = torch.full((size,), -1, dtype=torch.int64)
     known = torch.zeros(size, dtype=torch.bool)
     for value, target in table.items():
         values[value], known[value] = target, True
+    return values, known
+
+
+def lookup(mask: torch.Tensor, values: torch.Tensor, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values through a format's table (`table_tensors`): (mapped, where a value is not in the table)."""
+    size = len(values)
     inside = (mask >= 0) & (mask < size)
     index = torch.where(inside, mask, 0)
     unknown = ~(inside & known[index])
