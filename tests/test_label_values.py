@@ -21,6 +21,7 @@ from PIL import Image
 
 from segkit.cli import check_data
 from segkit.data.loading import build_dataset
+from segkit.data.readers.folder import FolderDataset
 from segkit.engine.trainer import fit
 from segkit.errors import DataError
 from segkit.tools.checks import check_split
@@ -188,8 +189,7 @@ def test_unlabelled_mask_warned_counted_and_left_out_on_request(tmp_path, compos
     left_out = (f"{zeros}: no labelled pixel, all {PIXELS} pixels are ignore after reduce_zero_label (0 = other is "
                 "ignored); left out (dataset.skip_unlabelled=true)")
     assert [r.getMessage() for r in caplog.records] == [
-        f"{left_out} [no labelled pixel: 1 file so far in this process]",
-        "ade20k[val]: left out 1 of 3 masks with no labelled pixel (dataset.skip_unlabelled=true)"]
+        left_out, "ade20k[val]: left out 1 of 3 masks with no labelled pixel (dataset.skip_unlabelled=true)"]
 
     status, lines = run_check(monkeypatch, capsys, args)
     assert status == 0
@@ -199,6 +199,40 @@ def test_unlabelled_mask_warned_counted_and_left_out_on_request(tmp_path, compos
     status, lines = run_check(monkeypatch, capsys, [*args, "dataset.skip_unlabelled=true"])
     assert status == 0 and lines_naming(lines, zeros.name) == [f"val: warning: {left_out}"]
     assert "val: 2 samples, 2 readable, 0 errors, 1 warning" in lines
+
+
+def test_unlabelled_scan_is_remembered_in_the_user_cache(tmp_path, compose_cfg, monkeypatch):
+    """A second build reads no unchanged mask; a changed file is read again; the data set is not written to."""
+    root = write_ade20k(tmp_path / "ADEChallengeData2016")
+    masks = sorted((root / "annotations" / "validation").glob("*.png"))
+    save_mask(masks[0], [0, 0, 0])
+    before = snapshot(root)
+    cfg = compose_cfg([*ONE_STEP, "dataset=ade20k", f"dataset.root={root}", "dataset.skip_unlabelled=true"],
+                      tiny=False)
+    assert [mask.name for _, mask in build_dataset(cfg.dataset, "val").pairs] == [m.name for m in masks[1:]]
+    assert len(list((tmp_path / "user-cache" / "segkit" / "labels").glob("*.json"))) == 1
+    assert snapshot(root) == before
+
+    reads = []
+    original = FolderDataset.read_native_mask
+
+    def counted(self, index):
+        reads.append(self.pairs[index][1].name)
+        return original(self, index)
+
+    monkeypatch.setattr(FolderDataset, "read_native_mask", counted)
+    dataset = build_dataset(cfg.dataset, "val")
+    assert reads == [] and [mask.name for _, mask in dataset.pairs] == [m.name for m in masks[1:]]
+    assert dataset.layout_problems[0].startswith(f"{masks[0]}: no labelled pixel")
+
+    save_mask(masks[0], [0, 3, 0])  # labelled now: another size, another time
+    save_mask(masks[2], [0, 0, 0])
+    dataset = build_dataset(cfg.dataset, "val")
+    assert sorted(reads) == sorted([masks[0].name, masks[2].name])
+    assert [mask.name for _, mask in dataset.pairs] == [masks[0].name, masks[1].name]
+    cfg.dataset.reduce_zero_label = False  # other settings, other values: scanned afresh
+    reads.clear()
+    assert len(build_dataset(cfg.dataset, "val")) == 3 and len(reads) == 3
 
 
 def test_ade20k_value_above_150_names_no_remap(tmp_path, compose_cfg):

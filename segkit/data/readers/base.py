@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segkit.data.geometry import letterbox
+from segkit.data.io import user_cache_dir
 from segkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -157,6 +161,7 @@ class SegmentationDataset(Dataset):
             f"the class ids 0..{num_classes - 1} and ignore_index {ignore_index}", "the file is wrong")
         self.findings: dict[int, dict[str, Problem]] = {}  # warnings met while reading, per sample (this process)
         self.finding_counts: Counter[str] = Counter()
+        self._scanning = False  # leave_out_unlabelled reports what it finds itself
         self.cache = cache
         self.gpu_decode = gpu_decode
         self.decode_device: torch.device | None = None  # set by the device cache when gpu_decode is on
@@ -307,7 +312,7 @@ class SegmentationDataset(Dataset):
     def note(self, index: int, problem: Problem) -> None:
         """Keep a warning met while reading sample `index` and log it, once per sample and process, counted."""
         seen = self.findings.setdefault(index, {})
-        if problem.kind in seen:
+        if problem.kind in seen or self._scanning:
             return
         seen[problem.kind] = problem
         self.finding_counts[problem.kind] += 1
@@ -318,33 +323,100 @@ class SegmentationDataset(Dataset):
         """skip_unlabelled: read every mask now and keep only those with a labelled pixel (`keep_samples`).
 
         Masks that fail to read are kept: reading them reports the problem (or skips them) as usual.
+        What each mask file held is remembered in the user cache (`scan_memo`), by the file's size
+        and modification time, so a later run reads only the files that changed.
         """
         if not self.skip_unlabelled:
             return
+        memo_path = self.scan_memo()
+        memo = _load_memo(memo_path)
+        changed = False
         keep, left_out = [], []
-        for index in range(len(self)):
-            try:
-                mask = self.check_mask_values(self.read_native_mask(index), index)
-            except DataError:
-                keep.append(index)
-                continue
-            if mask.numel() and not bool((mask != self.ignore_index).any()):
-                left_out.append(self.unlabelled_problem(index, mask.numel(), self.value_table))
-            else:
-                keep.append(index)
-        self.findings.clear()
-        self.finding_counts.clear()
+        self._scanning = True
+        try:
+            for index in range(len(self)):
+                mask_file = self.sample_files(index).get("mask")
+                stamp = _stamp(mask_file) if mask_file is not None and memo_path is not None else None
+                entry = memo.get(str(mask_file)) if stamp is not None else None
+                if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
+                    unlabelled = int(entry[2])
+                else:
+                    try:
+                        mask = self.check_mask_values(self.read_native_mask(index), index)
+                    except DataError:
+                        keep.append(index)
+                        continue
+                    unlabelled = mask.numel() if mask.numel() and not bool((mask != self.ignore_index).any()) else 0
+                    if stamp is not None:
+                        memo[str(mask_file)], changed = [*stamp, unlabelled], True
+                if unlabelled:
+                    left_out.append(self.unlabelled_problem(index, unlabelled, self.value_table))
+                else:
+                    keep.append(index)
+        finally:
+            self._scanning = False
+            self.findings.clear()
+            self.finding_counts.clear()
+        if changed:
+            _save_memo(memo_path, memo)
         if not left_out:
             return
         total = len(self)
         self.keep_samples(keep)
         self.layout_problems += left_out
+        for problem in left_out:
+            log.warning("%s", problem)
         log.warning("%s[%s]: left out %d of %s with no labelled pixel (dataset.skip_unlabelled=true)",
                     self.name, self.split, len(left_out), plural(total, "mask"))
         if not keep:
             raise DataError(f"{self.name}[{self.split}]: every mask has no labelled pixel; "
                             "fix: the masks are wrong (see dataset.skip_unlabelled)")
 
+    def scan_settings(self) -> dict | None:
+        """Every setting that changes which values a mask file yields (None: scans are not remembered)."""
+        return None
+
+    def scan_memo(self) -> Path | None:
+        """The file remembering what each mask held under these settings, in the user cache directory."""
+        settings = self.scan_settings()
+        if settings is None:
+            return None
+        key = json.dumps({"reader": type(self).__name__, "num_classes": self.num_classes,
+                          "ignore_index": self.ignore_index, **settings}, sort_keys=True, default=str)
+        return user_cache_dir() / "labels" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
     def keep_samples(self, indices: Sequence[int]) -> None:
         """Keep only these samples (skip_unlabelled); readers of files implement it."""
         raise ConfigError("dataset.skip_unlabelled", f"{type(self).__name__} cannot leave samples out")
+
+
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _load_memo(path: Path | None) -> dict[str, list[int]]:
+    if path is None:
+        return {}
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _save_memo(path: Path | None, memo: dict[str, list[int]]) -> None:
+    """Written to a temporary name and renamed; a cache that cannot be written is only a slower next run."""
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, path)
+    except OSError as error:
+        log.debug("%s: cannot remember the mask scan (%s)", path, error)
+        tmp.unlink(missing_ok=True)

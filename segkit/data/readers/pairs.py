@@ -95,6 +95,12 @@ class PairedFiles(SegmentationDataset):
     def keep_samples(self, indices) -> None:
         self.pairs = [self.pairs[i] for i in indices]
 
+    def scan_settings(self) -> dict:
+        colors = getattr(self, "color_table", None)
+        return {"remap": sorted(self.remap.items()), "reduce_zero_label": self.reduce_zero_label,
+                "table": sorted(self.id_table.items()),
+                "colors": None if colors is None else [colors.keys.tolist(), colors.ids.tolist()]}
+
     rgb_fix = "the file is wrong (masks hold class ids, one channel)"
 
     def read_mask(self, path: Path) -> torch.Tensor:

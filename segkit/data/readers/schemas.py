@@ -38,7 +38,8 @@ class DatasetOptions:
     # file, the values and their pixel counts) or become ignore_index, each file logged and counted (ignore)
     unknown_labels: str = "error"
     # true: read every mask when the data set is built and leave out those with no labelled pixel
-    # (after the format's conventions, e.g. an ADE20K mask of zeros); false: they are logged as read
+    # (after the format's conventions, e.g. an ADE20K mask of zeros; remembered in the user cache by file size
+    # and time, so later runs read only changed masks); false: they are logged as they are read
     skip_unlabelled: bool = False
 
 
