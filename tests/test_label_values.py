@@ -327,6 +327,20 @@ def test_zero_byte_files_are_called_empty_and_counts_read_in_english(tmp_path, c
         build_dataset(cfg.dataset, "val")[1]
 
 
+def test_zero_byte_description_and_annotation_files_are_called_empty(tmp_path, compose_cfg):
+    rgb = write_rgb_folder(tmp_path / "rgb")
+    (rgb / "dataset.json").write_bytes(b"")
+    cfg = compose_cfg(["dataset=folder", f"dataset.root={rgb}", "dataset.num_classes=3"], tiny=False)
+    with pytest.raises(DataError) as error:
+        build_dataset(cfg.dataset, "train")
+    assert str(error.value).startswith(f"{rgb / 'dataset.json'}: empty file (0 bytes")
+    coco = write_coco(tmp_path / "coco")
+    (coco / "annotations" / "instances_train.json").write_bytes(b"")
+    report = check_split(compose_cfg(coco_overrides(coco), tiny=False).dataset, "train")
+    assert report.problems == [f"{coco / 'annotations' / 'instances_train.json'}: empty file (0 bytes); "
+                               "fix: the file is wrong, export or copy it again"]
+
+
 # --- one classification for the check and training ----------------------------------------------
 
 def test_mask_without_image_is_a_warning_in_the_check_and_in_training(tmp_path, compose_cfg, monkeypatch, capsys,

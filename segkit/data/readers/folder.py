@@ -21,7 +21,15 @@ from typing import Any
 
 import torch
 
-from segkit.data.io import IMAGE_SUFFIXES, ColorTable, read_color_mask, read_mask, read_rgb_mask, read_stem_list
+from segkit.data.io import (
+    IMAGE_SUFFIXES,
+    ColorTable,
+    read_color_mask,
+    read_mask,
+    read_rgb_mask,
+    read_stem_list,
+    require_file,
+)
 from segkit.data.readers.base import ValueTable
 from segkit.data.readers.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir, require_root
 from segkit.errors import ConfigError, DataError
@@ -92,6 +100,7 @@ class FolderDataset(PairedFiles):
         path = self.root / name if name else None
         if path is None or not path.is_file():
             return {}
+        require_file(path, "dataset description")  # a zero-byte file is called empty
         try:
             info = json.loads(path.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
