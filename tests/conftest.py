@@ -39,6 +39,19 @@ register_configs()
 
 
 @pytest.fixture(autouse=True, scope="session")
+def user_cache(tmp_path_factory):
+    """The suite's own user cache directory (COCO caches, label scans), for this process and the commands it
+    starts: tests never write into the cache of whoever runs them."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny tensors: one intra-op thread beats two OpenMP threads contending for 2 cores."""
     previous = torch.get_num_threads()

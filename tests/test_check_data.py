@@ -16,10 +16,16 @@ from segkit.tools.checks import check_split
 from .test_data_formats import coco_overrides, label_map, random_image, write_coco, write_rgb_folder
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Caches default to the user cache directory: here a temporary one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+
+
 def write_broken_folder(root: Path) -> dict[str, str]:
     """images/train + masks/train with one problem per file, and an empty val split.
 
-    Returns {file name that must be named: words its problem line must contain}.
+    Returns {file name that must be named: (words its problem line must contain, whether it is a warning)}.
     """
     rng = np.random.default_rng(0)
     images, masks = root / "images" / "train", root / "masks" / "train"
@@ -48,16 +54,20 @@ def write_broken_folder(root: Path) -> dict[str, str]:
     pair("jpegmask", mask_name="jpegmask.jpg")
     pair("dup")
     Image.fromarray(random_image(rng)).save(images / "dup.png")
+    pair("empty")
+    (images / "empty.jpg").write_bytes(b"")
     return {
-        "corrupt.jpg": "cannot read image",
-        "truncated.jpg": "truncated",
-        "nomask.jpg": "missing mask",
-        "orphan.png": "missing image",
-        "sizes.png": "size mismatch",
-        "rgbmask.png": "color table",
-        "values.png": "mask values [7]",
-        "jpegmask.jpg": "JPEG mask",
-        "dup.png": "duplicate stem 'dup'",
+        "corrupt.jpg": ("cannot read image", False),
+        "truncated.jpg": ("truncated", False),
+        "empty.jpg": ("empty file (0 bytes", False),
+        "nomask.jpg": ("missing mask", False),
+        "orphan.png": ("mask without an image", True),
+        "sizes.png": ("size mismatch, mask (20, 20) vs image (40, 48)", False),
+        "rgbmask.png": ("mode RGB, expected single-channel class ids; fix: dataset.colors", False),
+        "values.png": ("values outside the class ids 0..2 and ignore_index 255: 7 (100 pixels); "
+                       "fix: set dataset.num_classes or map them with dataset.remap", False),
+        "jpegmask.jpg": ("JPEG mask", True),
+        "dup.png": ("duplicate stem 'dup'", False),
     }
 
 
@@ -77,16 +87,19 @@ def test_every_problem_is_reported_with_its_file(tmp_path, monkeypatch, capsys):
     status, out = run_cli(monkeypatch, capsys, folder_args(tmp_path / "broken"))
     assert status == 1
     lines = out.splitlines()
-    for name, words in expected.items():
+    for name, (words, warning) in expected.items():
         matching = [line for line in lines if f"/{name}:" in line]
         assert len(matching) == 1, f"{name}: {matching}"
         assert words in matching[0], matching[0]
-        assert matching[0].startswith("train: ")
+        assert matching[0].startswith("train: warning: " if warning else "train: "), matching[0]
+        assert warning or not matching[0].startswith("train: warning:"), matching[0]
     empty = [line for line in lines if line.startswith("val: ") and "empty data set" in line]
     assert len(empty) == 1 and "images/val" in empty[0]
-    assert f"{len(expected) + 1} problem(s) found" in out
-    # dup and nomask are left out of the pairs; the three good samples make the statistics.
-    assert "train: 9 samples, 3 readable, 9 problems" in out
+    warnings = sum(warning for _, warning in expected.values())
+    errors = len(expected) + 1 - warnings
+    assert f"{len(expected) + 1} problems found: {errors} errors, {warnings} warnings" in out
+    # dup and nomask are left out of the pairs; the three good samples and the JPEG mask make the statistics.
+    assert f"train: 10 samples, 4 readable, {errors - 1} errors, {warnings} warnings" in out
 
 
 def test_clean_data_exits_zero_with_statistics_weights_and_preview(tmp_path, monkeypatch, capsys):
@@ -110,15 +123,18 @@ def test_rgb_masks_without_colour_table_are_named(tmp_path, compose_cfg):
     report = check_split(cfg.dataset, "train")
     assert len(report.problems) == 4
     for problem in report.problems:
-        assert "mode RGB" in problem and "color table" in problem and problem.split(":")[0].endswith(".png")
+        assert "mode RGB" in problem and "fix: dataset.colors" in problem and problem.split(":")[0].endswith(".png")
 
 
-def test_coco_missing_image_is_named(tmp_path, compose_cfg):
+def test_coco_missing_image_is_named(tmp_path, compose_cfg, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = write_coco(tmp_path / "coco")
     (root / "images" / "000000000002.jpg").unlink()
     cfg = compose_cfg(coco_overrides(root), tiny=False)
     report = check_split(cfg.dataset, "train")
-    assert report.problems == [f"{root / 'images' / '000000000002.jpg'}: missing image"]
+    assert report.problems == [f"{root / 'annotations' / 'instances_train.json'}: image "
+                               f"{root / 'images' / '000000000002.jpg'} (id 2) not found; "
+                               "fix: check its file_name and dataset.image_dir"]
     assert report.pixel_counts.sum() > 0 and report.ignore_pixels > 0  # crowd regions
 
 

@@ -36,6 +36,13 @@ TINY_DATA = [o for o in TINY if not o.startswith(("dataset.train_size", "dataset
 ONE_STEP = [*TINY_DATA, "trainer.max_steps=1"]
 
 
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Caches default to the user cache directory: here a temporary one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+
+
 def random_image(rng: np.random.Generator, size: tuple[int, int] = SIZE) -> np.ndarray:
     return rng.integers(0, 255, (*size, 3), dtype=np.uint8)
 
@@ -251,7 +258,8 @@ def test_folder_rgb_masks_through_colour_table_and_dataset_json(compose_cfg, tmp
     rgb = np.array(Image.open(bad))
     rgb[0, 0] = [1, 2, 3]
     Image.fromarray(rgb).save(bad)
-    with pytest.raises(DataError, match=r"0\.png: mask colours \[1, 2, 3\]"):
+    with pytest.raises(DataError, match=r"0\.png: colours outside dataset.colors / dataset.ignore_colors: "
+                                        r"\[1, 2, 3\] \(1 pixel\); fix: the file is wrong"):
         dataset.read(0)
 
 
@@ -269,7 +277,8 @@ def test_cityscapes_label_ids_become_train_ids(compose_cfg, tmp_path):
     assert torch.equal(samples[0][1], torch.from_numpy(label_map([0, 13, 255]).astype(np.int64)))
 
 
-def test_coco_rasterised_by_the_documented_rule(compose_cfg, tmp_path):
+def test_coco_rasterised_by_the_documented_rule(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     cfg, root = compose_layout(compose_cfg, tmp_path, "coco")
     dataset = build_dataset(cfg.dataset, "train")
     assert dataset.class_names == ["background", "car", "dog", "cat"]
@@ -280,14 +289,14 @@ def test_coco_rasterised_by_the_documented_rule(compose_cfg, tmp_path):
     assert mask[2, 44] == 1  # uncompressed RLE car
     assert mask[34, 40] == 255  # crowd region -> ignore
     assert mask[39, 20] == 0  # background
-    cached = list((root / ".segkit_cache").glob("coco-*/1.png"))
+    cached = list((tmp_path / "xdg" / "segkit").glob("coco-*/1.png"))
     assert len(cached) == 1
     assert torch.equal(torch.from_numpy(np.array(Image.open(cached[0])).astype(np.int64)), mask)
 
 
 def test_coco_category_subset_and_cache_reuse(compose_cfg, tmp_path, monkeypatch):
-    cfg, root = compose_layout(compose_cfg, tmp_path, "coco", ["dataset.categories=[cat,7]",
-                                                               "dataset.num_classes=3"])
+    cfg, root = compose_layout(compose_cfg, tmp_path, "coco", ["dataset.categories=[cat,7]", "dataset.num_classes=3",
+                                                               f"dataset.cache_dir={tmp_path / 'masks'}"])
     dataset = build_dataset(cfg.dataset, "train")
     assert dataset.class_names == ["background", "cat", "dog"]
     first = dataset.read(1)[1]
@@ -298,7 +307,7 @@ def test_coco_category_subset_and_cache_reuse(compose_cfg, tmp_path, monkeypatch
 
     monkeypatch.setattr(type(dataset), "rasterize", no_rasterising)
     assert torch.equal(build_dataset(cfg.dataset, "train").read(1)[1], first)
-    assert len(list((root / ".segkit_cache").glob("coco-*"))) == 1
+    assert len(list((tmp_path / "masks").glob("coco-*"))) == 1
     cfg.dataset.num_classes = 4
     cfg.dataset.categories = None  # other settings, other cache key: rasterised again
     with pytest.raises(AssertionError, match="PNG cache"):
@@ -487,7 +496,7 @@ def test_coco_stuff_171_mapping_is_the_published_one():
     # Spot values of MMSegmentation's coco_stuff164k converter (clsID_to_trID).
     assert {v: table[v] for v in (0, 10, 12, 24, 26, 27, 30, 91, 181)} == {
         0: 0, 10: 10, 12: 11, 24: 23, 26: 24, 27: 25, 30: 26, 91: 80, 181: 170}
-    assert table[255] == 255 and table[200] == 255
+    assert table[255] == 255 and 200 not in table and 182 not in table  # outside the format's values
 
 
 def test_coco_stuff164k_preset_reads_171_classes(compose_cfg, tmp_path):

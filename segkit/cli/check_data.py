@@ -1,6 +1,8 @@
 """`segkit-check-data <overrides>`: scan every split of a data set and report all problems at once.
 
-Exit status: 0 clean, 1 problems found (each printed as one line naming its file), 2 config error.
+Each finding is printed as one line naming its file, classified as training classifies it
+(segkit.data.readers.base.classify): an error stops training, a warning is logged by it.
+Exit status: 0 no error (warnings allowed), 1 errors found, 2 config error.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ register_configs()
 
 def run(cfg: DictConfig) -> int:
     """Print problems and statistics; return the exit status."""
-    from segkit.tools.checks import check_split, problem_kinds, summary_lines, write_preview, write_weights
+    from segkit.tools.checks import (
+        check_split,
+        is_warning,
+        plural,
+        problem_kinds,
+        summary_lines,
+        write_preview,
+        write_weights,
+    )
 
     dataset = cfg.dataset
     if 0 <= dataset.ignore_index < dataset.num_classes:
@@ -27,7 +37,7 @@ def run(cfg: DictConfig) -> int:
     problems = [problem for report in reports for problem in report.problems]
     for report in reports:
         for problem in report.problems:
-            print(f"{report.split}: {'warning: ' if getattr(problem, 'warning', False) else ''}{problem}")
+            print(f"{report.split}: {'warning: ' if is_warning(problem) else ''}{problem}")
     for report in reports:
         print("\n".join(summary_lines(report)))
     train = next((r for r in reports if r.split == "train" and r.pixel_counts is not None), None)
@@ -40,12 +50,15 @@ def run(cfg: DictConfig) -> int:
         source = train or next((r for r in reports if r.dataset is not None), None)
         written = write_preview(cfg.preview, source, cfg.preview_count, cfg.preview_size) if source else None
         print(f"preview -> {written}" if written else "preview: no readable sample to draw")
+    warnings = sum(map(is_warning, problems))
+    errors = len(problems) - warnings
     if problems:
         counts = ", ".join(f"{kind}: {count}" for kind, count in sorted(problem_kinds(problems).items()))
-        print(f"{len(problems)} problem(s) found ({counts})")
+        print(f"{plural(len(problems), 'problem')} found: {plural(errors, 'error')}, "
+              f"{plural(warnings, 'warning')} ({counts})")
     else:
         print("no problems found")
-    return 1 if problems else 0
+    return 1 if errors else 0
 
 
 @hydra_main("check_data")

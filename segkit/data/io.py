@@ -1,7 +1,8 @@
-"""Reading files: images and masks (PIL / torchvision decoders), colour-coded masks, split lists."""
+"""Reading files: images and masks (PIL / torchvision decoders), colour-coded masks, split lists; the cache home."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,11 +21,38 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
+def user_cache_dir() -> Path:
+    """Where segkit keeps caches unless dataset.cache_dir says otherwise: the user cache directory.
+
+    platformdirs' answer when it is installed ($XDG_CACHE_HOME/segkit or ~/.cache/segkit on Linux,
+    ~/Library/Caches/segkit on macOS), else $XDG_CACHE_HOME/segkit or ~/.cache/segkit.
+    """
+    try:
+        from platformdirs import user_cache_path
+    except ImportError:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segkit"
+    return user_cache_path("segkit", appauthor=False)
+
+
+def require_file(path: Path, what: str) -> None:
+    """A missing or zero-byte file as one line: 'not found' or 'empty file'."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except OSError:
+        return  # reading it reports why
+    if size == 0 and path.is_file():
+        raise DataError(f"{path}: empty file (0 bytes, an interrupted copy or download?); fix: the file is wrong, "
+                        "copy it again")
+
+
 def read_image(path: Path, device: torch.device | None = None) -> torch.Tensor:
     """Decode an image file to uint8 RGB, shape (3, H, W), with torchvision's native decoders.
 
     With a CUDA `device`, JPEGs are decoded there by nvjpeg (other formats are decoded on the CPU).
     """
+    require_file(path, "image")
     if device is not None and device.type == "cuda" and path.suffix.lower() in JPEG_SUFFIXES:
         try:
             return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, device=device)
@@ -42,15 +70,16 @@ def read_image(path: Path, device: torch.device | None = None) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def read_mask(path: Path) -> torch.Tensor:
-    """Read a single-channel label mask (8/16-bit, palette PNGs as indices) to int64 (H, W)."""
+def read_mask(path: Path, rgb_fix: str = "the file is wrong (masks hold class ids, one channel)") -> torch.Tensor:
+    """Read a single-channel label mask (8/16-bit, palette PNGs as indices) to int64 (H, W).
+
+    `rgb_fix`: the fix for a colour (RGB) file, which the reader knows (a colour table key, or none).
+    """
+    require_file(path, "mask")
     try:
         with Image.open(path) as img:
             if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
-                raise DataError(
-                    f"{path}: mask has mode {img.mode}, expected single-channel class ids "
-                    "(an RGB mask needs a color table)"
-                )
+                raise DataError(f"{path}: mask has mode {img.mode}, expected single-channel class ids; fix: {rgb_fix}")
             array = np.asarray(img)
     except DataError:
         raise
@@ -77,6 +106,13 @@ class ColorTable:
         self.keys = keys[order]
         self.ids = np.array([i for _, i in entries], dtype=np.int64)[order]
 
+    def translate(self, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(H, W, 3) uint8 -> the colours packed as r << 16 | g << 8 | b, class ids, where a colour is unknown."""
+        keys = _key(rgb.astype(np.int64))
+        pos = np.clip(np.searchsorted(self.keys, keys), 0, len(self.keys) - 1)
+        known = self.keys[pos] == keys
+        return torch.from_numpy(keys), torch.from_numpy(self.ids[pos]), torch.from_numpy(~known)
+
     def lookup(self, rgb: np.ndarray, path: Path) -> torch.Tensor:
         """(H, W, 3) uint8 -> (H, W) int64 class ids."""
         keys = _key(rgb.astype(np.int64))
@@ -89,10 +125,23 @@ class ColorTable:
         return torch.from_numpy(self.ids[pos])
 
 
-def read_color_mask(path: Path, table: ColorTable | None) -> torch.Tensor:
+def read_rgb_mask(path: Path) -> np.ndarray | None:
+    """An RGB(A) mask file as (H, W, 3) uint8, or None for a single-channel or palette mask."""
+    require_file(path, "mask")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("RGB", "RGBA"):
+                return None
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: cannot read mask ({error})") from None
+
+
+def read_color_mask(path: Path, table: ColorTable | None, rgb_fix: str = "the file is wrong") -> torch.Tensor:
     """RGB masks through `table`; single-channel and palette masks are class ids already."""
     if table is None:
-        return read_mask(path)
+        return read_mask(path, rgb_fix)
+    require_file(path, "mask")
     try:
         with Image.open(path) as img:
             if img.mode not in ("RGB", "RGBA"):

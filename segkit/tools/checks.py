@@ -3,10 +3,14 @@
 Training stops at the first bad sample (or skips it with `on_error=skip`); this scan reads
 every sample of every split through the same reader the trainer uses, so what it reports is
 exactly what training would trip over, all at once: missing partners, duplicate stems,
-unreadable or truncated files, JPEG masks, RGB masks without a colour table, size
-mismatches and mask values outside [0, num_classes) and ignore_index; for annotation files
-(COCO), every defect of every image and annotation (`SegmentationDataset.label_problems`).
-Problems carry a kind where the reader gives one, so the report can count them per kind.
+unreadable, empty or truncated files, RGB masks without a colour table, size mismatches, mask
+values outside the format's value table (each file with its values and pixel counts); for
+annotation files (COCO), every defect of every image and annotation
+(`SegmentationDataset.label_problems`). The reader classifies each finding
+(segkit.data.readers.base.classify): errors stop training, warnings (a mask without an image,
+a mask with no labelled pixel, a JPEG mask, unknown values under dataset.unknown_labels=ignore)
+are logged by training and listed here with the same words. Problems carry a kind, so the
+report can count them per kind.
 """
 
 from __future__ import annotations
@@ -26,11 +30,9 @@ from omegaconf import DictConfig
 from segkit.config import build
 from segkit.data.class_balance import median_frequency_weights
 from segkit.data.geometry import letterbox
-from segkit.data.readers.base import SegmentationDataset
+from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset, plural
 from segkit.errors import DataError
 from segkit.reporting.plots import save_overlay_preview, stable_palette
-
-JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 @dataclass
@@ -48,46 +50,39 @@ class SplitReport:
 def check_split(dataset_cfg: DictConfig, split: str) -> SplitReport:
     """Read every sample of one split; collect problems and class statistics."""
     report = SplitReport(split)
-    try:
-        with _quiet("segkit.data"):
+    with _quiet("segkit.data"):  # every finding is listed here; the readers' log lines would repeat them
+        try:
             dataset = build(dataset_cfg, "dataset", split=split, on_error="skip")
-    except DataError as error:  # several at once when the reader found them all (ProblemsError)
-        report.problems += getattr(error, "problems", [str(error)])
-        return report
-    report.dataset = dataset
-    report.samples = len(dataset)
-    report.problems += dataset.layout_problems + dataset.unused_files
-    report.pixel_counts = np.zeros(dataset.num_classes, dtype=np.int64)
-    report.presence = np.zeros(dataset.num_classes, dtype=np.int64)
-    for index in range(len(dataset)):
-        report.problems += check_sample(dataset, index, report)
+        except DataError as error:  # several at once when the reader found them all (ProblemsError)
+            report.problems += getattr(error, "problems", [str(error)])
+            return report
+        report.dataset = dataset
+        report.samples = len(dataset)
+        report.problems += dataset.layout_problems + dataset.unused_files
+        report.pixel_counts = np.zeros(dataset.num_classes, dtype=np.int64)
+        report.presence = np.zeros(dataset.num_classes, dtype=np.int64)
+        for index in range(len(dataset)):
+            report.problems += check_sample(dataset, index, report)
     return report
 
 
 def check_sample(dataset: SegmentationDataset, index: int, report: SplitReport) -> list[str]:
-    """The sample's problems (one line each, naming the file); statistics are added when it reads."""
-    files = dataset.sample_files(index)
-    for role, path in files.items():
-        if not path.is_file():
-            return [f"{path}: missing {role}"]
-    mask_file = files.get("mask")
-    if mask_file is not None and mask_file.suffix.lower() in JPEG_SUFFIXES:
-        return [f"{mask_file}: JPEG mask; lossy compression invents class ids along edges, save masks as PNG"]
+    """The sample's problems (one line each, naming the file); statistics are added when it reads.
+
+    The lines and their classification are the reader's, as training meets them: errors raised
+    by reading, and the warnings it noted (`SegmentationDataset.findings`).
+    """
     labels = dataset.label_problems(index)  # all of them; reading would stop at the first error
     if any(not problem.warning for problem in labels):
         return list(labels)
     try:
         image, mask = dataset.read(index)
+        if image.shape[-2:] != mask.shape:
+            raise ProblemsError([dataset.size_problem(index, tuple(image.shape[-2:]), tuple(mask.shape))])
+        mask = dataset.check_mask_values(mask, index)
     except DataError as error:
-        return [*labels, str(error)]
-    if image.shape[-2:] != mask.shape:
-        image_file = files.get("image", dataset.describe(index))
-        return [*labels, f"{mask_file or dataset.describe(index)}: size mismatch, mask {tuple(mask.shape)} "
-                f"vs image {tuple(image.shape[-2:])} ({Path(image_file).name})"]
-    try:
-        dataset.check_mask_values(mask, index)
-    except DataError as error:
-        return [*labels, str(error)]
+        return [*labels, *_noted(dataset, index), *getattr(error, "problems", [str(error)])]
+    labels = [*labels, *_noted(dataset, index)]
     ignored = mask == dataset.ignore_index
     counts = torch.bincount(mask[~ignored], minlength=dataset.num_classes).numpy()
     report.pixel_counts += counts
@@ -95,6 +90,14 @@ def check_sample(dataset: SegmentationDataset, index: int, report: SplitReport) 
     report.ignore_pixels += int(ignored.sum())
     report.readable += 1
     return list(labels)
+
+
+def _noted(dataset: SegmentationDataset, index: int) -> list[Problem]:
+    return list(dataset.findings.pop(index, {}).values())
+
+
+def is_warning(problem: str) -> bool:
+    return bool(getattr(problem, "warning", False))
 
 
 def problem_kinds(problems: Sequence[str]) -> Counter:
@@ -108,7 +111,9 @@ def summary_lines(report: SplitReport) -> list[str]:
     if dataset is None or report.pixel_counts is None:
         return [f"{report.split}: not readable"]
     total = int(report.pixel_counts.sum()) + report.ignore_pixels
-    counts = f"{report.samples} samples, {report.readable} readable, {len(report.problems)} problems"
+    warnings = sum(map(is_warning, report.problems))
+    counts = (f"{plural(report.samples, 'sample')}, {report.readable} readable, "
+              f"{plural(len(report.problems) - warnings, 'error')}, {plural(warnings, 'warning')}")
     lines = [f"{report.split}: {counts}",
              f"  {'id':>3} {'class':<20} {'pixels':>8} {'images':>12}"]
     width = len(str(report.readable))

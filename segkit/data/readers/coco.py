@@ -21,8 +21,9 @@ the fix. With `on_error=raise` the first stops the run; with `on_error=skip` the
 Each mask is rasterised on its first read and written as a PNG (8-bit, or 16-bit when ids
 exceed 255) under `cache_dir/coco-<hash>`, where the hash covers the annotation file's
 bytes and every setting that changes the masks; later epochs and runs read the PNG. The
-default cache is `<root>/.segkit_cache/`, or `~/.cache/segkit/` (XDG_CACHE_HOME) when the
-root is read-only. Files are written atomically, so several workers can fill it at once.
+default cache is the user cache directory (`$XDG_CACHE_HOME/segkit` or `~/.cache/segkit`,
+segkit.data.io.user_cache_dir): nothing is written into the data set's directory unless
+`dataset.cache_dir` points there. Files are written atomically, so several workers can fill it at once.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from segkit.data.io import read_image, read_mask
-from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset
+from segkit.data.io import read_image, read_mask, user_cache_dir
+from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset, plural
 from segkit.data.readers.coco_format import read_coco, segmentation_problems
 from segkit.data.readers.schemas import CocoSchema as Schema
 from segkit.errors import ConfigError, DataError
@@ -71,6 +72,9 @@ class CocoDataset(SegmentationDataset):
             raise ConfigError("dataset.crowd", f"must be ignore or class, got {crowd!r}")
         self.crowd_label = crowd
         self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: data set root not found; fix: dataset.root (the directory holding the "
+                            "images and annotations)")
         self.image_dir = self.root / image_dir.format(split=split)
         if split not in annotations:
             raise ConfigError("dataset.annotations", f"no annotation file for split '{split}'")
@@ -92,8 +96,8 @@ class CocoDataset(SegmentationDataset):
         self.report_layout(self.coco.problems)
         self.left_out = {"images": self.coco.left_out_images, "annotations": self.coco.left_out_annotations}
         if any(self.left_out.values()):
-            log.warning("dataset.on_error=skip: %s: left out %d images and %d annotations (listed above)",
-                        self.annotation_file, *self.left_out.values())
+            log.warning("dataset.on_error=skip: %s: left out %s and %s (listed above)", self.annotation_file,
+                        plural(self.left_out["images"], "image"), plural(self.left_out["annotations"], "annotation"))
         self.images = self.coco.images
         # Objects of categories left out of dataset.categories are background: not drawn, not checked.
         self.annotations = {image_id: [a for a in anns if a["category_id"] in self.class_of]
@@ -107,6 +111,10 @@ class CocoDataset(SegmentationDataset):
         digest = hashlib.sha256(raw + json.dumps(settings).encode()).hexdigest()[:16]
         self.cache_dir = _cache_dir(self.root, cache_dir, f"coco-{digest}")
         self.wide = max(self.num_classes - 1, self.ignore_index) > 255  # 16-bit PNG masks
+        self.leave_out_unlabelled()
+
+    def keep_samples(self, indices: Sequence[int]) -> None:
+        self.images = [self.images[i] for i in indices]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -128,13 +136,17 @@ class CocoDataset(SegmentationDataset):
         image = read_image(path)
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             raise DataError(self._size_problem(index, tuple(image.shape[-2:])))
-        cached = self.cache_dir / f"{info['id']}.png" if self.cache_dir else None
+        return image, self.read_native_mask(index)
+
+    def read_native_mask(self, index: int) -> torch.Tensor:
+        """The rasterised mask, from the PNG cache when it holds it (the image is not decoded)."""
+        cached = self.cache_dir / f"{self.images[index]['id']}.png" if self.cache_dir else None
         if cached is not None and cached.is_file():
-            return image, read_mask(cached)
+            return read_mask(cached)
         mask = self.rasterize(index)
         if cached is not None:
             _write_png_atomic(cached, mask)
-        return image, torch.from_numpy(mask.astype(np.int64))
+        return torch.from_numpy(mask.astype(np.int64))
 
     def label_problems(self, index: int) -> list[Problem]:
         """The image header's size and every annotation's geometry (the image is not decoded)."""
@@ -200,17 +212,21 @@ def _decode(rle: dict[str, Any]) -> np.ndarray:
 
 
 def _cache_dir(root: Path, configured: str | None, name: str) -> Path | None:
-    """The first writable of: the configured dir, <root>/.segkit_cache, the user cache; None if none is."""
+    """dataset.cache_dir when set (refused if not writable), else the user cache; None if that is not writable.
+
+    The data set's own directory is never chosen unless dataset.cache_dir names it: data sets often
+    live on shared or versioned folders.
+    """
     if configured is not None:
         path = Path(configured).expanduser() / name
         if not _writable(path):
             raise ConfigError("dataset.cache_dir", f"{path} is not writable")
         return path
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segkit"
-    for base in (root / ".segkit_cache", user_cache):
-        if _writable(base / name):
-            return base / name
-    log.warning("%s: no writable mask cache (set dataset.cache_dir); rasterising on every read", root)
+    path = user_cache_dir() / name
+    if _writable(path):
+        return path
+    log.warning("%s: the user cache directory is not writable (set dataset.cache_dir); rasterising %s masks on "
+                "every read", path.parent, root)
     return None
 
 

@@ -119,6 +119,10 @@ def read_coco(path: Path, image_dir: Path) -> tuple[bytes, CocoFile]:
 
 
 def _parse_json(coco: CocoFile, raw: bytes) -> dict[str, Any] | None:
+    if not raw:
+        coco.fatal.append(coco.file_problem("empty file (0 bytes)", "the file is wrong, export or copy it again",
+                                            "empty file"))
+        return None
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows tools) is allowed
     except UnicodeDecodeError as error:

@@ -6,7 +6,8 @@
 - COCO-Stuff 164k (stuffthingmaps_trainval2017): pixel value = COCO category id - 1, so 0..181 with
   255 unlabeled. Ids 1..182 hold 80 things (ids 1..91 minus 11 never used) and 91 stuff classes
   (92..182). `id_mapping: coco_stuff_171` makes the 171 used values contiguous 0..170 (the mapping
-  of MMSegmentation's coco_stuff164k converter) and maps the unused and 255 to ignore_index.
+  of MMSegmentation's coco_stuff164k converter) and maps the unused and 255 to ignore_index; any
+  other value (182 and above: category ids stored without the - 1) is outside the format's table.
 - Cityscapes: see segkit/data/readers/cityscapes.py (`labels: label_ids | train_ids`).
 """
 
@@ -23,9 +24,13 @@ COCO_STUFF_VALUES = 182  # values 0..181 (category ids 1..182)
 
 
 def coco_stuff_171(ignore_index: int) -> dict[int, int]:
-    """PNG value -> training id 0..170 for every 8-bit value; unused ids and 255 -> ignore_index."""
+    """PNG value -> training id 0..170 for the values the format defines: 0..181 and 255.
+
+    The 11 unused ids and 255 (unlabeled) -> ignore_index. Other values (182..254, or 16-bit
+    values) are outside the table: readers report them (dataset.unknown_labels).
+    """
     used = [v for v in range(COCO_STUFF_VALUES) if v not in COCO_STUFF_UNUSED_VALUES]
-    table = {value: ignore_index for value in range(256)}
+    table = {value: ignore_index for value in (*COCO_STUFF_UNUSED_VALUES, 255)}
     table.update({value: train_id for train_id, value in enumerate(used)})
     return table
 

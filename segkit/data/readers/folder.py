@@ -21,8 +21,17 @@ from typing import Any
 
 import torch
 
-from segkit.data.io import IMAGE_SUFFIXES, ColorTable, read_color_mask, read_stem_list
-from segkit.data.readers.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir
+from segkit.data.io import (
+    IMAGE_SUFFIXES,
+    ColorTable,
+    read_color_mask,
+    read_mask,
+    read_rgb_mask,
+    read_stem_list,
+    require_file,
+)
+from segkit.data.readers.base import ValueTable
+from segkit.data.readers.pairs import PairedFiles, duplicate_problems, files_by_stem, require_dir, require_root
 from segkit.data.readers.schemas import FolderSchema as Schema
 from segkit.errors import ConfigError, DataError
 
@@ -59,17 +68,40 @@ class FolderDataset(PairedFiles):
                 "dataset.colors", f"has {len(self.colors)} colours but dataset.num_classes={self.num_classes}"
             )
         self.color_table = ColorTable(self.colors, self.ignore_index, ignore_colors) if self.colors else None
+        if self.color_table is not None:
+            # A colour-coded set: its values are colours; a file holding class ids instead is wrong.
+            self.value_table = ValueTable(self.value_table.values, "the file is wrong (this data set's masks are "
+                                          "RGB colours listed in dataset.colors)", self.value_table.after)
+            self.color_values = ValueTable("dataset.colors / dataset.ignore_colors", "the file is wrong, or list the "
+                                           "colour in dataset.colors or dataset.ignore_colors", colors=True)
         self.split_path = self._split_path(split_file, fold)
         self._match_pairs()
 
+    rgb_fix = "dataset.colors (the RGB colour of each class id) for colour-coded masks, or the file is wrong"
+
     def read_mask(self, path: Path) -> torch.Tensor:
-        return read_color_mask(path, self.color_table)
+        return read_color_mask(path, self.color_table, self.rgb_fix)
+
+    def read_native_mask(self, index: int) -> torch.Tensor:
+        """RGB masks through the colour table (unknown colours settled like unknown values), the rest as ids."""
+        path = self.pairs[index][1]
+        if self.color_table is None:
+            return super().read_native_mask(index)
+        self.note_jpeg(index, path)
+        rgb = read_rgb_mask(path)
+        if rgb is None:
+            raw = read_mask(path, self.rgb_fix)
+            return self.settle(index, raw, *self.map_ids(raw))
+        keys, ids, unknown = self.color_table.translate(rgb)
+        ids, unmapped = self.map_ids(ids)
+        return self.settle(index, keys, ids, unknown | unmapped, self.color_values)
 
     def _read_dataset_json(self, name: str | None) -> dict[str, Any]:
         """class_names / colors from <root>/dataset.json, each checked: one line naming the file and key."""
         path = self.root / name if name else None
         if path is None or not path.is_file():
             return {}
+        require_file(path, "dataset description")  # a zero-byte file is called empty
         try:
             info = json.loads(path.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -103,6 +135,7 @@ class FolderDataset(PairedFiles):
         return path
 
     def _match_pairs(self) -> None:
+        require_root(self.root, "images and masks")
         require_dir(self.image_dir, "image_dir")
         require_dir(self.mask_dir, "mask_dir")
         images, image_duplicates = files_by_stem(self.image_dir)
@@ -113,7 +146,8 @@ class FolderDataset(PairedFiles):
             stems = read_stem_list(self.split_path)
         else:
             stems = sorted(images)
-            self.unused_files = [f"{masks[s]}: missing image, mask without '{s}.*' in {self.image_dir}"
+            self.unused_files = [self.finding(f"{masks[s]}: mask without an image, no '{s}.*' in {self.image_dir}; "
+                                              "not used", "mask without image")
                                  for s in sorted(set(masks) - set(images) - duplicated)]
         pairs = []
         for stem in stems:

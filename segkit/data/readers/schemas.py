@@ -38,6 +38,13 @@ class DatasetOptions:
     # device: the trainer decodes the split once and keeps it on the training device (no DataLoader)
     cache: Any = False
     gpu_decode: bool = False  # with cache=device on CUDA: decode JPEGs with nvjpeg while filling the cache
+    # error | ignore: mask values outside the format's value table stop training (error, one line naming the
+    # file, the values and their pixel counts) or become ignore_index, each file logged and counted (ignore)
+    unknown_labels: str = "error"
+    # true: read every mask when the data set is built and leave out those with no labelled pixel
+    # (after the format's conventions, e.g. an ADE20K mask of zeros; remembered in the user cache by file size
+    # and time, so later runs read only changed masks); false: they are logged as they are read
+    skip_unlabelled: bool = False
 
 
 @dataset_format("synthetic")
@@ -117,6 +124,6 @@ class CocoSchema(DatasetConfig, DatasetOptions):
     )
     categories: list[Any] | None = None  # subset of category names or ids (null = all), in class order
     crowd: str = "ignore"  # iscrowd regions: ignore | class (tools that export brush masks as iscrowd RLE)
-    cache_dir: str | None = None  # null = <root>/.segkit_cache, or ~/.cache/segkit when root is read-only
+    cache_dir: str | None = None  # null = the user cache ($XDG_CACHE_HOME/segkit or ~/.cache/segkit), never root
     num_classes: int = 81  # background + categories
     image_size: list[int] = field(default_factory=lambda: [512, 512])

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from segkit.data.io import read_stem_list
-from segkit.data.readers.pairs import PairedFiles, require_dir
+from segkit.data.readers.base import ValueTable
+from segkit.data.readers.pairs import PairedFiles, require_dir, require_root
 from segkit.data.readers.schemas import VocSchema as Schema
 from segkit.errors import DataError
 
@@ -46,6 +47,12 @@ class VocDataset(PairedFiles):
         self.root = Path(root).expanduser()
         self.image_dir, self.mask_dir = self.root / image_dir, self.root / mask_dir
         self.colors = voc_colormap(self.num_classes)
+        self.value_table = ValueTable(
+            f"the VOC class ids 0..{self.num_classes - 1} and {self.ignore_index} (object borders)"
+            + (" and the keys of dataset.remap" if self.remap else ""),
+            "the file is wrong (masks are palette indices), or map them with dataset.remap",
+            "after dataset.remap" if self.remap else "")
+        require_root(self.root, "JPEGImages/ and SegmentationClass/")
         require_dir(self.image_dir, "image_dir")
         require_dir(self.mask_dir, "mask_dir")
         list_path = self.root / split_dir / f"{split}.txt"
