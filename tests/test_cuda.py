@@ -32,7 +32,8 @@ from segkit.data.loading import (
     decode_split,
 )
 from segkit.engine.distributed import DistContext, wrap_model
-from segkit.engine.trainer import OutOfMemory, Trainer, fit
+from segkit.engine.failures import OutOfMemory
+from segkit.engine.trainer import Trainer, fit
 
 pytestmark = [
     pytest.mark.cuda,
@@ -120,11 +121,11 @@ def test_training_from_the_device_cache_resumes_on_exactly_the_remaining_batches
     assert stopped["status"] == "STOPPED"
     resumed = Trainer(compose_cfg([*common, "trainer.resume=auto"]), tmp_path / "split")
     assert (resumed.epoch, resumed.global_step, resumed.samples_done_in_epoch) == (1, 6, 8)
-    resumed.train_loader.sampler.set_epoch(resumed.epoch, start=resumed.samples_done_in_epoch)
+    resumed.parts.train_loader.sampler.set_epoch(resumed.epoch, start=resumed.samples_done_in_epoch)
     uninterrupted = Trainer(compose_cfg(common), tmp_path / "straight")
-    uninterrupted.train_loader.sampler.set_epoch(1)
-    expected = list(uninterrupted.train_loader)[2:]  # the two batches epoch 1 had left after step 6
-    got = list(resumed.train_loader)
+    uninterrupted.parts.train_loader.sampler.set_epoch(1)
+    expected = list(uninterrupted.parts.train_loader)[2:]  # the two batches epoch 1 had left after step 6
+    got = list(resumed.parts.train_loader)
     assert len(got) == len(expected) == 2
     for (image_a, mask_a), (image_b, mask_b) in zip(expected, got, strict=True):
         assert torch.equal(image_a, image_b) and torch.equal(mask_a, mask_b)
@@ -177,36 +178,36 @@ def test_gpu_decode_fills_the_device_cache_like_the_cpu_decode(compose_cfg, tmp_
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_injected_inf_is_skipped_on_the_device_without_a_host_sync(compose_cfg, tmp_path, precision):
     trainer = Trainer(compose_cfg([*ON_CUDA, f"trainer.precision={precision}"]), tmp_path)
-    images, masks = next(iter(trainer.train_loader))
+    images, masks = next(iter(trainer.parts.train_loader))
     images = images.float().div_(255)
 
     def backward(poison: float) -> None:
-        with trainer._autocast():
-            logits = trainer.forward(images)
-        trainer.scaler.scale(trainer.loss_fn(logits.float(), masks) * poison).backward()
+        with trainer.parts.step.autocast():
+            logits = trainer.parts.step.forward(images)
+        trainer.parts.scaler.scale(trainer.parts.loss_fn(logits.float(), masks) * poison).backward()
 
     def optimizer_step_without_sync() -> None:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any device -> host wait inside raises
         try:
-            trainer._optimizer_step()
+            trainer.parts.step.optimizer_step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    scale = trainer.scaler.get_scale()  # a host read, before the checked region
+    before = [p.detach().clone() for p in trainer.parts.model.parameters()]
+    scale = trainer.parts.scaler.get_scale()  # a host read, before the checked region
     backward(float("inf"))
-    assert not all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)
+    assert not all(torch.isfinite(p.grad).all() for p in trainer.parts.model.parameters() if p.grad is not None)
     optimizer_step_without_sync()
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))  # skipped
-    assert trainer.global_step == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.parts.model.parameters(), strict=True))  # skipped
+    assert trainer.parts.scheduler.last_epoch == 1  # the schedule advanced all the same
     if precision == "16-mixed":
-        assert trainer.scaler.get_scale() == scale * 0.5  # the loss scale backed off, on the device
+        assert trainer.parts.scaler.get_scale() == scale * 0.5  # the loss scale backed off, on the device
 
     backward(1.0)  # a finite step right after still trains
     optimizer_step_without_sync()
-    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.parts.model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in trainer.parts.model.parameters())
 
 
 def _forward_backward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from segkit.engine.trainer import Trainer, fit, seed_everything
+from segkit.engine.seeding import seed_everything
+from segkit.engine.trainer import Trainer, fit
 from segkit.runs.checkpoint import load_checkpoint
 
 from .conftest import ROOT, read_csv

@@ -16,8 +16,8 @@ import types
 from pathlib import Path
 
 from segkit.cli.train import main
-from segkit.runs import checkpoint
 from segkit.metrics import SegmentationMetrics
+from segkit.runs import checkpoint
 
 
 def mark(event: str) -> None:
