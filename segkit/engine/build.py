@@ -110,13 +110,7 @@ def build_parts(cfg: DictConfig, device: torch.device, dist: DistContext | None 
     scaler = build_grad_scaler(device, tcfg.precision)
 
     train_set, val_set = build_datasets(cfg.dataset, train_indices)
-    train_loader = training_batches(cfg, train_set, device, dist)
-    val_loader = device_batches(val_set, batch_size=tcfg.val_batch_size or tcfg.batch_size,
-                                num_workers=tcfg.num_workers, train=False, seed=tcfg.seed, device=device,
-                                rank=dist.rank, world_size=dist.world_size)
-    if len(train_loader) == 0:
-        raise ConfigError("trainer.batch_size", f"{tcfg.batch_size} x {dist.world_size} process(es) is larger "
-                                                f"than the training set ({len(train_set)} samples)")
+    train_loader, val_loader = build_loaders(cfg, train_set, val_set, device, dist)
     loss_fn = build_loss(cfg.loss, train_set).to(device)
 
     steps_per_epoch = max(1, len(train_loader) // tcfg.accumulate_grad_batches)
@@ -159,6 +153,21 @@ def build_datasets(dataset_cfg: DictConfig, train_indices: Sequence[int] | None 
     if train_indices is not None:
         train_set = Shard(train_set, list(train_indices))
     return train_set, build_dataset(dataset_cfg, "val")
+
+
+def build_loaders(cfg: DictConfig, train_set: Any, val_set: Any, device: torch.device,
+                  dist: DistContext) -> tuple[Any, Any]:
+    """This process's training and validation batches, arriving on the device: from the device cache, or
+    prefetched from the DataLoader (Poisson-sampled training batches with privacy=dp)."""
+    tcfg = cfg.trainer
+    train_loader = training_batches(cfg, train_set, device, dist)
+    val_loader = device_batches(val_set, batch_size=tcfg.val_batch_size or tcfg.batch_size,
+                                num_workers=tcfg.num_workers, train=False, seed=tcfg.seed, device=device,
+                                rank=dist.rank, world_size=dist.world_size)
+    if len(train_loader) == 0:
+        raise ConfigError("trainer.batch_size", f"{tcfg.batch_size} x {dist.world_size} process(es) is larger "
+                                                f"than the training set ({len(train_set)} samples)")
+    return train_loader, val_loader
 
 
 def build_loss(loss_cfg: DictConfig, train_set: Any) -> torch.nn.Module:
