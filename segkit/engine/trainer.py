@@ -107,6 +107,9 @@ def peak_memory_stats(device: torch.device) -> dict[str, float]:
 
 
 class Trainer:
+    """One training run: its parts (`parts`, from build.py), where it is (`epoch`, `global_step`), its
+    checkpoints (`keeper`), its record (`record`) and its trackers."""
+
     def __init__(self, cfg: DictConfig, output_dir: Path, *, trackers: Trackers | None = None,
                  run_lock: RunLock | None = None, on_validation: ValidationHook | None = None,
                  train_indices: Sequence[int] | None = None) -> None:
