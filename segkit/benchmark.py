@@ -13,7 +13,6 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.config import validate_config
 from segkit.data.loading import build_loader
-from segkit.engine.step import to_model_input
-from segkit.engine.trainer import Trainer
+from segkit.engine.build import TrainingParts, build_parts
+from segkit.engine.step import resolve_device, to_model_input
 from segkit.models.sliding import forward_logits
 from segkit.reference_pipeline import reference_loader
 
@@ -90,28 +89,27 @@ def interleave(variants: dict[str, Step], device: torch.device, *, windows: int,
 
 
 # ---------------------------------------------------------------------------- the variants
-def segkit_train_step(trainer: Trainer) -> Step:
-    """The Trainer's own step (segkit.engine.step.TrainStep) on its own batches (device cache or prefetched
+def segkit_train_step(parts: TrainingParts) -> Step:
+    """The trainer's own step (segkit.engine.step.TrainStep) on its own batches (device cache or prefetched
     DataLoader)."""
-    source = endless(trainer.train_loader)
-    loss_sum = torch.zeros((), device=trainer.device)
+    source = endless(parts.train_loader)
+    loss_sum = torch.zeros((), device=parts.device)
 
     def step() -> int:
         images, masks = next(source)
-        loss = trainer.step.backward(images, masks)
+        loss = parts.step.backward(images, masks)
         loss_sum.add_(torch.where(torch.isfinite(loss), loss, 0.0))  # the loop's device-side bookkeeping
-        trainer.step.optimizer_step()
+        parts.step.optimizer_step()
         return images.shape[0]
 
     return step
 
 
-def ceiling_step(trainer: Trainer, crop: tuple[int, int]) -> Step:
+def ceiling_step(parts: TrainingParts, batch: int, crop: tuple[int, int]) -> Step:
     """The same model, optimizer step and precision on one batch already on the device: no data, no augmentation."""
-    train = trainer.step
-    batch = trainer.tcfg.batch_size
-    images = to_model_input(torch.rand(batch, 3, *crop, device=trainer.device), channels_last=train.channels_last)
-    masks = torch.randint(0, trainer.train_set.num_classes, (batch, *crop), device=trainer.device)
+    train = parts.step
+    images = to_model_input(torch.rand(batch, 3, *crop, device=parts.device), channels_last=train.channels_last)
+    masks = torch.randint(0, parts.train_set.num_classes, (batch, *crop), device=parts.device)
 
     def step() -> int:
         with train.autocast():
@@ -123,19 +121,19 @@ def ceiling_step(trainer: Trainer, crop: tuple[int, int]) -> Step:
     return step
 
 
-def plain_step(trainer: Trainer, loader: Iterable, augment_on_device: bool) -> Step:
+def plain_step(parts: TrainingParts, loader: Iterable, augment_on_device: bool) -> Step:
     """A handwritten minimal loop over a DataLoader: same model, loss, optimizer and precision.
 
     `augment_on_device`: the bare loop (uint8 batches, the same Kornia augmentation as segkit);
     otherwise the reference loop (float batches already augmented on the CPU by the workers).
     """
     source = endless(loader)
-    train = trainer.step
+    train = parts.step
     scaler = train.scaler if train.precision == "16-mixed" else None  # only fp16 needs loss scaling
 
     def step() -> int:
         images, masks = next(source)
-        images, masks = to_model_input(images, trainer.device), masks.to(trainer.device, non_blocking=True)
+        images, masks = to_model_input(images, parts.device), masks.to(parts.device, non_blocking=True)
         if augment_on_device:
             images, masks = train.augment(images, masks)
         images = to_model_input(images, channels_last=train.channels_last)
@@ -155,17 +153,17 @@ def plain_step(trainer: Trainer, loader: Iterable, augment_on_device: bool) -> S
     return step
 
 
-def eval_step(trainer: Trainer, batches: Iterable, mode: str, crop: tuple[int, int]) -> Step:
+def eval_step(parts: TrainingParts, batches: Iterable, mode: str, crop: tuple[int, int]) -> Step:
     source = endless(batches)
-    train = trainer.step
+    train = parts.step
 
     @torch.no_grad()
     def step() -> int:
         images, masks = next(source)
-        images = to_model_input(images, trainer.device, train.channels_last)
+        images = to_model_input(images, parts.device, train.channels_last)
         with train.autocast():
             logits = forward_logits(train.forward, images, mode=mode, crop_size=crop)
-        trainer.metrics.update(logits, masks.to(trainer.device, non_blocking=True))
+        parts.metrics.update(logits, masks.to(parts.device, non_blocking=True))
         return images.shape[0]
 
     return step
@@ -188,7 +186,7 @@ def data_step(batches: Iterable, augment: Callable | None = None) -> Step:
 class Report:
     device: torch.device
     command: str
-    setup: str  # model, data and loop settings as the trainer resolved them
+    setup: str  # model, data and loop settings as build_parts resolved them
     tables: dict[str, tuple[Timing, dict[str, str]]] = field(default_factory=dict)  # section -> timing, labels
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -196,26 +194,24 @@ class Report:
 
 def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int = 5, steps: int = 10,
         warmup: int = 3) -> Report:
-    """Build one Trainer from `cfg` and time the requested sections (`train`, `eval`, `data`)."""
+    """Build the training parts of `cfg` and time the requested sections (`train`, `eval`, `data`)."""
     validate_config(cfg)
-    with tempfile.TemporaryDirectory(prefix="segkit_benchmark_") as tmp:
-        cfg = cfg.copy()
-        OmegaConf.update(cfg, "trainer.max_steps", 10**9)  # the LR schedule never runs out while timing
-        OmegaConf.update(cfg, "trainer.save_checkpoints", False)
-        trainer = Trainer(cfg, Path(tmp))
-    tcfg = trainer.tcfg
+    cfg = cfg.copy()
+    OmegaConf.update(cfg, "trainer.max_steps", 10**9)  # the LR schedule never runs out while timing
+    tcfg = cfg.trainer
+    parts = build_parts(cfg, resolve_device(tcfg.accelerator, "trainer.accelerator"))
     setup = (f"{cfg.model.arch} / {cfg.backbone.name}, {cfg.dataset.name} at {list(cfg.dataset.image_size)} "
-             f"({len(trainer.train_set)} train / {len(trainer.val_set)} val), batch {tcfg.batch_size}, "
-             f"precision {tcfg.precision}, channels_last {trainer.channels_last}, compile {tcfg.compile}, "
+             f"({len(parts.train_set)} train / {len(parts.val_set)} val), batch {tcfg.batch_size}, "
+             f"precision {tcfg.precision}, channels_last {parts.channels_last}, compile {tcfg.compile}, "
              f"activation_checkpointing {tcfg.activation_checkpointing}, {tcfg.num_workers} workers, "
              f"dataset.cache={cfg.dataset.get('cache', False)}")
-    report = Report(trainer.device, command, setup, load_before=os.getloadavg())
+    report = Report(parts.device, command, setup, load_before=os.getloadavg())
     crop = tuple(cfg.augmentation.get("crop_size") or cfg.dataset.image_size)
     settle = 2 * tcfg.num_workers + 1  # a DataLoader queues prefetch_factor (2) batches per worker
     timing = {"windows": windows, "steps": steps, "settle": settle, "warmup": warmup}
-    device = trainer.device
+    device = parts.device
     augmentation = OmegaConf.to_container(cfg.augmentation, resolve=True)
-    ref = reference_loader(trainer.train_set, augmentation, batch_size=tcfg.batch_size,
+    ref = reference_loader(parts.train_set, augmentation, batch_size=tcfg.batch_size,
                            num_workers=tcfg.num_workers, pin_memory=device.type == "cuda")
     cached = cfg.dataset.get("cache") == "device"
 
@@ -224,16 +220,16 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
         """Batches of `split` for a second variant: the device cache serves any number of iterators, a
         persistent-worker DataLoader only one, so the DataLoader path gets its own (plain, on the host)."""
         if cached:
-            return trainer.train_loader if split == "train" else trainer.val_loader
+            return parts.train_loader if split == "train" else parts.val_loader
         train = split == "train"
-        return build_loader(trainer.train_set if train else trainer.val_set, num_workers=tcfg.num_workers,
+        return build_loader(parts.train_set if train else parts.val_set, num_workers=tcfg.num_workers,
                             batch_size=tcfg.batch_size if train else tcfg.val_batch_size or tcfg.batch_size,
                             train=train, seed=tcfg.seed, pin_memory=device.type == "cuda")
 
     source = "device cache" if cached else "DataLoader + prefetch to the device"
     for section in sections:
         if section == "train":
-            trainer.model.train()
+            parts.model.train()
             labels = {
                 "ceiling": "ceiling: synthetic batch on the device, no data, no augmentation",
                 "segkit": f"segkit: TrainStep.backward + optimizer_step, {source}, Kornia on {device.type}",
@@ -241,16 +237,16 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
                         f"{device.type}, no scaler/scheduler",
                 "reference": "reference: DataLoader + torchvision v2 CPU augmentation, plain loop",
             }
-            steps_of = {"ceiling": ceiling_step(trainer, crop), "segkit": segkit_train_step(trainer),
-                        "bare": plain_step(trainer, second_source("train"), True),
-                        "reference": plain_step(trainer, ref, False)}
+            steps_of = {"ceiling": ceiling_step(parts, tcfg.batch_size, crop), "segkit": segkit_train_step(parts),
+                        "bare": plain_step(parts, second_source("train"), True),
+                        "reference": plain_step(parts, ref, False)}
         elif section == "eval":
-            trainer.model.eval()
+            parts.model.eval()
             slide = (max(1, crop[0] // 2), max(1, crop[1] // 2))
             labels = {"whole": "validation, whole image",
                       "slide": f"validation, sliding window {slide[0]}×{slide[1]} (1/3 overlap)"}
-            steps_of = {"whole": eval_step(trainer, trainer.val_loader, "whole", crop),
-                        "slide": eval_step(trainer, second_source("val"), "slide", slide)}
+            steps_of = {"whole": eval_step(parts, parts.val_loader, "whole", crop),
+                        "slide": eval_step(parts, second_source("val"), "slide", slide)}
         else:
             labels = {
                 "input": f"{'device cache gather' if cached else 'decode + letterbox + collate (CPU workers)'}",
@@ -258,7 +254,7 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
                 "reference": "decode + letterbox + torchvision v2 augmentation + collate (CPU workers)",
             }
             steps_of = {"input": data_step(second_source("train")),
-                        "segkit": data_step(trainer.train_loader, trainer.augment), "reference": data_step(ref)}
+                        "segkit": data_step(parts.train_loader, parts.augment), "reference": data_step(ref)}
         report.tables[section] = (interleave(steps_of, device, **timing), labels)
     report.load_after = os.getloadavg()
     return report

@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.errors import ConfigError, SegkitError
-from segkit.runs.run_dir import LAST
+from segkit.trackers.base import Trackers, build_trackers
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here; Flower would try to report usage
 log = logging.getLogger(__name__)
@@ -162,23 +162,23 @@ def make_client(cfg: DictConfig, client_id: int, output_dir: Path):
             self.prox_handle = None
 
         def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
-            return weights_of(self.trainer.model)
+            return weights_of(self.trainer.parts.model)
 
         def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
-            load_weights(self.trainer.model, parameters)
+            parts = self.trainer.parts
+            load_weights(parts.model, parameters)
             mu = float(config.get("proximal_mu", 0.0))
             if self.prox_handle is not None:
                 self.prox_handle.remove()
                 self.prox_handle = None
             if mu > 0:
-                anchor = {n: p.detach().clone() for n, p in self.trainer.model.named_parameters()}
-                self.prox_handle = self.trainer.optimizer.register_step_pre_hook(
-                    fedprox_hook(self.trainer.model, anchor, mu))
+                anchor = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
+                self.prox_handle = parts.optimizer.register_step_pre_hook(fedprox_hook(parts.model, anchor, mu))
             stats = self.trainer.train_epochs(cfg.federated.local_epochs)
             metrics = {"client": client_id, "train_loss": float(stats["train/loss"])}
-            if self.trainer.private is not None:
-                metrics["epsilon"] = self.trainer.private.epsilon()
-            return weights_of(self.trainer.model), len(self.trainer.train_set), metrics
+            if parts.private is not None:
+                metrics["epsilon"] = parts.private.epsilon()
+            return weights_of(parts.model), len(parts.train_set), metrics
 
     return SegkitClient()
 
@@ -189,34 +189,21 @@ def make_client(cfg: DictConfig, client_id: int, output_dir: Path):
 class GlobalModel:
     """The server's view: validates, logs and checkpoints the aggregated model after each round."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, output_dir: Path, trackers: Trackers) -> None:
         from segkit.engine.trainer import Trainer
 
         server_cfg = OmegaConf.to_container(cfg, resolve=True)
-        server_cfg["trainer"]["resume"] = None  # the federation's own resume is below
+        # A federation resumes from its last round with trainer.resume=auto: the keeper restores the
+        # global model, the round count (as epochs) and the record of the rounds so far.
+        server_cfg["trainer"]["resume"] = "auto" if cfg.trainer.resume == "auto" else None
         server_cfg["trainer"]["max_epochs"] = cfg.federated.rounds
-        self.trainer = Trainer(OmegaConf.create(server_cfg), output_dir)
+        self.trainer = Trainer(OmegaConf.create(server_cfg), output_dir, trackers=trackers)
         self.cfg, self.output_dir = cfg, output_dir
-        self.rounds_done = 0
+        self.rounds_done = self.trainer.epoch
+        if self.rounds_done:
+            log.info("federation resumed after round %d", self.rounds_done)
         self.clients_train_loss: float | None = None  # the last round's, sample-weighted over the clients
         self.aggregated = False  # did this round's client updates reach the global model?
-        if cfg.trainer.resume == "auto":
-            self._resume()
-
-    def _resume(self) -> None:
-        from segkit.runs.checkpoint import load_latest_checkpoint
-
-        found = load_latest_checkpoint(self.trainer.run.checkpoints)
-        if found is None:
-            return
-        path, state = found
-        self.trainer.model.load_state_dict(state["model"])
-        progress = state["progress"]
-        self.rounds_done = progress["epoch"]
-        self.trainer.epoch, self.trainer.global_step = progress["epoch"], progress["global_step"]
-        self.trainer.best_score, self.trainer.best_epoch = progress["best_score"], progress["best_epoch"]
-        self.trainer.history = list(state.get("history", []))
-        log.info("federation resumed from %s after round %d", path, self.rounds_done)
 
     def evaluate(self, server_round: int, parameters: list[np.ndarray], _config: dict[str, Any]):
         """Flower's centralized evaluation: round 0 is the initial model, skipped."""
@@ -226,15 +213,12 @@ class GlobalModel:
             log.warning("round %d: no client update reached the server", self.rounds_done + server_round)
             return None
         self.aggregated = False
-        load_weights(self.trainer.model, parameters)
+        load_weights(self.trainer.parts.model, parameters)
         round_number = self.rounds_done + server_round
         self.trainer.epoch, self.trainer.global_step = round_number - 1, round_number
         record: dict[str, Any] = {"round": round_number, "train/loss": self.clients_train_loss}
-        record.update(self.trainer._validate_and_track(record))
-        self.trainer.history.append(record)
-        self.trainer._append_csv(record)
-        self.trainer.epoch = round_number
-        self.trainer._save(LAST)
+        record.update(self.trainer.validate_epoch(record))
+        self.trainer.end_epoch(record)  # epoch becomes round_number; last.pt
         return 0.0, {k: v for k, v in record.items() if isinstance(v, float)}
 
     def client_metrics(self, metrics: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -263,7 +247,7 @@ def build_strategy(cfg: DictConfig, model: GlobalModel):
         return getattr(strategies, fed.strategy)(
             fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=needed, min_evaluate_clients=0,
             min_available_clients=needed, evaluate_fn=model.evaluate, accept_failures=True,
-            initial_parameters=ndarrays_to_parameters(weights_of(model.trainer.model)),
+            initial_parameters=ndarrays_to_parameters(weights_of(model.trainer.parts.model)),
             fit_metrics_aggregation_fn=model.client_metrics, **options)
     except TypeError as error:
         raise ConfigError("federated.strategy_options", str(error).splitlines()[0]) from None
@@ -298,14 +282,14 @@ def run_server(cfg: DictConfig, model: GlobalModel, output_dir: Path, address: s
             start_server(server_address=address, strategy=build_strategy(cfg, model),
                          client_manager=bounded_client_manager(cfg.federated.round_timeout_s),
                          config=ServerConfig(num_rounds=remaining, round_timeout=cfg.federated.round_timeout_s))
-        if len(model.trainer.history) < cfg.federated.rounds:
-            raise FederationError(f"the federation ended after {len(model.trainer.history)} of "
+        if len(model.trainer.record.history) < cfg.federated.rounds:
+            raise FederationError(f"the federation ended after {len(model.trainer.record.history)} of "
                                   f"{cfg.federated.rounds} rounds: fewer than federated.min_fit_clients="
                                   f"{min_fit_clients(cfg.federated)} clients answered; resume with trainer.resume=auto")
         status = "FINISHED"
     finally:
-        model.trainer.epoch = len(model.trainer.history)
-        summary = model.trainer._write_summary(status)  # "epochs" counts rounds
+        model.trainer.epoch = len(model.trainer.record.history)
+        summary = model.trainer.write_summary(status)  # "epochs" counts rounds
         model.trainer.trackers.finish(status)
     return summary
 
@@ -326,8 +310,10 @@ def simulated_client(cfg: DictConfig, output_dir: Path, client_id: int, address:
         log.warning("client %d stopped: %s", client_id, str(error).splitlines()[0] if str(error) else error)
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
-    """`python train.py federated=...`: the simulation, or one side of a deployment."""
+def run(cfg: DictConfig, output_dir: str | Path, trackers: Trackers | None = None) -> dict[str, Any] | None:
+    """`python train.py federated=...`: the simulation, or one side of a deployment.
+
+    `trackers`: where the server tracks the federation; by default those of the config's `logger` node."""
     check_federated_config(cfg)
     output_dir = Path(output_dir)
     fed = cfg.federated
@@ -342,7 +328,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
     from segkit.data.loading import build_dataset
 
     partition(build_dataset(cfg.dataset, "train"), fed, cfg.trainer.seed)
-    model = GlobalModel(cfg, output_dir)  # built before any client waits on the server
+    if trackers is None:
+        trackers = build_trackers(cfg.get("logger"))
+    model = GlobalModel(cfg, output_dir, trackers)  # built before any client waits on the server
     if fed.mode == "server":
         return run_server(cfg, model, output_dir, fed.server_address)
     address = f"127.0.0.1:{free_port()}"

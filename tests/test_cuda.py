@@ -92,10 +92,10 @@ def test_the_optimizer_step_skips_an_injected_inf_without_any_host_sync(compose_
     wait, also those inside torch's C++ (GradScaler's inf check, the fused optimizer)."""
     trainer = Trainer(compose_cfg([*ON_CUDA, f"trainer.precision={precision}"]), tmp_path)
     poison = torch.full((), float("inf"), device=CUDA)
-    loss_fn = trainer.step.loss_fn
-    step = dataclasses.replace(trainer.step, loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)
-    images, masks = next(iter(trainer.train_loader))
-    before = [p.detach().clone() for p in trainer.model.parameters()]
+    loss_fn = trainer.parts.step.loss_fn
+    step = dataclasses.replace(trainer.parts.step, loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)
+    images, masks = next(iter(trainer.parts.train_loader))
+    before = [p.detach().clone() for p in trainer.parts.model.parameters()]
     for poisoned in (True, False):
         poison.fill_(float("inf") if poisoned else 1.0)
         step.backward(images, masks)
@@ -105,9 +105,9 @@ def test_the_optimizer_step_skips_an_injected_inf_without_any_host_sync(compose_
             step.optimizer_step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.parts.model.parameters(), strict=True))
         assert unchanged == poisoned  # the poisoned step was skipped, the finite one trained
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.parts.model.parameters())
 
 
 # ---------------------------------------------------------------------------- CUDA memory

@@ -92,29 +92,29 @@ def test_the_host_read_detector_sees_a_read():
 def test_an_injected_inf_is_skipped_on_the_device_without_a_host_read(compose_cfg, tmp_path, device, precision):
     trainer = Trainer(compose_cfg(on(device, f"trainer.precision={precision}")), tmp_path)
     poison = torch.ones((), device=trainer.device)
-    loss_fn = trainer.step.loss_fn
-    step = dataclasses.replace(trainer.step, loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)
-    images, masks = next(iter(trainer.train_loader))
+    loss_fn = trainer.parts.step.loss_fn
+    step = dataclasses.replace(trainer.parts.step, loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)
+    images, masks = next(iter(trainer.parts.train_loader))
     assert images.device.type == masks.device.type == device.type
-    before = [p.detach().clone() for p in trainer.model.parameters()]
+    before = [p.detach().clone() for p in trainer.parts.model.parameters()]
     scale = step.scaler.get_scale()  # a host read, before the checked region
 
     poison.fill_(float("inf"))
     assert not torch.isfinite(step.backward(images, masks))
-    assert not all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)
+    assert not all(torch.isfinite(p.grad).all() for p in trainer.parts.model.parameters() if p.grad is not None)
     with no_host_reads():
         step.optimizer_step()
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))  # skipped
-    assert all(p.grad is None for p in trainer.model.parameters())  # zeroed for the next step
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.parts.model.parameters(), strict=True))  # skipped
+    assert all(p.grad is None for p in trainer.parts.model.parameters())  # zeroed for the next step
     assert step.scaler.get_scale() == scale * 0.5  # backed off on the device (exact: a power of two)
-    assert trainer.scheduler.last_epoch == 1  # the schedule still advanced: steps count, skipped or not
+    assert trainer.parts.scheduler.last_epoch == 1  # the schedule still advanced: steps count, skipped or not
 
     poison.fill_(1.0)  # a finite step right after still trains
     assert torch.isfinite(step.backward(images, masks))
     with no_host_reads():
         step.optimizer_step()
-    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.parts.model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in trainer.parts.model.parameters())
 
 
 @pytest.mark.parametrize("precision", PRECISION_LIST)

@@ -118,7 +118,7 @@ def one_process(tmp_path_factory) -> Path:
     # The seeded initial weights, which every run of this config starts from: displacements are measured from them.
     validate_config(cfg)
     trainer = Trainer(cfg, out)
-    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, out / "initial_weights.pt")
+    torch.save({k: v.clone() for k, v in trainer.parts.model.state_dict().items()}, out / "initial_weights.pt")
     trainer.fit()
     return out
 

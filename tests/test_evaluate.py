@@ -51,7 +51,7 @@ def evaluate(run_dir, out_dir, *overrides):
 def test_metrics_equal_the_training_loop(tiny_run, tmp_path):
     run_dir, cfg = tiny_run
     trainer = Trainer(cfg, tmp_path / "trainer")
-    trainer.model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
+    trainer.parts.model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
     expected = json_safe(trainer.validate())
     metrics = evaluate(run_dir, tmp_path / "eval")
     for key in ("miou", "mdice", "pixel_acc", "per_class_iou", "per_class_dice", "confusion_matrix"):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from segkit.engine.trainer import Trainer
+from segkit.engine.trainer import fit
 from segkit.errors import ConfigError
 from segkit.extras import require_extra
 from segkit.inference.export import export_onnx, onnx_session
@@ -32,8 +32,9 @@ def test_train_with_a_logger_whose_extra_is_missing_prints_one_line_and_exits_2(
 def test_a_tracker_without_its_extra_is_refused_before_any_data_is_read(compose_cfg, tmp_path, monkeypatch, logger):
     monkeypatch.setitem(sys.modules, logger, None)  # import <logger> now raises ModuleNotFoundError
     with pytest.raises(ConfigError) as caught:
-        Trainer(compose_cfg([f"logger={logger}"]), tmp_path)
+        fit(compose_cfg([f"logger={logger}"]), tmp_path)
     assert str(caught.value) == f"logger.{logger}: needs the '{logger}' extra: pip install 'segkit[{logger}]'"
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("module", ["onnx", "onnxruntime"])

@@ -64,10 +64,10 @@ def test_device_cache_trains_like_the_dataloader_and_resumes_exactly(compose_cfg
 
 def test_trainer_reads_no_dataloader_with_the_device_cache(compose_cfg, tmp_path):
     trainer = Trainer(compose_cfg(["dataset.cache=device"]), tmp_path)
-    assert isinstance(trainer.train_loader, DeviceCachedBatches)
-    assert isinstance(trainer.val_loader, DeviceCachedBatches)
-    assert trainer.train_loader.images.shape == (16, 3, 32, 32)  # TINY: 16 train images at 32x32
-    assert trainer.train_loader.masks.dtype == torch.uint8  # 4 classes and ignore 255 fit a byte
+    assert isinstance(trainer.parts.train_loader, DeviceCachedBatches)
+    assert isinstance(trainer.parts.val_loader, DeviceCachedBatches)
+    assert trainer.parts.train_loader.images.shape == (16, 3, 32, 32)  # TINY: 16 train images at 32x32
+    assert trainer.parts.train_loader.masks.dtype == torch.uint8  # 4 classes and ignore 255 fit a byte
 
 
 def test_prefetcher_yields_the_loader_batches(compose_cfg):
@@ -106,12 +106,12 @@ def test_activation_checkpointing_recomputes_the_encoder_with_the_same_gradients
     for enabled in (False, True):
         trainer = Trainer(compose_cfg([f"trainer.activation_checkpointing={enabled}"]), tmp_path)
         entered: list[int] = []
-        stage = trainer.model.encoder.model.layer1  # a middle stage: checkpointed when enabled
+        stage = trainer.parts.model.encoder.model.layer1  # a middle stage: checkpointed when enabled
         stage.register_forward_pre_hook(lambda *_, seen=entered: seen.append(1))  # recompute may stop early
         torch.manual_seed(0)
         images, masks = torch.rand(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
-        trainer.loss_fn(trainer.model(images), masks).backward()
-        grads.append([p.grad.clone() for p in trainer.model.parameters() if p.grad is not None])
+        trainer.parts.loss_fn(trainer.parts.model(images), masks).backward()
+        grads.append([p.grad.clone() for p in trainer.parts.model.parameters() if p.grad is not None])
         calls.append(len(entered))
     assert calls == [1, 2]  # checkpointing runs the stage again in backward
     assert len(grads[0]) == len(grads[1])

@@ -108,11 +108,11 @@ def test_each_sample_gradient_depends_on_that_sample_only(compose_cfg, tmp_path)
     torch.manual_seed(0)
     images, masks = torch.rand(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32))
     masks[0, :8] = 255  # ignored pixels in one sample: a batch-mean loss would rescale the others
-    trainer.private.backward(trainer.loss_fn, images, masks)
-    first = {name: p.grad_sample[1].clone() for name, p in trainer.private.parameters.items()}
+    trainer.parts.private.backward(trainer.parts.loss_fn, images, masks)
+    first = {name: p.grad_sample[1].clone() for name, p in trainer.parts.private.parameters.items()}
     images[0], masks[0] = torch.rand(3, 32, 32), torch.randint(0, 4, (32, 32))  # another neighbour
-    trainer.private.backward(trainer.loss_fn, images, masks)
-    for name, p in trainer.private.parameters.items():
+    trainer.parts.private.backward(trainer.parts.loss_fn, images, masks)
+    for name, p in trainer.parts.private.parameters.items():
         assert torch.equal(p.grad_sample[1], first[name]), name
 
 
@@ -136,10 +136,11 @@ def test_poisson_batches_replay_an_interrupted_epoch_and_may_be_empty(compose_cf
 
 def test_an_empty_poisson_batch_is_a_noise_only_step(compose_cfg, tmp_path):
     trainer = Trainer(compose_cfg([*PRIVATE, "privacy.target_epsilon=5.0"]), tmp_path)
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.step.backward(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, 32, 32, dtype=torch.int64), 1)
-    trainer.step.optimizer_step()
-    after = trainer.model.state_dict()
+    before = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
+    empty = torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, 32, 32, dtype=torch.int64)
+    trainer.parts.step.backward(*empty, 1)
+    trainer.parts.step.optimizer_step()
+    after = trainer.parts.model.state_dict()
     moved = [k for k, v in after.items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert moved  # noise was added
-    assert trainer.private.accountant.history  # and the step was accounted
+    assert trainer.parts.private.accountant.history  # and the step was accounted

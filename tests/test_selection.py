@@ -59,12 +59,12 @@ def test_ema_weights_are_the_ones_validated_and_saved(compose_cfg, tmp_path):
     assert changed, "the EMA weights equal the raw ones"
     # The saved `model` (what segkit-evaluate / predict load) scores exactly what validation reported.
     plain = Trainer(compose_cfg(["trainer.max_epochs=1"]), tmp_path / "check")
-    plain.model.load_state_dict(state["model"])
+    plain.parts.model.load_state_dict(state["model"])
     again = plain.validate()
     assert again["miou"] == summary["final"]["miou"]
     assert again["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-6)  # same batches, same order
     # The trained weights are validated beside them: val_raw/* is what EMA is compared with.
-    plain.model.load_state_dict(state["train_model"])
+    plain.parts.model.load_state_dict(state["train_model"])
     raw = plain.validate()
     row = read_csv(tmp_path / "run" / "epochs.csv")[-1]
     assert float(row["val_raw/miou"]) == pytest.approx(raw["miou"], abs=1e-6)

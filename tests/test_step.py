@@ -83,11 +83,11 @@ def test_trainer_validation_and_predictor_share_the_model_input(compose_cfg, tmp
     from segkit.inference.predictor import Predictor
 
     trainer = Trainer(compose_cfg(["trainer.channels_last=true", "augmentation=none"]), tmp_path)
-    assert trainer.step.channels_last and trainer.step.forward is trainer.train_module
-    images, _ = next(iter(trainer.val_loader))
-    trainer.model.eval()
-    predictor = Predictor(trainer.model, trainer.cfg, trainer.device)
+    assert trainer.parts.step.channels_last and trainer.parts.step.forward is trainer.parts.train_module
+    images, _ = next(iter(trainer.parts.val_loader))
+    trainer.parts.model.eval()
+    predictor = Predictor(trainer.parts.model, trainer.cfg, trainer.device)
     assert predictor.channels_last  # the run's setting, as the trainer resolved it
     with torch.no_grad():
-        expected = trainer.step.forward(to_model_input(images, channels_last=True))
+        expected = trainer.parts.step.forward(to_model_input(images, channels_last=True))
         assert torch.equal(predictor.logits(images), expected)

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from segkit.engine.trainer import Trainer, fit, seed_everything
+from segkit.engine.seeding import seed_everything
+from segkit.engine.trainer import Trainer, fit
+from segkit.metrics import SegmentationMetrics
 from segkit.runs.checkpoint import load_checkpoint
 
 from .conftest import ROOT, read_csv
@@ -44,6 +46,27 @@ def test_run_directory_holds_checkpoints_and_record(compose_cfg, tmp_path):
     for key in ("model", "optimizer", "scheduler", "scaler", "progress", "rng", "config"):
         assert key in state
     assert state["progress"]["global_step"] == metrics["steps"]
+
+
+def test_metrics_json_is_strict_json_when_a_class_has_no_pixels(compose_cfg, tmp_path, monkeypatch):
+    """A class with no pixels and no predictions scores NaN; metrics.json writes it as null."""
+    compute = SegmentationMetrics.compute
+
+    def without_triangles(self):
+        result = compute(self)
+        result["per_class_iou"]["triangle"] = float("nan")  # what compute gives a class absent from the split
+        return result
+
+    monkeypatch.setattr(SegmentationMetrics, "compute", without_triangles)
+    fit(compose_cfg(), tmp_path)
+
+    def refuse(constant: str) -> None:
+        pytest.fail(f"metrics.json holds {constant}, which strict JSON parsers refuse")
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["final"]["per_class_iou"]["triangle"] is None
+    assert metrics["best"]["per_class_iou"]["triangle"] is None
+    assert metrics["final"]["per_class_iou"]["background"] >= 0  # the other classes keep their scores
 
 
 def _weights(path):

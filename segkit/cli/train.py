@@ -21,15 +21,18 @@ def train(cfg: DictConfig, output_dir: str, on_validation=None) -> dict[str, Any
     """One training, or one side of a Flower federation (`federated=...`, segkit/federated.py).
 
     The trainer (torch and the models) is imported only here, after the config is checked, so
-    `--help`, `--cfg job` and a config error answer before torch would have loaded."""
+    `--help`, `--cfg job` and a config error answer before torch would have loaded. The trackers of
+    the config's `logger` node are built here and handed to the run."""
+    from segkit.trackers.base import build_trackers
+
     if cfg.get("federated") is not None:
         from segkit.federated import run
 
-        return run(cfg, output_dir)
+        return run(cfg, output_dir, build_trackers(cfg.get("logger")))
     validate_config(cfg)
     from segkit.engine.trainer import fit
 
-    return fit(cfg, output_dir, on_validation)
+    return fit(cfg, output_dir, on_validation, trackers=build_trackers(cfg.get("logger")))
 
 
 @hydra_main("train")

@@ -120,6 +120,12 @@ def global_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return total
 
 
+def global_mean(total: torch.Tensor, count: torch.Tensor, ctx: DistContext) -> float:
+    """`total / count` summed over processes (a host sync: logging points only); 0 counted is 1."""
+    totals = global_sum(torch.stack([total, count.to(total.dtype)]), ctx)
+    return float(totals[0] / totals[1].clamp_min(1))
+
+
 def global_max(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if not ctx.enabled:
         return tensor

@@ -18,6 +18,9 @@ This module is the glue:
   path the data-dependent branches of smp's losses; DPOptimizer reads `grad_sample` either way.)
 - `PoissonBatches` is the training loader: seeded per epoch, so a resumed epoch redraws exactly
   the batches the interrupted one would have drawn.
+- The functions at the end are every place where a private run differs from a plain one (the model,
+  the training batches, the optimizer, the checkpoint, the epoch record, the summary): the trainer
+  calls them unconditionally and nothing else in the engine branches on `privacy`.
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from segkit.config import PRIVACY_ACCOUNTANTS as ACCOUNTANTS
+from segkit.data.loading import device_batches
 from segkit.data.readers.base import SegmentationDataset
+from segkit.engine.distributed import DistContext
 from segkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
 
 def check_privacy_config(cfg: DictConfig) -> None:
     """Refuse, naming the key, settings that are invalid or do not combine with DP-SGD."""
@@ -245,3 +251,55 @@ class PrivateTraining:
                                          f"{state['noise_multiplier']}, this config gives {self.noise_multiplier}; "
                                          "resume with the original privacy settings and trainer.max_epochs")
         self.accountant.history = [tuple(entry) for entry in state["history"]]
+
+
+# ---------------------------------------------------------------------------------------------- in the trainer
+
+
+def private_model(cfg: DictConfig, model: nn.Module, dist: DistContext) -> nn.Module:
+    """With privacy=dp: refuse what does not combine with DP-SGD, then make the model DP-compatible."""
+    if cfg.get("privacy") is None:
+        return model
+    check_privacy_config(cfg)
+    if dist.enabled:
+        raise ConfigError("privacy", "DP-SGD runs in one process; start it without torchrun/submitit tasks")
+    return make_model_private_compatible(model)
+
+
+def training_batches(cfg: DictConfig, train_set: SegmentationDataset, device: torch.device,
+                     dist: DistContext) -> Any:
+    """The training loader on the device: Poisson-sampled with privacy=dp (the accountant assumes it)."""
+    tcfg = cfg.trainer
+    if cfg.get("privacy") is not None:
+        return PoissonBatches(train_set, batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, seed=tcfg.seed,
+                              device=device)
+    return device_batches(train_set, batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, train=True,
+                          seed=tcfg.seed, device=device, rank=dist.rank, world_size=dist.world_size)
+
+
+def make_private(cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Any,
+                 planned_steps: int) -> PrivateTraining | None:
+    """With privacy=dp, Opacus wraps the model (per-sample gradients) and the optimizer (clip + noise)."""
+    if cfg.get("privacy") is None:
+        return None
+    return PrivateTraining(cfg.privacy, model, optimizer, batches, planned_steps=planned_steps)
+
+
+def privacy_state(private: PrivateTraining | None) -> dict[str, Any]:
+    """The checkpoint's `privacy` entry (none for a plain run)."""
+    return {} if private is None else {"privacy": private.state_dict()}
+
+
+def load_privacy_state(private: PrivateTraining | None, state: dict[str, Any]) -> None:
+    if private is not None:
+        private.load_state_dict(state["privacy"])
+
+
+def privacy_metrics(private: PrivateTraining | None) -> dict[str, float]:
+    """The epoch record's privacy/epsilon (none for a plain run)."""
+    return {} if private is None else {"privacy/epsilon": private.epsilon()}
+
+
+def privacy_summary(private: PrivateTraining | None) -> dict[str, Any]:
+    """The run summary's `privacy` entry (none for a plain run)."""
+    return {} if private is None else {"privacy": private.summary()}

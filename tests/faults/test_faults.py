@@ -14,7 +14,8 @@ import weakref
 import pytest
 import torch
 
-from segkit.engine.trainer import OutOfMemory, Trainer, TrainingDiverged, fit
+from segkit.engine.failures import OutOfMemory, TrainingDiverged
+from segkit.engine.trainer import Trainer, fit
 from segkit.errors import CheckpointError
 from segkit.runs import checkpoint as checkpoint_module
 from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
@@ -142,7 +143,7 @@ def test_isolated_nan_step_is_skipped_without_touching_weights(compose_cfg, tmp_
 def test_out_of_memory_names_sizes_and_a_fix_and_keeps_the_checkpoint(compose_cfg, tmp_path, failing_call,
                                                                       stage, hint):
     trainer = Trainer(compose_cfg(["trainer.max_epochs=2"]), tmp_path)
-    real_forward, calls = trainer.step.forward, 0
+    real_forward, calls = trainer.parts.step.forward, 0
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         nonlocal calls
@@ -151,7 +152,7 @@ def test_out_of_memory_names_sizes_and_a_fix_and_keeps_the_checkpoint(compose_cf
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
         return real_forward(images)
 
-    trainer.step.forward = forward
+    trainer.parts.step.forward = forward
     with pytest.raises(OutOfMemory) as caught:
         trainer.fit()
     message = str(caught.value)
@@ -165,7 +166,7 @@ def test_out_of_memory_names_sizes_and_a_fix_and_keeps_the_checkpoint(compose_cf
 def test_validation_keeps_at_most_one_batch_of_outputs_alive(compose_cfg, tmp_path):
     """Memory bound: a validation set of any size holds one batch plus the confusion matrix."""
     trainer = Trainer(compose_cfg(["dataset.val_size=40"]), tmp_path)
-    real_forward, outputs, most_alive = trainer.step.forward, [], 0
+    real_forward, outputs, most_alive = trainer.parts.step.forward, [], 0
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         nonlocal most_alive
@@ -175,7 +176,7 @@ def test_validation_keeps_at_most_one_batch_of_outputs_alive(compose_cfg, tmp_pa
         outputs.append(weakref.ref(logits))
         return logits
 
-    trainer.step.forward = forward
+    trainer.parts.step.forward = forward
     trainer.validate()
     gc.collect()
     assert len(outputs) == 10
