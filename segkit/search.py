@@ -39,6 +39,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from segkit.runs import safe_files
 from segkit.runs.run_dir import LAST, RunDir
 from segkit.sweeps import TRIAL_FILE, error_message
 
@@ -232,7 +233,7 @@ class Search:
         params = [f"{k}={v}" for k, v in (self.sweeper.params or {}).items()]
         space, fixed = search_space(self.parse([*params, *arguments]))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
+        safe_files.write_text(self.sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         # Optuna beats only inside Study.optimize; this search beats for its own trials (_heartbeat).
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -257,7 +258,7 @@ class Search:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Workers of this machine take turns counting and asking, so the study never overshoots n_trials."""
-        with open(self.sweep_dir / "study.lock", "a") as handle:
+        with safe_files.open_lock(self.sweep_dir / "study.lock") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -343,7 +344,7 @@ class Search:
             "best_trials": [{"number": t.number, "values": t.values, "params": t.params}
                             for t in (study.best_trials if finished else [])],
         }
-        (self.sweep_dir / STUDY_FILE).write_text(json.dumps(record, indent=2))
+        safe_files.write_text(self.sweep_dir / STUDY_FILE, json.dumps(record, indent=2))
         for trial in record["best_trials"]:
             log.info("best trial %d: %s %s", trial["number"], dict(zip(self.sweeper.objectives, trial["values"],
                                                                        strict=True)), trial["params"])
@@ -429,7 +430,7 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, train: Callable[..., dict
             trial.set_user_attr(name, value)
         outcome.update(state="COMPLETE", values=[measured[name] for name in objectives], **measured)
         study.tell(number, outcome["values"])
-    (output_dir / TRIAL_FILE).write_text(json.dumps(outcome, indent=2))
+    safe_files.write_text(output_dir / TRIAL_FILE, json.dumps(outcome, indent=2))
     tag_mlflow_runs(cfg, output_dir, {"optuna.study": study.study_name, "optuna.trial": str(number),
                                       "optuna.state": outcome["state"]})
     log.info("trial %d: %s %s", number, outcome["state"], outcome.get("values", ""))

@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.errors import SegkitError, one_line
+from segkit.runs import safe_files
 from segkit.runs.json import dumps
 from segkit.runs.run_dir import RunDir
 
@@ -55,7 +56,7 @@ def record_failure(cfg: DictConfig, output_dir: Path, error: BaseException, over
         "overrides": overrides,
         "traceback": "".join(traceback.format_exception(error)),
     }
-    RunDir(output_dir).failed.write_text(json.dumps(record, indent=2))
+    safe_files.write_text(RunDir(output_dir).failed, json.dumps(record, indent=2))
     log.error("job failed (%s): %s; the sweep goes on", " ".join(overrides), message)
     if not trackers_started:  # failed while building (model, data): no tracker run exists yet
         _failed_tracker_run(cfg, output_dir, message)
@@ -173,7 +174,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = collect_jobs(sweep_dir)
         print(summary_text(sweep_dir, jobs), flush=True)
-        (sweep_dir / "sweep_summary.json").write_text(dumps(summary_record(jobs), indent=2))
+        safe_files.write_text(sweep_dir / "sweep_summary.json", dumps(summary_record(jobs), indent=2))
 
 
 def summary_text(sweep_dir: Path, jobs: list[JobRecord]) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segkit.runs import safe_files
 from segkit.runs.run_dir import BEST, LAST, RunDir
 from segkit.sweeps import JobRecord, best_miou, collect_jobs, varying_overrides
 
@@ -208,7 +209,7 @@ def write_pareto_plot(rows: Sequence[Row], front: Sequence[Row], directions: dic
     ax.set_xlabel({"latency_ms": "inference latency (ms / image)", "params": "parameters"}.get(x_name, x_name))
     ax.set_ylabel("best val mIoU" if y_name == "miou" else y_name)
     ax.legend()
-    fig.savefig(path, dpi=120)
+    safe_files.write_with(path, lambda buffer: fig.savefig(buffer, format="png", dpi=120))
 
 
 def class_names(rows: Sequence[Row]) -> list[str]:
@@ -220,7 +221,7 @@ def class_names(rows: Sequence[Row]) -> list[str]:
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
     classes = class_names(rows)
-    with open(path, "w", newline="") as handle:
+    with safe_files.atomic_write(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["rank", "job", "status", "best_val_miou", *[f"iou_{c}" for c in classes], "seconds",
                          "params", "model", "loss", "overrides", "error"])
@@ -286,7 +287,7 @@ def write_heatmap(rows: Sequence[Row], path: Path) -> bool:
             color = "white" if np.isfinite(grid[i, j]) and grid[i, j] < 0.6 * vmax else "black"
             ax.text(j, i, text, ha="center", va="center", color=color)
     fig.colorbar(image, ax=ax)
-    fig.savefig(path, dpi=120)
+    safe_files.write_with(path, lambda buffer: fig.savefig(buffer, format="png", dpi=120))
     return True
 
 
@@ -339,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = rank(rows)
     write_csv(rows, out / "leaderboard.csv")
     text = markdown(rows, source)
-    (out / "leaderboard.md").write_text(text)
+    safe_files.write_text(out / "leaderboard.md", text)
     written = ["leaderboard.md", "leaderboard.csv"]
     if write_heatmap(rows, out / "leaderboard_heatmap.png"):
         written.append("leaderboard_heatmap.png")
@@ -347,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(directions) > 1:
         front = pareto_front(rows, directions)
         text += pareto_markdown(front, directions)
-        (out / "leaderboard.md").write_text(text)
+        safe_files.write_text(out / "leaderboard.md", text)
         write_pareto_plot(rows, front, directions, out / "pareto_front.png")
         written.append("pareto_front.png")
     print(text)

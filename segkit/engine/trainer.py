@@ -13,7 +13,6 @@ import csv
 import json
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -65,6 +64,7 @@ from segkit.metrics import SegmentationMetrics, build_metrics, class_scores
 from segkit.models import Segmenter
 from segkit.models.sliding import slide_logits
 from segkit.reporting.plots import comparison_grid, save_png, stable_palette
+from segkit.runs import safe_files
 from segkit.runs.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from segkit.runs.run_dir import BEST, LAST, RunDir
 from segkit.trackers.base import build_trackers, flatten
@@ -302,7 +302,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.run.config.write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            safe_files.write_text(self.run.config, OmegaConf.to_yaml(self.cfg, resolve=True))
         params = flatten(OmegaConf.to_container(self.cfg, resolve=True))
         self.trackers.start(self.output_dir, params, {"device": str(self.device), "scored_at": self.tcfg.score_at})
         log.info(
@@ -678,15 +678,13 @@ class Trainer:
                 header, rows = list(reader.fieldnames or []), list(reader)
         fields = header + [k for k in record if k not in header]
         if fields == header:
-            with open(path, "a", newline="") as handle:
+            with safe_files.open_append(path, newline="") as handle:
                 csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore").writerow(record)
             return
-        partial = path.with_name(path.name + ".tmp")
-        with open(partial, "w", newline="") as handle:
+        with safe_files.atomic_write(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows([*rows, record])
-        os.replace(partial, path)
 
     def _write_summary(self, status: str) -> dict[str, Any]:
         best = getattr(self, "best_validation", None)
@@ -708,7 +706,7 @@ class Trainer:
             **({"privacy": self.private.summary()} if self.private is not None else {}),
         }
         if self.dist.is_main:
-            self.run.metrics.write_text(json.dumps(summary, indent=2))
+            safe_files.write_text(self.run.metrics, json.dumps(summary, indent=2))
         if best is not None:
             log.info("best %s = %.4f at epoch %d", self.tcfg.monitor, self.best_score, self.best_epoch)
         return summary

@@ -15,6 +15,7 @@ import torch
 
 from segkit.errors import CheckpointError
 from segkit.runs.run_dir import LAST
+from segkit.runs.safe_files import atomic_write, is_regular_file, write_bytes
 
 log = logging.getLogger(__name__)
 METADATA_PREFIX = "segkit."  # safetensors metadata keys segkit writes (values: JSON)
@@ -31,21 +32,14 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = Fal
     `keep_previous`, the file being replaced stays as `<name>.prev.pt`, a fallback should
     `path` ever be damaged later.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_write(path, "wb", root=path.parent.parent) as handle:
             torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if keep_previous and path.is_file():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
+            if keep_previous and is_regular_file(path):
+                os.replace(path, previous_path(path))
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error}); "
                               "the previous checkpoint is unchanged") from None
-    _fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -73,20 +67,16 @@ def save_safetensors(model: torch.nn.Module, config_yaml: str, path: Path,
     (`encoder` and `net.encoder`) is stored once, under its first name, as safetensors requires. `extras`
     (plain values: the checkpoint's `calibration` and `geometry`) go into the file's string metadata as JSON
     under `segkit.<key>`: the YAML beside it stays the training config, checked as a checkpoint's is."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = model.state_dict()
     tensors = {name: state[name].contiguous() for name in _first_names(model) if name in state}
     config = config_path(path)
     metadata = {f"{METADATA_PREFIX}{key}": json.dumps(value) for key, value in (extras or {}).items()}
-    for target, write in ((path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or None)),
-                          (config, lambda tmp: tmp.write_text(config_yaml))):
-        tmp = target.with_name(f".{target.name}.tmp")
+    for target, data in ((path, save(tensors, metadata=metadata or None)), (config, config_yaml.encode())):
         try:
-            write(tmp)
-            os.replace(tmp, target)
+            write_bytes(target, data)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
             raise CheckpointError(f"{target}: cannot write ({error.strerror or error})") from None
     return path, config
 
@@ -162,15 +152,3 @@ def load_latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | Non
         except CheckpointError as error:
             log.warning("%s; trying the previous checkpoint", error)
     return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

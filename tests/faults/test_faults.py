@@ -14,9 +14,9 @@ import weakref
 import pytest
 import torch
 
-from segkit.runs import checkpoint as checkpoint_module
 from segkit.engine.trainer import OutOfMemory, Trainer, TrainingDiverged, fit
 from segkit.errors import CheckpointError
+from segkit.runs import checkpoint as checkpoint_module
 from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
 
 from ..conftest import ROOT, TINY, write_folder_dataset
