@@ -100,7 +100,7 @@ def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str,
     batch_size = cfg.batch_size or stored_trainer.get("val_batch_size") or stored_trainer.get("batch_size", 8)
     loader = build_loader(dataset, batch_size=int(batch_size), num_workers=cfg.num_workers, train=False,
                           seed=0, pin_memory=predictor.device.type == "cuda")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    safe_files.make_dirs(out_dir, root=out_dir if cfg.output_dir else RunDir.of_checkpoint(checkpoint).path)
     safe_files.refuse_links(out_dir)  # the charts, masks and report below are written by libraries
     mode = predictor.geometry.mode if cfg.mode == "auto" else cfg.mode
     log.info("evaluating %s on %s/%s (%d images, letterboxed to %dx%d, mode=%s%s, scored at the %s size) -> %s",

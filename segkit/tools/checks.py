@@ -29,6 +29,7 @@ from segkit.data.geometry import letterbox
 from segkit.data.readers.base import SegmentationDataset
 from segkit.errors import DataError
 from segkit.reporting.plots import save_overlay_preview, stable_palette
+from segkit.runs import safe_files
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
@@ -141,7 +142,7 @@ def write_weights(path: str | Path, report: SplitReport) -> list[float]:
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    safe_files.write_text(path, text)
     return weights
 
 
