@@ -16,8 +16,8 @@ import csv
 import json
 import math
 import os
+import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +83,49 @@ def rows_from_mlflow(experiment: str, tracking_uri: str) -> list[Row]:
         token = page.token
         if not token:
             break
-    return [_row_from_run(client, run) for run in runs]
+    store = store_directory(tracking_uri)
+    return [_row_from_run(client, run, store) for run in runs]
 
 
-def _row_from_run(client: Any, run: Any) -> Row:
+def store_directory(tracking_uri: str) -> Path | None:
+    """The local directory of an MLflow store (`sqlite:///<dir>/mlflow.db`, `file:///<dir>`, `<dir>`); None
+    for a server."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        return Path(unquote(parsed.path)).resolve().parent if parsed.path not in ("", "/") else None
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path)).resolve()
+    if parsed.scheme == "":
+        return Path(tracking_uri).resolve()
+    return None
+
+
+def local_artifact_dir(artifact_uri: str, store: Path | None) -> Path | None:
+    """The run's artifact directory when it is a local path under the store's directory, else None: an
+    artifact location is written by whoever wrote the store, and a server it names is never contacted."""
+    from urllib.parse import unquote, urlparse
+
+    if store is None or not artifact_uri:
+        return None
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        path = Path(unquote(parsed.path))
+    elif parsed.scheme == "" and artifact_uri.startswith("/"):
+        path = Path(artifact_uri)
+    else:
+        return None
+    path = Path(os.path.normpath(path))
+    return path if path == store or store in path.parents else None
+
+
+MAX_SUMMARY_BYTES = 16 << 20  # a run's metrics.json is a few KiB
+
+
+def _row_from_run(client: Any, run: Any, store: Path | None = None) -> Row:
     tags, metrics = run.data.tags, run.data.metrics
-    summary = _mlflow_summary(client, run.info.run_id)
+    summary = _mlflow_summary(run, store)
     best = (summary or {}).get("best") or {}
     if best.get("miou") is not None:
         miou = float(best["miou"])
@@ -111,12 +148,22 @@ def _row_from_run(client: Any, run: Any) -> Row:
     )
 
 
-def _mlflow_summary(client: Any, run_id: str) -> dict[str, Any] | None:
-    try:
-        with tempfile.TemporaryDirectory(prefix="segkit_report_") as tmp:
-            return json.loads(Path(client.download_artifacts(run_id, "metrics.json", tmp)).read_text())
-    except Exception:  # noqa: BLE001 - a failed run has no metrics.json
+def _mlflow_summary(run: Any, store: Path | None) -> dict[str, Any] | None:
+    """The run's metrics.json artifact, read from the local store only; None when it has none."""
+    directory = local_artifact_dir(str(run.info.artifact_uri or ""), store)
+    if directory is None:
+        print(f"warning: run {run.info.run_id}: artifact location {str(run.info.artifact_uri)[:200]!r} is not a "
+              f"local path under the store ({store or 'a server'}); not fetched, the store's metrics are shown",
+              file=sys.stderr)
         return None
+    path = directory / "metrics.json"
+    if not safe_files.is_regular_file(path) or path.stat().st_size > MAX_SUMMARY_BYTES:
+        return None  # a failed run has no metrics.json; a link or a huge file is not read
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _override(overrides: Sequence[str], key: str) -> str | None:
@@ -180,15 +227,27 @@ def pareto_markdown(front: Sequence[Row], directions: dict[str, str]) -> str:
     arrows = ", ".join(f"{name} {'↑' if way == 'maximize' else '↓'}" for name, way in directions.items())
     lines = ["", f"## Pareto front ({arrows})", "",
              "Non-dominated runs (no other run is at least as good on every objective and better on one): "
-             + ", ".join(f"#{row.job}" for row in front) + ".", "",
+             + ", ".join(f"#{md_text(row.job)}" for row in front) + ".", "",
              "| job | " + " | ".join(directions) + " | overrides |", "|" + "---|" * (len(directions) + 2)]
     for row in sorted(front, key=lambda r: -r.objectives[next(iter(directions))]):
         values = [_num(row.objectives[name], 4 if name == "miou" else 2) for name in directions]
-        lines.append(f"| {row.job} | " + " | ".join(values) + " | " + " ".join(f"`{o}`" for o in row.shown_overrides)
-                     + " |")
+        cells = [md_text(row.job), *values, " ".join(md_code(o) for o in row.shown_overrides)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _plain_text(function: Any) -> Any:
+    """segkit.reporting.plots.plain_text, imported when drawing (segkit-report --help loads no torch)."""
+
+    def drawn(*args: Any, **kwargs: Any) -> Any:
+        from segkit.reporting.plots import plain_text
+
+        return plain_text(function)(*args, **kwargs)
+
+    return drawn
+
+
+@_plain_text
 def write_pareto_plot(rows: Sequence[Row], front: Sequence[Row], directions: dict[str, str], path: Path) -> None:
     """mIoU against the first cost objective: every scored trial, the front drawn and labelled."""
     from matplotlib.figure import Figure
@@ -223,13 +282,38 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     classes = class_names(rows)
     with safe_files.atomic_write(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["rank", "job", "status", "best_val_miou", *[f"iou_{c}" for c in classes], "seconds",
+        writer.writerow(["rank", "job", "status", "best_val_miou", *[csv_text(f"iou_{c}") for c in classes], "seconds",
                          "params", "model", "loss", "overrides", "error"])
         for i, row in enumerate(rows, 1):
-            writer.writerow([i, row.job, row.status, _num(row.best_miou),
+            writer.writerow([i, csv_text(row.job), csv_text(row.status), _num(row.best_miou),
                              *[_num(row.per_class_iou.get(c)) for c in classes], _num(row.seconds, 1),
-                             row.params if row.params is not None else "", row.model or "", row.loss or "",
-                             " ".join(row.overrides), row.error or ""])
+                             row.params if row.params is not None else "", csv_text(row.model or ""),
+                             csv_text(row.loss or ""), csv_text(" ".join(row.overrides)), csv_text(row.error or "")])
+
+
+def csv_text(value: Any) -> str:
+    """A cell a spreadsheet shows as text: one starting with = + - @ (or a tab / carriage return) would be
+    read as a formula, so it gets a leading apostrophe."""
+    text = str(value)
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+MARKDOWN_SPECIAL = set("\\`*_{}[]<>()#+-.!~&")  # `|`: escaped per table cell below
+
+
+def md_text(value: Any) -> str:
+    """A name from a file shown as text in Markdown: one line, every special character backslash-escaped
+    (no link, image, raw HTML or table cell of its own)."""
+    text = " ".join(str(value).split())
+    return "".join(f"\\{c}" if c in MARKDOWN_SPECIAL else c for c in text)
+
+
+def md_code(value: Any) -> str:
+    """A name from a file as inline code: fenced by more backticks than it holds, on one line."""
+    text = " ".join(str(value).split())
+    ticks = "`" * (1 + max((len(part) for part in re.findall(r"`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
 
 
 def markdown(rows: Sequence[Row], source: str) -> str:
@@ -239,20 +323,21 @@ def markdown(rows: Sequence[Row], source: str) -> str:
     failed = sum(r.status == "FAILED" for r in rows)
     pruned = sum(r.status == "PRUNED" for r in rows)
     counts = f"{len(rows)} runs: {ok} ok, {failed} failed" + (f", {pruned} pruned" if pruned else "")
-    lines = [f"# Leaderboard: {source}", "", counts + "."]
+    lines = [f"# Leaderboard: {md_text(source)}", "", counts + "."]
     if common:
-        lines += ["", "Common overrides: " + " ".join(f"`{o}`" for o in common)]
-    header = ["rank", "job", "overrides", "status", "best val mIoU", *[f"IoU {c}" for c in classes], "time",
+        lines += ["", "Common overrides: " + " ".join(md_code(o) for o in common)]
+    header = ["rank", "job", "overrides", "status", "best val mIoU", *[f"IoU {md_text(c)}" for c in classes], "time",
               "params", "error"]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["", "| " + " | ".join(c.replace("|", "\\|") for c in header) + " |", "|" + "---|" * len(header)]
     for i, row in enumerate(rows, 1):
-        cells = [str(i), row.job, " ".join(f"`{o}`" for o in row.shown_overrides), row.status,
+        cells = [str(i), md_text(row.job), " ".join(md_code(o) for o in row.shown_overrides), md_text(row.status),
                  _num(row.best_miou), *[_num(row.per_class_iou.get(c)) for c in classes],
-                 _duration(row.seconds), _count(row.params), row.error or ""]
+                 _duration(row.seconds), _count(row.params), md_text(row.error or "")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+@_plain_text
 def write_heatmap(rows: Sequence[Row], path: Path) -> bool:
     """Best mIoU per (model, loss) cell; False (nothing written) when the runs name no model/loss."""
     import matplotlib
