@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segkit.errors import SegkitError, one_line
 from segkit.runs import safe_files
 from segkit.runs.run_dir import BEST, LAST, RunDir
 from segkit.sweeps import JobRecord, best_miou, collect_jobs, varying_overrides
@@ -410,7 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.sweep_dir.is_dir():
             print(f"error: {args.sweep_dir}: not a directory", file=sys.stderr)
             return 2
-        rows, source = rows_from_sweep(args.sweep_dir), str(args.sweep_dir)
+        try:
+            rows, source = rows_from_sweep(args.sweep_dir), str(args.sweep_dir)
+        except SegkitError as error:  # a job's record that is a link, a device, huge, or not plain YAML
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
         out = args.out or args.sweep_dir
     else:
         from segkit.trackers.mlflow import default_tracking_uri
@@ -423,6 +428,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     rows = rank(rows)
+    try:
+        return _write_outputs(rows, source, out)
+    except SegkitError as error:  # a leaderboard file that is a planted link
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _write_outputs(rows: list[Row], source: str, out: Path) -> int:
     write_csv(rows, out / "leaderboard.csv")
     text = markdown(rows, source)
     safe_files.write_text(out / "leaderboard.md", text)

@@ -15,7 +15,7 @@ import torch
 
 from segkit.errors import CheckpointError
 from segkit.runs.run_dir import LAST
-from segkit.runs.safe_files import atomic_write, is_regular_file, write_bytes
+from segkit.runs.safe_files import atomic_write, check_checkpoint_archive, is_regular_file, write_bytes
 
 log = logging.getLogger(__name__)
 METADATA_PREFIX = "segkit."  # safetensors metadata keys segkit writes (values: JSON)
@@ -46,6 +46,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    check_checkpoint_archive(path)  # no compressed or oversized records: nothing inflates past the file's size
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -244,3 +244,81 @@ class LogFile(logging.FileHandler):
 
     def _open(self):  # noqa: ANN202 - logging's own signature
         return open_append(self.baseFilename, newline=None)
+
+
+MAX_RUN_FILE_BYTES = 16 << 20  # a run's JSON / YAML records are a few KiB
+
+
+def read_run_text(path: Path | str, limit: int = MAX_RUN_FILE_BYTES) -> str:
+    """A run's own record (metrics.json, .hydra/*.yaml): a regular file, not through a link, at most `limit` bytes."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno in (40, 6):  # ELOOP: a symlink; ENXIO: a socket
+            raise _read_refusal(path, "is a symlink or not a regular file") from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise _read_refusal(path, "is not a regular file")
+        if info.st_size > limit:
+            raise _read_refusal(path, f"holds {info.st_size} bytes, more than a run record's {limit} "
+                                      "(segkit.runs.safe_files.MAX_RUN_FILE_BYTES)")
+        data = handle.read(limit + 1)[:limit]
+    return data.decode("utf-8", errors="replace")
+
+
+def read_plain_yaml(path: Path | str, limit: int = MAX_RUN_FILE_BYTES) -> Any:
+    """A run's YAML record as plain data: YAML's own types only (no tag, no alias that could expand a small
+    file into a huge one); interpolations stay text."""
+    import yaml
+
+    text = read_run_text(path, limit)
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise _read_refusal(Path(path), f"line {event.start_mark.line + 1}: a YAML alias")
+            tag = getattr(event, "tag", None)
+            if tag and not tag.startswith("tag:yaml.org,2002:"):
+                raise _read_refusal(Path(path), f"line {event.start_mark.line + 1}: YAML tag {tag!r}")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UnsafePathError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+
+
+def _read_refusal(path: Path, what: str) -> UnsafePathError:
+    return UnsafePathError(f"{path}: {what}; refused: a run's records are plain files of plain values. "
+                           "Remove it, or read the run with --trust if it is yours")
+
+
+def check_checkpoint_archive(path: Path | str) -> None:
+    """Before torch.load: a zip archive (torch's format since 1.6) whose records are stored, not compressed,
+    and declare no more bytes than the file holds, so reading it allocates no more than its own size.
+    torch.save writes exactly that; a crafted archive of compressed records (a small file that inflates to
+    gigabytes) or the legacy format (storage sizes declared in the pickle) is refused before allocating."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except zipfile.BadZipFile:
+        raise _checkpoint_refusal(path, "truncated or corrupt checkpoint, or not a zip archive (torch.save's "
+                                        "format; the legacy format is not read)") from None
+    except OSError as error:
+        raise UnsafePathError(f"{path}: cannot read ({error.strerror or error})") from None
+    compressed = next((m.filename for m in members if m.compress_type != zipfile.ZIP_STORED), None)
+    if compressed is not None:
+        raise _checkpoint_refusal(path, f"record {compressed!r} is compressed (torch.save stores records as they "
+                                        "are; a compressed one can inflate far beyond the file)")
+    declared = sum(m.file_size for m in members)
+    if declared > size:
+        raise _checkpoint_refusal(path, f"its records declare {declared} bytes in a file of {size}")
+
+
+def _checkpoint_refusal(path: Path, what: str) -> SegkitError:
+    from segkit.errors import CheckpointError
+
+    return CheckpointError(f"{path}: {what}; refused before loading. Save it again with torch.save")
