@@ -299,7 +299,7 @@ def csv_text(value: Any) -> str:
     return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-MARKDOWN_SPECIAL = set("\\`*_{}[]<>()#+-.!~&")  # `|`: escaped per table cell below
+MARKDOWN_SPECIAL = set("\\`*_{}[]<>()#+-.!~&$")  # `|`: escaped per table cell below
 
 
 def md_text(value: Any) -> str:

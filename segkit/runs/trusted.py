@@ -401,6 +401,10 @@ def _check_sizes(cfg: DictConfig, check: _Check) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:
             check.refuse(key, value, f"more than {limit}; set {key}=... yourself on the command line to use it")
     for key in ("dataset.image_size", "augmentation.crop_size"):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False)
+        if not isinstance(node, DictConfig) or leaf not in node or OmegaConf.is_interpolation(node, leaf):
+            continue  # absent, or a reference to a key checked itself (the crop follows dataset.image_size)
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value is None:
             continue
