@@ -109,7 +109,7 @@ def export_torchscript(model: nn.Module, path: Path, size: Sequence[int]) -> Pat
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(model.eval(), example, check_trace=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        safe_files.write_with(path, traced.save)
+        safe_files.write_with(path, lambda buffer: torch.jit.save(traced, buffer))
     except Exception as error:  # noqa: BLE001
         raise ExportError(f"{path}: TorchScript export failed ({str(error).splitlines()[0]})") from None
     return path
