@@ -85,6 +85,8 @@ def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Pat
     from segkit.runs.trusted import foreign_run_config
 
     job = foreign_run_config(original.hydra_config, overrides)
+    if not any(o.partition("=")[0].lstrip("+~") == "output_root" for o in overrides):
+        job.output_root = str(out)  # the trackers' stores (MLflow's database) go with the new run, not elsewhere
     again = RunDir(out)
     safe_files.make_dirs(again.hydra, root=out.parent)
     with _log_to(again.path / "train.log"):
