@@ -515,3 +515,66 @@ def test_the_html_report_escapes_names(sandbox):
     page = write_report(sandbox.root / "r", summary=summary, class_names=[name], palette=np.zeros((1, 3)),
                         meta={"checkpoint": name}, charts={}, worst=[]).read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+# ---------------------------------------------------------------------- resume, evaluate, predict end to end
+@pytest.fixture
+def tiny_checkpoint(compose_cfg, sandbox) -> Path:
+    """A checkpoint as training leaves it in a (foreign) run directory: <run>/checkpoints/best.pt."""
+    from segkit.config import build
+
+    cfg = compose_cfg(["model=unet"])
+    net = build(cfg.model, "model")
+    path = sandbox.root / "run" / "checkpoints" / "best.pt"
+    save_checkpoint({"model": net.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}, path)
+    return path
+
+
+def test_resume_into_a_run_with_a_planted_config_link_writes_nothing_through_it(sandbox, compose_cfg):
+    from segkit.engine.trainer import fit
+
+    run = sandbox.root / "run"
+    sandbox.link_out(run / "config.yaml")
+    with pytest.raises(safe_files.UnsafePathError, match=r"run/config\.yaml: is a symlink"):
+        fit(compose_cfg(["trainer.resume=auto"]), run)
+
+
+def test_evaluate_refuses_a_planted_link_in_its_default_output_directory(sandbox, tiny_checkpoint, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from segkit.cli import evaluate as evaluate_cli
+    from segkit.cli.common import run_or_exit
+
+    from .conftest import CONF_DIR
+
+    sandbox.link_out(sandbox.root / "run" / "eval", target_name="")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[f"checkpoint={tiny_checkpoint}", "progress_bar=false",
+                                                         "report=false", "save_masks=false", "device=cpu"])
+    with pytest.raises(SystemExit) as exited:
+        run_or_exit(lambda: evaluate_cli.run(cfg))
+    assert exited.value.code == 2
+    assert "run/eval: is a symlink" in one_error_line(capsys)
+
+
+def test_predict_refuses_an_output_directory_holding_a_planted_link(sandbox, tiny_checkpoint, capsys):
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+
+    from segkit.cli import predict as predict_cli
+    from segkit.cli.common import run_or_exit
+
+    from .conftest import CONF_DIR
+
+    images = sandbox.root / "images"
+    images.mkdir()
+    Image.new("RGB", (16, 16)).save(images / "photo.png")
+    out = sandbox.root / "out"
+    sandbox.link_out(out / "photo.png")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="predict", overrides=[f"checkpoint={tiny_checkpoint}", f"input={images}",
+                                                        f"output={out}", "progress_bar=false", "device=cpu"])
+    with pytest.raises(SystemExit) as exited:
+        run_or_exit(lambda: predict_cli.run(cfg))
+    assert exited.value.code == 2
+    assert "out/photo.png: is a symlink" in one_error_line(capsys)
