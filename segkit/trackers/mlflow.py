@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from segkit.runs import safe_files
 from segkit.runs.run_dir import BEST, RunDir
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
@@ -147,7 +148,7 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
         return
     lock = Path(uri.removeprefix("sqlite:///") + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
+    with safe_files.open_lock(lock) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
