@@ -63,7 +63,7 @@ from segkit.losses import fill_class_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics, build_metrics, class_scores
 from segkit.models import Segmenter
 from segkit.models.sliding import slide_logits
-from segkit.reporting.plots import comparison_grid, save_png, stable_palette
+from segkit.reporting.plots import comparison_grid, encode_png, stable_palette
 from segkit.runs import safe_files
 from segkit.runs.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from segkit.runs.run_dir import BEST, LAST, RunDir
@@ -592,7 +592,8 @@ class Trainer:
         preds = class_scores(logits.float()).argmax(1).cpu()
         palette = stable_palette(self.val_set.num_classes, self.val_set.colors)
         grid = comparison_grid(images, preds, masks, palette, self.val_set.ignore_index)
-        save_png(grid, self.output_dir / "val_images" / f"step_{self.global_step:07d}.png")
+        safe_files.write_bytes(self.output_dir / "val_images" / f"step_{self.global_step:07d}.png", encode_png(grid),
+                               root=self.output_dir)
         self.trackers.log_image("val/overlays", grid, self.global_step)
 
     # ------------------------------------------------------------------ checkpoint selection and EMA

@@ -181,6 +181,15 @@ def comparison_grid(
     return np.asarray(image_grid(tiles, columns=4))
 
 
+def encode_png(array: np.ndarray) -> bytes:
+    """The PNG file's bytes, for a caller that writes them itself (segkit.runs.safe_files)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_png(array: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
