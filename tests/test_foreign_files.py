@@ -185,7 +185,7 @@ def test_reproduce_refuses_a_gadget_target(sandbox, capsys, saved_config):
 
 def test_reproduce_refuses_a_python_tag(sandbox, capsys, saved_config):
     text = OmegaConf.to_yaml(saved_config) + f"task_name: !!python/object/apply:{corpus.GADGET} []\n"
-    refused_run(sandbox, capsys, text, "tag")
+    refused_run(sandbox, capsys, text, "YAML tag 'tag:yaml.org,2002:python/object/apply")
 
 
 def test_reproduce_refuses_an_alias_bomb(sandbox, capsys):
@@ -438,6 +438,22 @@ def test_segkit_load_refuses_a_compressed_checkpoint_in_one_line(sandbox):
     with pytest.raises(CheckpointError) as refused:
         segkit.load(path, device="cpu")
     assert len(str(refused.value).splitlines()) == 1 and "shared.pt" in str(refused.value)
+
+
+@pytest.mark.parametrize(("config", "named"), [
+    (corpus.alias_bomb(), "a YAML alias refused"),
+    (corpus.nested(100), "nested more than"),
+    (f"model: !!python/object/apply:{corpus.GADGET} []\n", "YAML tag"),
+    ("model: " + "x" * (2 << 20) + "\n", "characters, more than"),
+])
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_checkpoints_stored_config_is_checked_before_it_is_parsed(sandbox, config, named, trust):
+    import segkit
+
+    path = sandbox.root / "shared.pt"
+    save_checkpoint({"model": {}, "config": config}, path)
+    with pytest.raises(CheckpointError, match=rf"shared\.pt: stored config.*{named}"):
+        segkit.load(path, device="cpu", trust=trust)  # limits hold with trust too
 
 
 @pytest.mark.parametrize("reader", ["read_image", "read_mask", "read_color_mask"])

@@ -36,6 +36,7 @@ from segkit.runs.checkpoint import (
     read_safetensors_extras,
 )
 from segkit.runs.run_dir import RunDir
+from segkit.runs.safe_files import check_config_text
 from segkit.runs.trusted import checked_checkpoint_config
 
 ImageLike = Any  # torch.Tensor | PIL.Image.Image | np.ndarray
@@ -298,6 +299,7 @@ def model_config(config_yaml: str, path: Path, trust: bool = False) -> DictConfi
 
     Unless `trust`, the config is resolved and checked (segkit/runs/trusted.py) before anything is
     built from it: its model and dataset may only name allowlisted segkit code."""
+    check_config_text(config_yaml, path)  # no alias bomb, tag or deep nesting reaches the parser
     try:
         cfg = OmegaConf.create(config_yaml)
     except Exception as error:  # noqa: BLE001 - any YAML problem gets the same one-line report

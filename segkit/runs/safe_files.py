@@ -246,6 +246,8 @@ class LogFile(logging.FileHandler):
         return open_append(self.baseFilename, newline=None)
 
 
+# YAML's own types; `!!python/...` shares the prefix `tag:yaml.org,2002:` and is refused with any other tag.
+PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "map", "seq"))
 MAX_RUN_FILE_BYTES = 16 << 20  # a run's JSON / YAML records are a few KiB
 
 
@@ -280,7 +282,7 @@ def read_plain_yaml(path: Path | str, limit: int = MAX_RUN_FILE_BYTES) -> Any:
             if isinstance(event, yaml.AliasEvent):
                 raise _read_refusal(Path(path), f"line {event.start_mark.line + 1}: a YAML alias")
             tag = getattr(event, "tag", None)
-            if tag and not tag.startswith("tag:yaml.org,2002:"):
+            if tag and tag not in PLAIN_TAGS:
                 raise _read_refusal(Path(path), f"line {event.start_mark.line + 1}: YAML tag {tag!r}")
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -322,3 +324,39 @@ def _checkpoint_refusal(path: Path, what: str) -> SegkitError:
     from segkit.errors import CheckpointError
 
     return CheckpointError(f"{path}: {what}; refused before loading. Save it again with torch.save")
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a stored config is a few KiB
+MAX_NESTING = 32  # mappings and lists inside one another
+
+
+def check_config_text(text: str, source: str | Path) -> None:
+    """A stored config's YAML before anything parses it into objects: at most MAX_CONFIG_BYTES, no alias (a
+    few hundred bytes of aliases expand into gigabytes), no tag beyond YAML's own types, nested at most
+    MAX_NESTING deep. Reads the event stream only: nothing is built and nothing recurses."""
+    import yaml
+
+    from segkit.errors import CheckpointError
+
+    if len(text) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{source}: stored config holds {len(text)} characters, more than "
+                              f"{MAX_CONFIG_BYTES} (segkit.runs.safe_files.MAX_CONFIG_BYTES); refused")
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            line = event.start_mark.line + 1
+            if isinstance(event, yaml.AliasEvent):
+                raise CheckpointError(f"{source}: stored config line {line}: a YAML alias refused (aliases can "
+                                      "expand a small file into a huge config)")
+            tag = getattr(event, "tag", None)
+            if tag and tag not in PLAIN_TAGS:
+                raise CheckpointError(f"{source}: stored config line {line}: YAML tag {tag!r} refused")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise CheckpointError(f"{source}: stored config line {line}: nested more than {MAX_NESTING} "
+                                          "levels deep (segkit.runs.safe_files.MAX_NESTING); refused")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError as error:
+        raise CheckpointError(f"{source}: stored config is not valid YAML ({str(error).splitlines()[0]})") from None

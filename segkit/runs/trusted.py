@@ -316,6 +316,7 @@ def foreign_run_config(path: str | Path, overrides: Sequence[str] = ()) -> DictC
     import yaml
 
     from segkit.config import TrainConfig
+    from segkit.runs.safe_files import PLAIN_TAGS
 
     path = str(path)
     user_keys = [_override_key(o) for o in overrides]
@@ -332,7 +333,7 @@ def foreign_run_config(path: str | Path, overrides: Sequence[str] = ()) -> DictC
                 raise UntrustedConfigError(f"{path}: line {event.start_mark.line + 1}: a YAML alias refused (aliases "
                                            "can expand a small file into a huge config); a saved run config has none")
             tag = getattr(event, "tag", None)
-            if tag and not tag.startswith("tag:yaml.org,2002:"):
+            if tag and tag not in PLAIN_TAGS:
                 raise UntrustedConfigError(f"{path}: line {event.start_mark.line + 1}: YAML tag {tag!r} refused; "
                                            "a saved run config holds plain values only")
         data = yaml.safe_load(text)
