@@ -594,3 +594,25 @@ def test_predict_refuses_an_output_directory_holding_a_planted_link(sandbox, tin
         run_or_exit(lambda: predict_cli.run(cfg))
     assert exited.value.code == 2
     assert "out/photo.png: is a symlink" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["calibrate", "export", "evaluate", "predict"])
+def test_every_command_refuses_a_checkpoint_bomb_in_one_line(sandbox, capsys, command):
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    from segkit.cli.common import run_or_exit
+
+    from .conftest import CONF_DIR
+
+    bomb = corpus.compressed_checkpoint(sandbox.root / "shared.pt", inflated_bytes=8 << 20)
+    corpus.png_header(sandbox.root / "photo.png", 8, 8)
+    extra = {"predict": [f"input={sandbox.root}", f"output={sandbox.root / 'out'}"],
+             "export": ["benchmark=false"]}.get(command, [])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=command, overrides=[f"checkpoint={bomb}", *extra])
+    with pytest.raises(SystemExit) as exited:
+        run_or_exit(lambda: importlib.import_module(f"segkit.cli.{command}").run(cfg))
+    assert exited.value.code == 2
+    assert "shared.pt: record 'archive/data/1' is compressed" in one_error_line(capsys)
