@@ -12,7 +12,9 @@ from such a file, the whole node is checked, and what gets built is exactly what
   also name the optimizers, schedules, losses, augmentations and trackers of segkit's conf/ tree.
   Deciding imports nothing the file names;
 - interpolations may point at other keys of the same file, and use only the resolvers allowed for
-  that use: none in a checkpoint (its config is stored resolved), RUN_RESOLVERS in a run config.
+  that use: none in a checkpoint (its config is stored resolved) and none in a run config that
+  segkit-reproduce trains from (`foreign_run_config`, which also reads it as data, never through Hydra);
+  `check_run_config` alone allows RUN_RESOLVERS.
   `oc.create` / `oc.decode` would build new nodes from strings and are refused;
 - the model builder's arguments may not reach files or the network: the encoder must be a timm model
   name (no `hf-hub:` / `local-dir:`), and `model.options` may not name weights or checkpoints;
