@@ -30,6 +30,7 @@ from segkit.engine.build import TrainingParts, build_parts
 from segkit.engine.step import resolve_device, to_model_input
 from segkit.models.sliding import forward_logits
 from segkit.reference_pipeline import reference_loader
+from segkit.runs import safe_files
 
 SECTIONS = ("train", "eval", "data")
 Step = Callable[[], int]  # runs one step, returns the number of images it processed
@@ -313,6 +314,6 @@ def markdown(report: Report) -> str:
 
 def append(report: Report, path: Path) -> str:
     text = markdown(report)
-    with open(path, "a") as handle:
+    with safe_files.open_append(path) as handle:
         handle.write("\n" + text)
     return text

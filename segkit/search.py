@@ -39,6 +39,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from segkit.errors import SegkitError
+from segkit.runs import safe_files
 from segkit.runs.run_dir import LAST, RunDir
 from segkit.sweeps import TRIAL_FILE, error_message
 
@@ -205,6 +207,42 @@ def search_space(overrides: Sequence[Any]) -> tuple[dict[str, Any], list[str]]:
     return space, fixed
 
 
+class ForeignTrialError(SegkitError):
+    """A trial in the study asks for parameters outside the search space this command declares."""
+
+
+def outside_space(params: dict[str, Any], space: dict[str, Any]) -> str | None:
+    """Why `params` do not fit `space` (a name it does not declare, a value outside its distribution), or None."""
+    for name, value in params.items():
+        distribution = space.get(name)
+        if distribution is None:
+            return f"parameter {name!r} is not in the declared search space ({', '.join(space) or 'empty'})"
+        choices = getattr(distribution, "choices", None)
+        if choices is not None:  # categorical: one of the declared values, of the same type (True is not 1)
+            inside = any(type(value) is type(choice) and value == choice for choice in choices)
+        else:
+            try:
+                inside = not isinstance(value, bool) and distribution._contains(distribution.to_internal_repr(value))
+            except (ValueError, TypeError):
+                inside = False
+        if not inside:
+            return f"{name}={value!r} is outside its declared distribution {distribution}"
+    return None
+
+
+def check_trials(study: Any, trials: Sequence[Any], space: dict[str, Any]) -> None:
+    """Refuse, naming the trial, any trial whose parameters the declared space does not hold: its names would
+    become Hydra overrides of this run (hydra.callbacks..., any config key), its values anything."""
+    for trial in trials:
+        fixed = trial.system_attrs.get("fixed_params", {})  # study.enqueue_trial's parameters
+        why = outside_space({**fixed, **trial.params}, space) if isinstance(fixed, dict) else \
+            f"fixed_params {fixed!r} is not a mapping of parameters"
+        if why is not None:
+            raise ForeignTrialError(f"study {study.study_name!r}: trial {trial.number}: {why}; refused, nothing "
+                                    "was launched. Delete that trial from the study or use another "
+                                    "hydra.sweeper.study_name")
+
+
 def as_override(key: str, value: Any) -> str:
     if isinstance(value, str) and any(c in value for c in " ,[]{}()=:'\""):
         return f"{key}={json.dumps(value)}"
@@ -232,7 +270,7 @@ class Search:
         params = [f"{k}={v}" for k, v in (self.sweeper.params or {}).items()]
         space, fixed = search_space(self.parse([*params, *arguments]))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
+        safe_files.write_text(self.sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         # Optuna beats only inside Study.optimize; this search beats for its own trials (_heartbeat).
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -257,7 +295,7 @@ class Search:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Workers of this machine take turns counting and asking, so the study never overshoots n_trials."""
-        with open(self.sweep_dir / "study.lock", "a") as handle:
+        with safe_files.open_lock(self.sweep_dir / "study.lock") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -265,13 +303,19 @@ class Search:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def ask(self, study: Any, space: dict[str, Any]) -> list[Any]:
+        import optuna
+
         with self.lock():
             self.recover_interrupted(study)
+            check_trials(study, study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.WAITING]), space)
             counted, waiting = counted_trials(study.get_trials(deepcopy=False))
             room = max(0, int(self.sweeper.n_trials) - counted) + waiting  # queued retries run first
             batch = []
             for _ in range(min(int(self.sweeper.n_jobs), room)):
                 trial = study.ask(space)
+                if outside_space(trial.params, space) is not None:  # queued by another process meanwhile
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    check_trials(study, [trial], space)
                 trial.set_user_attr("worker", self.worker)
                 batch.append(trial)
         if not batch:
@@ -324,6 +368,8 @@ class Search:
         """A retried trial continues from the newest checkpoint its interrupted predecessors left."""
         history = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history", [])
         for number in reversed(history):
+            if not isinstance(number, int) or isinstance(number, bool):
+                continue  # a trial number, never a path a stored attribute names
             checkpoint = RunDir(self.sweep_dir / str(number)).checkpoint(LAST)
             if checkpoint.is_file():
                 return [as_override("trainer.resume", str(checkpoint.resolve()))]
@@ -343,7 +389,7 @@ class Search:
             "best_trials": [{"number": t.number, "values": t.values, "params": t.params}
                             for t in (study.best_trials if finished else [])],
         }
-        (self.sweep_dir / STUDY_FILE).write_text(json.dumps(record, indent=2))
+        safe_files.write_text(self.sweep_dir / STUDY_FILE, json.dumps(record, indent=2))
         for trial in record["best_trials"]:
             log.info("best trial %d: %s %s", trial["number"], dict(zip(self.sweeper.objectives, trial["values"],
                                                                        strict=True)), trial["params"])
@@ -429,7 +475,7 @@ def run_trial(cfg: DictConfig, output_dir: str | Path, train: Callable[..., dict
             trial.set_user_attr(name, value)
         outcome.update(state="COMPLETE", values=[measured[name] for name in objectives], **measured)
         study.tell(number, outcome["values"])
-    (output_dir / TRIAL_FILE).write_text(json.dumps(outcome, indent=2))
+    safe_files.write_text(output_dir / TRIAL_FILE, json.dumps(outcome, indent=2))
     if (mlflow_node := (cfg.get("logger") or {}).get("mlflow")) is not None:
         from segkit.trackers.mlflow import tag_runs
 

@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.errors import SegkitError, one_line
+from segkit.runs import safe_files
 from segkit.runs.json import dumps
 from segkit.runs.run_dir import RunDir
 
@@ -55,7 +56,7 @@ def record_failure(cfg: DictConfig, output_dir: Path, error: BaseException, over
         "overrides": overrides,
         "traceback": "".join(traceback.format_exception(error)),
     }
-    RunDir(output_dir).failed.write_text(json.dumps(record, indent=2))
+    safe_files.write_text(RunDir(output_dir).failed, json.dumps(record, indent=2))
     log.error("job failed (%s): %s; the sweep goes on", " ".join(overrides), message)
     if not trackers_started:  # failed while building (model, data): no tracker run exists yet
         _failed_tracker_run(cfg, output_dir, message)
@@ -108,7 +109,8 @@ class JobRecord:
 def collect_jobs(sweep_dir: str | Path) -> list[JobRecord]:
     """Every job directory (one holding `.hydra/`) directly under `sweep_dir`, in job order."""
     sweep_dir = Path(sweep_dir)
-    dirs = [d for d in sweep_dir.iterdir() if RunDir(d).hydra.is_dir()] if sweep_dir.is_dir() else []
+    dirs = [d for d in sweep_dir.iterdir() if not d.is_symlink() and RunDir(d).hydra.is_dir()] \
+        if sweep_dir.is_dir() else []
     dirs.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
     return [read_job(d) for d in dirs]
 
@@ -116,24 +118,24 @@ def collect_jobs(sweep_dir: str | Path) -> list[JobRecord]:
 def read_job(job_dir: Path) -> JobRecord:
     run = RunDir(job_dir)
     overrides_file = run.hydra_overrides
-    overrides = [str(o) for o in _plain_yaml(overrides_file) or []] if overrides_file.is_file() else []
+    overrides = [str(o) for o in _plain_yaml(overrides_file) or []] if overrides_file.exists() else []
     record = JobRecord(name=job_dir.name, path=job_dir, overrides=overrides, choices=_choices(run))
     started = _mtime(run.hydra_config)
     metrics_file, failed_file = run.metrics, run.failed
     metrics_time, failed_time = _mtime(metrics_file), _mtime(failed_file)
     if failed_time is not None and (metrics_time is None or failed_time >= metrics_time):
-        record.status, record.error = "FAILED", json.loads(failed_file.read_text()).get("error")
+        record.status, record.error = "FAILED", json.loads(safe_files.read_run_text(failed_file)).get("error")
         ended = failed_time
     elif metrics_time is not None:
-        record.metrics = json.loads(metrics_file.read_text())
+        record.metrics = json.loads(safe_files.read_run_text(metrics_file))
         record.status, ended = record.metrics.get("status", "FINISHED"), metrics_time
     else:
         ended = None
     if started is not None and ended is not None:
         record.seconds = max(0.0, (ended - started) / 1e9)
     trial_file = job_dir / TRIAL_FILE
-    if trial_file.is_file():
-        record.trial = json.loads(trial_file.read_text())
+    if trial_file.exists():
+        record.trial = json.loads(safe_files.read_run_text(trial_file))
         if record.trial.get("state") == "PRUNED":
             record.status = "PRUNED"
     return record
@@ -141,7 +143,7 @@ def read_job(job_dir: Path) -> JobRecord:
 
 def _choices(run: RunDir) -> dict[str, str]:
     path = run.hydra_settings
-    if not path.is_file():
+    if not path.exists():
         return {}
     hydra = (_plain_yaml(path) or {}).get("hydra") or {}
     choices = (hydra.get("runtime") or {}).get("choices") or {}
@@ -151,7 +153,7 @@ def _choices(run: RunDir) -> dict[str, str]:
 def _plain_yaml(path: Path) -> Any:
     """A job's YAML as plain data: interpolations stay text (a run directory may come from someone else,
     and `${oc.env:...}` would copy this machine's environment into the report)."""
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return safe_files.read_plain_yaml(path)
 
 
 def varying_overrides(overrides: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:
@@ -173,7 +175,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = collect_jobs(sweep_dir)
         print(summary_text(sweep_dir, jobs), flush=True)
-        (sweep_dir / "sweep_summary.json").write_text(dumps(summary_record(jobs), indent=2))
+        safe_files.write_text(sweep_dir / "sweep_summary.json", dumps(summary_record(jobs), indent=2))
 
 
 def summary_text(sweep_dir: Path, jobs: list[JobRecord]) -> str:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.cli.common import hydra_main, run_or_exit
 from segkit.errors import ConfigError
+from segkit.runs import safe_files
 from segkit.runs.json import dumps, json_safe
 from segkit.runs.run_dir import RunDir
 
@@ -99,7 +100,8 @@ def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str,
     batch_size = cfg.batch_size or stored_trainer.get("val_batch_size") or stored_trainer.get("batch_size", 8)
     loader = build_loader(dataset, batch_size=int(batch_size), num_workers=cfg.num_workers, train=False,
                           seed=0, pin_memory=predictor.device.type == "cuda")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    safe_files.make_dirs(out_dir, root=out_dir if cfg.output_dir else RunDir.of_checkpoint(checkpoint).path)
+    safe_files.refuse_links(out_dir)  # the charts, masks and report below are written by libraries
     mode = predictor.geometry.mode if cfg.mode == "auto" else cfg.mode
     log.info("evaluating %s on %s/%s (%d images, letterboxed to %dx%d, mode=%s%s, scored at the %s size) -> %s",
              checkpoint, dataset.name, cfg.split, len(dataset), *dataset.image_size, mode,
@@ -123,8 +125,8 @@ def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str,
         **({"mc_samples": int(cfg.mc_samples)} if cfg.uncertainty_method == "mc_dropout" else {}),
     }
     metrics = {**meta, **result.summary}
-    (out_dir / "metrics.json").write_text(dumps(metrics, indent=2))
-    with open(out_dir / "per_image.jsonl", "w") as handle:
+    safe_files.write_text(out_dir / "metrics.json", dumps(metrics, indent=2))
+    with safe_files.atomic_write(out_dir / "per_image.jsonl", "w") as handle:
         for record in result.records:
             handle.write(dumps(record) + "\n")
     if cfg.report:

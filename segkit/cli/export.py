@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from segkit.cli.common import hydra_main, run_or_exit
 from segkit.errors import ConfigError
+from segkit.runs import safe_files
 
 if TYPE_CHECKING:  # torch and the exporters are imported where they are used, so --help answers at once
     import torch
@@ -111,7 +112,7 @@ def export_to(stem: Path, checkpoint: Path, cfg: DictConfig) -> dict[str, Any]:
         table = benchmark_markdown(timings, predictor, checkpoint)
         print(table)
         bench_path = Path(f"{stem}.benchmark.md")
-        bench_path.write_text(table + "\n")
+        safe_files.write_text(bench_path, table + "\n")
         result["timings"] = timings
         result["files"]["benchmark"] = bench_path
     return result

@@ -15,12 +15,15 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from segkit.errors import SegkitError, one_line
+from segkit.runs import safe_files
 from segkit.runs.run_dir import BEST, LAST, RunDir
 from segkit.sweeps import JobRecord, best_miou, collect_jobs, varying_overrides
 
@@ -156,15 +159,27 @@ def pareto_markdown(front: Sequence[Row], directions: dict[str, str]) -> str:
     arrows = ", ".join(f"{name} {'↑' if way == 'maximize' else '↓'}" for name, way in directions.items())
     lines = ["", f"## Pareto front ({arrows})", "",
              "Non-dominated runs (no other run is at least as good on every objective and better on one): "
-             + ", ".join(f"#{row.job}" for row in front) + ".", "",
+             + ", ".join(f"#{md_text(row.job)}" for row in front) + ".", "",
              "| job | " + " | ".join(directions) + " | overrides |", "|" + "---|" * (len(directions) + 2)]
     for row in sorted(front, key=lambda r: -r.objectives[next(iter(directions))]):
         values = [_num(row.objectives[name], 4 if name == "miou" else 2) for name in directions]
-        lines.append(f"| {row.job} | " + " | ".join(values) + " | " + " ".join(f"`{o}`" for o in row.shown_overrides)
-                     + " |")
+        cells = [md_text(row.job), *values, " ".join(md_code(o) for o in row.shown_overrides)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _plain_text(function: Any) -> Any:
+    """segkit.reporting.plots.plain_text, imported when drawing (segkit-report --help loads no torch)."""
+
+    def drawn(*args: Any, **kwargs: Any) -> Any:
+        from segkit.reporting.plots import plain_text
+
+        return plain_text(function)(*args, **kwargs)
+
+    return drawn
+
+
+@_plain_text
 def write_pareto_plot(rows: Sequence[Row], front: Sequence[Row], directions: dict[str, str], path: Path) -> None:
     """mIoU against the first cost objective: every scored trial, the front drawn and labelled."""
     from matplotlib.figure import Figure
@@ -185,7 +200,7 @@ def write_pareto_plot(rows: Sequence[Row], front: Sequence[Row], directions: dic
     ax.set_xlabel({"latency_ms": "inference latency (ms / image)", "params": "parameters"}.get(x_name, x_name))
     ax.set_ylabel("best val mIoU" if y_name == "miou" else y_name)
     ax.legend()
-    fig.savefig(path, dpi=120)
+    safe_files.write_with(path, lambda buffer: fig.savefig(buffer, format="png", dpi=120))
 
 
 def class_names(rows: Sequence[Row]) -> list[str]:
@@ -197,15 +212,40 @@ def class_names(rows: Sequence[Row]) -> list[str]:
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
     classes = class_names(rows)
-    with open(path, "w", newline="") as handle:
+    with safe_files.atomic_write(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["rank", "job", "status", "best_val_miou", *[f"iou_{c}" for c in classes], "seconds",
+        writer.writerow(["rank", "job", "status", "best_val_miou", *[csv_text(f"iou_{c}") for c in classes], "seconds",
                          "params", "model", "loss", "overrides", "error"])
         for i, row in enumerate(rows, 1):
-            writer.writerow([i, row.job, row.status, _num(row.best_miou),
+            writer.writerow([i, csv_text(row.job), csv_text(row.status), _num(row.best_miou),
                              *[_num(row.per_class_iou.get(c)) for c in classes], _num(row.seconds, 1),
-                             row.params if row.params is not None else "", row.model or "", row.loss or "",
-                             " ".join(row.overrides), row.error or ""])
+                             row.params if row.params is not None else "", csv_text(row.model or ""),
+                             csv_text(row.loss or ""), csv_text(" ".join(row.overrides)), csv_text(row.error or "")])
+
+
+def csv_text(value: Any) -> str:
+    """A cell a spreadsheet shows as text: one starting with = + - @ (or a tab / carriage return) would be
+    read as a formula, so it gets a leading apostrophe."""
+    text = str(value)
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+MARKDOWN_SPECIAL = set("\\`*_{}[]<>()#+-.!~&$")  # `|`: escaped per table cell below
+
+
+def md_text(value: Any) -> str:
+    """A name from a file shown as text in Markdown: one line, every special character backslash-escaped
+    (no link, image, raw HTML or table cell of its own)."""
+    text = " ".join(str(value).split())
+    return "".join(f"\\{c}" if c in MARKDOWN_SPECIAL else c for c in text)
+
+
+def md_code(value: Any) -> str:
+    """A name from a file as inline code: fenced by more backticks than it holds, on one line."""
+    text = " ".join(str(value).split())
+    ticks = "`" * (1 + max((len(part) for part in re.findall(r"`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
 
 
 def markdown(rows: Sequence[Row], source: str) -> str:
@@ -215,20 +255,21 @@ def markdown(rows: Sequence[Row], source: str) -> str:
     failed = sum(r.status == "FAILED" for r in rows)
     pruned = sum(r.status == "PRUNED" for r in rows)
     counts = f"{len(rows)} runs: {ok} ok, {failed} failed" + (f", {pruned} pruned" if pruned else "")
-    lines = [f"# Leaderboard: {source}", "", counts + "."]
+    lines = [f"# Leaderboard: {md_text(source)}", "", counts + "."]
     if common:
-        lines += ["", "Common overrides: " + " ".join(f"`{o}`" for o in common)]
-    header = ["rank", "job", "overrides", "status", "best val mIoU", *[f"IoU {c}" for c in classes], "time",
+        lines += ["", "Common overrides: " + " ".join(md_code(o) for o in common)]
+    header = ["rank", "job", "overrides", "status", "best val mIoU", *[f"IoU {md_text(c)}" for c in classes], "time",
               "params", "error"]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["", "| " + " | ".join(c.replace("|", "\\|") for c in header) + " |", "|" + "---|" * len(header)]
     for i, row in enumerate(rows, 1):
-        cells = [str(i), row.job, " ".join(f"`{o}`" for o in row.shown_overrides), row.status,
+        cells = [str(i), md_text(row.job), " ".join(md_code(o) for o in row.shown_overrides), md_text(row.status),
                  _num(row.best_miou), *[_num(row.per_class_iou.get(c)) for c in classes],
-                 _duration(row.seconds), _count(row.params), row.error or ""]
+                 _duration(row.seconds), _count(row.params), md_text(row.error or "")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+@_plain_text
 def write_heatmap(rows: Sequence[Row], path: Path) -> bool:
     """Best mIoU per (model, loss) cell; False (nothing written) when the runs name no model/loss."""
     import matplotlib
@@ -263,7 +304,7 @@ def write_heatmap(rows: Sequence[Row], path: Path) -> bool:
             color = "white" if np.isfinite(grid[i, j]) and grid[i, j] < 0.6 * vmax else "black"
             ax.text(j, i, text, ha="center", va="center", color=color)
     fig.colorbar(image, ax=ax)
-    fig.savefig(path, dpi=120)
+    safe_files.write_with(path, lambda buffer: fig.savefig(buffer, format="png", dpi=120))
     return True
 
 
@@ -301,7 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.sweep_dir.is_dir():
             print(f"error: {args.sweep_dir}: not a directory", file=sys.stderr)
             return 2
-        rows, source = rows_from_sweep(args.sweep_dir), str(args.sweep_dir)
+        try:
+            rows, source = rows_from_sweep(args.sweep_dir), str(args.sweep_dir)
+        except SegkitError as error:  # a job's record that is a link, a device, huge, or not plain YAML
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
         out = args.out or args.sweep_dir
     else:
         from segkit.trackers.mlflow import default_tracking_uri
@@ -314,9 +359,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     rows = rank(rows)
+    try:
+        return _write_outputs(rows, source, out)
+    except SegkitError as error:  # a leaderboard file that is a planted link
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _write_outputs(rows: list[Row], source: str, out: Path) -> int:
     write_csv(rows, out / "leaderboard.csv")
     text = markdown(rows, source)
-    (out / "leaderboard.md").write_text(text)
+    safe_files.write_text(out / "leaderboard.md", text)
     written = ["leaderboard.md", "leaderboard.csv"]
     if write_heatmap(rows, out / "leaderboard_heatmap.png"):
         written.append("leaderboard_heatmap.png")
@@ -324,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(directions) > 1:
         front = pareto_front(rows, directions)
         text += pareto_markdown(front, directions)
-        (out / "leaderboard.md").write_text(text)
+        safe_files.write_text(out / "leaderboard.md", text)
         write_pareto_plot(rows, front, directions, out / "pareto_front.png")
         written.append("pareto_front.png")
     print(text)

@@ -19,6 +19,34 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+MAX_PIXELS_ENV = "SEGKIT_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 1 << 28  # 268 M pixels (16384 x 16384): a larger header is a decompression bomb
+
+
+def max_image_pixels() -> int:
+    """The most pixels segkit decodes from one image file; raise it with SEGKIT_MAX_IMAGE_PIXELS."""
+    import os
+
+    value = os.environ.get(MAX_PIXELS_ENV, "")
+    return int(value) if value.isdigit() else DEFAULT_MAX_PIXELS
+
+
+def check_pixels(path: Path) -> None:
+    """Refuse, before decoding, an image whose header declares more than max_image_pixels() pixels (a small
+    file can declare 100000 x 100000); only the header is read. Unknown formats are left to the decoder."""
+    limit = max_image_pixels()
+    previous = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # this check replaces Pillow's own for the header read
+        with Image.open(path) as img:
+            width, height = img.size
+    except (OSError, ValueError):
+        return
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    if width * height > limit:
+        raise DataError(f"{path}: header declares {width}x{height} pixels, more than {limit} (decompression "
+                        f"bomb?); refused before decoding. If the image is genuine, raise {MAX_PIXELS_ENV}")
 
 
 def user_cache_dir() -> Path:
@@ -53,6 +81,7 @@ def read_image(path: Path, device: torch.device | None = None) -> torch.Tensor:
     With a CUDA `device`, JPEGs are decoded there by nvjpeg (other formats are decoded on the CPU).
     """
     require_file(path, "image")
+    check_pixels(path)
     if device is not None and device.type == "cuda" and path.suffix.lower() in JPEG_SUFFIXES:
         try:
             return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, device=device)
@@ -76,6 +105,7 @@ def read_mask(path: Path, rgb_fix: str = "the file is wrong (masks hold class id
     `rgb_fix`: the fix for a colour (RGB) file, which the reader knows (a colour table key, or none).
     """
     require_file(path, "mask")
+    check_pixels(path)
     try:
         with Image.open(path) as img:
             if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
@@ -142,6 +172,7 @@ def read_color_mask(path: Path, table: ColorTable | None, rgb_fix: str = "the fi
     if table is None:
         return read_mask(path, rgb_fix)
     require_file(path, "mask")
+    check_pixels(path)
     try:
         with Image.open(path) as img:
             if img.mode not in ("RGB", "RGBA"):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 from typing import Any
 
-from segkit.runs import json
+from segkit.runs import json, safe_files
 from segkit.runs.run_dir import RunDir
 
 
@@ -31,7 +31,7 @@ class RunRecord:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """metrics.json, strict JSON: NaN (a class with no pixels) becomes null."""
         if self.is_main:
-            self.run.metrics.write_text(json.dumps(summary, indent=2))
+            safe_files.write_text(self.run.metrics, json.dumps(summary, indent=2))
 
 
 def append_row(path: Path, record: dict[str, Any]) -> None:
@@ -39,21 +39,18 @@ def append_row(path: Path, record: dict[str, Any]) -> None:
     on resume) rewrites the file with the wider header, atomically, so every value keeps its name."""
     rows: list[dict[str, Any]] = []
     header: list[str] = []
-    if path.exists():
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            header, rows = list(reader.fieldnames or []), list(reader)
+    if path.exists():  # read as a run record: a regular file, not through a link, bounded in size
+        reader = csv.DictReader(io.StringIO(safe_files.read_run_text(path), newline=""))
+        header, rows = list(reader.fieldnames or []), list(reader)
     fields = header + [k for k in record if k not in header]
     if fields == header:
-        with open(path, "a", newline="") as handle:
+        with safe_files.open_append(path, newline="") as handle:
             csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore").writerow(record)
         return
-    partial = path.with_name(path.name + ".tmp")
-    with open(partial, "w", newline="") as handle:
+    with safe_files.atomic_write(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows([*rows, record])
-    os.replace(partial, path)
 
 
 def without_confusion(result: dict[str, Any] | None) -> dict[str, Any] | None:

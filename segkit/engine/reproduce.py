@@ -1,9 +1,12 @@
 """Train again from a run's saved composition (`<run>/.hydra/config.yaml`) and say whether it came out the same.
 
-What `python train.py --config-dir <run>/.hydra --config-name config hydra.run.dir=<out>` would do, as a
-function: the config the run composed (after its overrides), not today's conf/ defaults, composed
-with Hydra (so overrides use its grammar and `${hydra:...}` resolves), logged like a Hydra job, with
-the new run's own `.hydra/` record so it can be reproduced in turn. Relative paths in the config
+The config the run composed (after its overrides), not today's conf/ defaults. A run directory may come
+from someone else, so by default its config is data: parsed into segkit's TrainConfig schema and checked
+(segkit.runs.trusted.foreign_run_config), never composed by Hydra, never handed to logging's dictConfig;
+the caller's overrides are applied as values and the new run goes where the caller says (`out`). The new
+run gets its own `.hydra/config.yaml` so it can be reproduced in turn. With `trust`, the run is composed
+as `python train.py --config-dir <run>/.hydra --config-name config hydra.run.dir=<out>` would (Hydra's
+grammar, `${hydra:...}`, its logging config): only for your own runs. Relative paths in the config
 (dataset.root) resolve against the current directory, as for the original run.
 """
 
@@ -12,7 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import logging.config
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segkit.errors import ConfigError
+from segkit.runs import safe_files
 from segkit.runs.run_dir import RunDir
 
 COMPARED = ("status", "steps", "epochs", "best_score", "best_epoch", "final", "best")  # keys of metrics.json
@@ -53,26 +58,77 @@ def compose_saved(original: RunDir, out: Path, overrides: Sequence[str] = ()) ->
     return cfg
 
 
-def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None,
-              trust: bool = False) -> Reproduction:
-    """Train the run in `run_dir` again into `out` (default `<run>/reproductions/<time>`) and compare.
-
-    Unless `trust`, the saved config is first checked like any file from someone else
-    (segkit.runs.trusted.check_run_config); `overrides` are the caller's own. Like the Hydra app,
-    this configures logging and Hydra's run config for the process."""
+def default_out(run_dir: str | Path) -> Path:
+    """`outputs/reproductions/<run name>_<time>` below the current directory: never inside the run directory."""
     import time
 
+    return Path("outputs") / "reproductions" / f"{Path(run_dir).resolve().name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+
+
+def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None,
+              trust: bool = False) -> Reproduction:
+    """Train the run in `run_dir` again into `out` (default `default_out(run_dir)`) and compare.
+
+    Unless `trust`, the saved config is parsed as data and checked like any file from someone else
+    (segkit.runs.trusted.foreign_run_config); `overrides` are the caller's own. With `trust`, like the
+    Hydra app, this composes with Hydra and configures logging and Hydra's run config for the process."""
+    from segkit.engine.trainer import fit
+    from segkit.runs.safe_files import is_regular_file
+
+    original = RunDir(Path(run_dir).resolve())
+    if not is_regular_file(original.hydra_config):
+        raise ConfigError("run_dir", f"{original.hydra_config}: not found or not a regular file "
+                                     f"(is {run_dir} a run directory?)")
+    out = Path(out or default_out(run_dir)).absolute()
+    if trust:
+        return _reproduce_trusted(original, overrides, out)
+    from segkit.runs.trusted import foreign_run_config
+
+    job = foreign_run_config(original.hydra_config, overrides)
+    if not any(o.partition("=")[0].lstrip("+~") == "output_root" for o in overrides):
+        job.output_root = str(out)  # the trackers' stores (MLflow's database) go with the new run, not elsewhere
+    again = RunDir(out)
+    safe_files.make_dirs(again.hydra, root=out.parent)
+    with _log_to(again.path / "train.log"):
+        safe_files.write_text(again.hydra_config, OmegaConf.to_yaml(job), root=out)
+        safe_files.write_text(again.hydra_overrides, OmegaConf.to_yaml(list(overrides)), root=out)
+        fit(job, out)
+    return _compared(original, again)
+
+
+def _compared(original: RunDir, again: RunDir) -> Reproduction:
+    before = original.read_metrics() if safe_files.is_regular_file(original.metrics) else None
+    after = again.read_metrics() or {}
+    return Reproduction(again, after, None if before is None else compare(before, after))
+
+
+@contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """segkit's own logging for the run: the console and `train.log`, as a training run logs."""
+    from segkit.runs.safe_files import LogFile
+
+    root = logging.getLogger()
+    handlers = [logging.StreamHandler(), LogFile(str(path))]
+    formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    level = root.level
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+
+
+def _reproduce_trusted(original: RunDir, overrides: Sequence[str], out: Path) -> Reproduction:
     from hydra.core.hydra_config import HydraConfig
 
     from segkit.engine.trainer import fit
-    from segkit.runs.trusted import check_run_config
 
-    original = RunDir(Path(run_dir).resolve())
-    if not original.hydra_config.is_file():
-        raise ConfigError("run_dir", f"{original.hydra_config}: not found (is {run_dir} a run directory?)")
-    if not trust:
-        check_run_config(str(original.hydra_config), overrides)
-    out = Path(out or original.path / "reproductions" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     cfg = compose_saved(original, out, overrides)
     HydraConfig.instance().set_config(cfg)  # for `${hydra:...}` in the config and the trackers' run context
     again = RunDir(out)
@@ -81,9 +137,8 @@ def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Pat
     job = copy.deepcopy(cfg)  # the job's config, as Hydra hands it to the app: without its own node
     with open_dict(job):
         del job["hydra"]
-    again.hydra_config.write_text(OmegaConf.to_yaml(job))
-    again.hydra_settings.write_text(OmegaConf.to_yaml({"hydra": cfg.hydra}))
-    again.hydra_overrides.write_text(OmegaConf.to_yaml(list(overrides)))
+    safe_files.write_text(again.hydra_config, OmegaConf.to_yaml(job))
+    safe_files.write_text(again.hydra_settings, OmegaConf.to_yaml({"hydra": cfg.hydra}))
+    safe_files.write_text(again.hydra_overrides, OmegaConf.to_yaml(list(overrides)))
     fit(job, out)
-    before, after = original.read_metrics(), again.read_metrics() or {}
-    return Reproduction(again, after, None if before is None else compare(before, after))
+    return _compared(original, again)

@@ -28,6 +28,7 @@ from typing import IO, Any
 from segkit.engine.distributed import DistContext, broadcast_from_main
 from segkit.engine.watchdog import exit_with_launcher
 from segkit.errors import SegkitError
+from segkit.runs.safe_files import is_regular_file, open_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class RunLock:
         """Take the lock at once or raise RunDirectoryBusy naming its owner; never waits."""
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_NAME
-        handle = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime; "a+" keeps the owner's record
+        handle = open_lock(path)  # held open for the lock's lifetime; never through a link planted in run_dir
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,7 +110,7 @@ def guard_run_dir(output: Path, purpose: str) -> Iterator[Path | None]:
 def enclosing_run_dir(path: Path) -> Path | None:
     """The nearest directory at or above `path` that a training run marked as its own (it holds run.lock)."""
     for directory in (path.expanduser().absolute(), *path.expanduser().absolute().parents):
-        if (directory / LOCK_NAME).is_file():
+        if is_regular_file(directory / LOCK_NAME):
             return directory
     return None
 

@@ -44,7 +44,8 @@ from segkit.engine.run_lock import RunLock
 from segkit.engine.seeding import get_rng_state, seed_everything, set_rng_state
 from segkit.engine.step import resolve_device
 from segkit.errors import ConfigError
-from segkit.reporting.plots import save_png
+from segkit.reporting.plots import encode_png
+from segkit.runs import safe_files
 from segkit.runs.run_dir import LAST, RunDir
 from segkit.trackers.base import Trackers, build_trackers, flatten
 
@@ -186,7 +187,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.run.config.write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            safe_files.write_text(self.run.config, OmegaConf.to_yaml(self.cfg, resolve=True))
         params = flatten(OmegaConf.to_container(self.cfg, resolve=True))
         self.trackers.start(self.output_dir, params, {"device": str(self.device), "scored_at": self.tcfg.score_at})
         parts = self.parts
@@ -405,7 +406,8 @@ class Trainer:
         if not every or not count or number % every or not self.dist.is_main:
             return
         grid = validation.validation_images(self.parts, count)
-        save_png(grid, self.output_dir / "val_images" / f"step_{self.global_step:07d}.png")
+        safe_files.write_bytes(self.output_dir / "val_images" / f"step_{self.global_step:07d}.png", encode_png(grid),
+                               root=self.output_dir)
         self.trackers.log_image("val/overlays", grid, self.global_step)
 
     # ------------------------------------------------------------------ the summary

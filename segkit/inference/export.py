@@ -13,6 +13,7 @@ or in sliding windows), and its scores are resized back to its own size.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import warnings
@@ -28,6 +29,7 @@ from segkit.data.geometry import TrainingGeometry, letterbox_images, restore_log
 from segkit.errors import SegkitError
 from segkit.extras import require_extra
 from segkit.models.sliding import predict_logits
+from segkit.runs import safe_files
 
 INPUT, OUTPUT = "images", "logits"
 GEOMETRY_KEY = "segkit.geometry"
@@ -80,19 +82,20 @@ def export_onnx(
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about the stride branch: handled by example_size
+            buffer = io.BytesIO()
             torch.onnx.export(
-                model.eval(), (example,), str(path), dynamo=False, opset_version=opset,
+                model.eval(), (example,), buffer, dynamo=False, opset_version=opset,
                 input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: axes, OUTPUT: axes},
             )
     except Exception as error:  # noqa: BLE001 - exporter errors are many types; report one line
         raise ExportError(f"{path}: ONNX export failed ({str(error).splitlines()[0]})") from None
     import onnx
 
+    graph = onnx.load_from_string(buffer.getvalue())
     if geometry is not None:
-        graph = onnx.load(str(path))
         onnx.helper.set_model_props(graph, {GEOMETRY_KEY: json.dumps(geometry.as_dict())})
-        onnx.save(graph, str(path))
-    onnx.checker.check_model(str(path))
+    onnx.checker.check_model(graph)
+    safe_files.write_bytes(path, graph.SerializeToString())
     return path
 
 
@@ -128,7 +131,7 @@ def export_torchscript(model: nn.Module, path: Path, size: Sequence[int]) -> Pat
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(model.eval(), example, check_trace=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        traced.save(str(path))
+        safe_files.write_with(path, lambda buffer: torch.jit.save(traced, buffer))
     except Exception as error:  # noqa: BLE001
         raise ExportError(f"{path}: TorchScript export failed ({str(error).splitlines()[0]})") from None
     return path

@@ -24,6 +24,7 @@ from segkit.inference.predictor import Ensemble, tta_option, tta_settings
 from segkit.inference.uncertainty import check_method, check_model, to_grey
 from segkit.models.sliding import MODES, clean_mask
 from segkit.reporting.plots import overlay, save_mask_png, save_png, stable_palette
+from segkit.runs import safe_files
 
 log = logging.getLogger("segkit")
 
@@ -111,6 +112,7 @@ def predict_into(out: Path, cfg: DictConfig) -> int:
     options = {"mode": cfg.mode, "tta": tta_option(cfg), "crop_size": cfg.crop_size, "stride": cfg.stride,
                "test_size": cfg.test_size}
     out.mkdir(parents=True, exist_ok=True)
+    safe_files.refuse_links(out)  # masks, overlays and maps below are written by PIL / numpy
     stems = output_stems(paths)
     palette = stable_palette(ensemble.num_classes, ensemble.colors)
     loader = DataLoader(ImageFiles(paths, int(cfg.max_pixels)), batch_size=cfg.batch_size,

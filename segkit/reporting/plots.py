@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,15 @@ def comparison_grid(
     return np.asarray(image_grid(tiles, columns=4))
 
 
+def encode_png(array: np.ndarray) -> bytes:
+    """The PNG file's bytes, for a caller that writes them itself (segkit.runs.safe_files)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_png(array: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -193,6 +203,20 @@ def save_mask_png(mask: np.ndarray | torch.Tensor, path: Path) -> Path:
     return save_png(mask.astype(dtype), path)
 
 
+def plain_text(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Draw every string as written: names come from files (class names, run names), and matplotlib would
+    otherwise parse `$...$` as mathtext (or hand text to LaTeX), where a stray `$` or `\\` fails the figure."""
+
+    @functools.wraps(function)
+    def drawn_as_plain_text(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return function(*args, **kwargs)
+
+    return drawn_as_plain_text
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure  # Agg canvas by default: no display, no pyplot state
 
@@ -203,6 +227,7 @@ def _rgb(palette: np.ndarray, index: int) -> tuple[float, float, float]:
     return tuple(float(v) / 255 for v in palette[index])  # type: ignore[return-value]
 
 
+@plain_text
 def save_comparison(
     image: np.ndarray | torch.Tensor,
     pred: np.ndarray | torch.Tensor,
@@ -247,6 +272,7 @@ UNCERTAINTY_TITLES = {
 }
 
 
+@plain_text
 def save_uncertainty_panels(
     image: np.ndarray | torch.Tensor,
     pred: np.ndarray | torch.Tensor,
@@ -278,6 +304,7 @@ def save_uncertainty_panels(
     return path
 
 
+@plain_text
 def save_reliability_diagram(calibration: Mapping[str, Any], path: Path) -> Path:
     """Accuracy against mean confidence per bin (bars), the diagonal of perfect calibration, and
     the share of pixels per bin; `calibration` as ReliabilityBins.compute() gives it."""
@@ -307,6 +334,7 @@ def save_reliability_diagram(calibration: Mapping[str, Any], path: Path) -> Path
     return path
 
 
+@plain_text
 def save_iou_bars(
     per_class_iou: Mapping[str, float | None], path: Path, palette: np.ndarray | None = None
 ) -> Path:
@@ -331,6 +359,7 @@ def save_iou_bars(
     return path
 
 
+@plain_text
 def save_confusion(
     confusion: Sequence[Sequence[int]] | np.ndarray, class_names: Sequence[str], path: Path
 ) -> Path:
@@ -375,6 +404,7 @@ def read_epochs_csv(path: Path) -> list[dict[str, float]]:
     return rows
 
 
+@plain_text
 def save_training_curves(epochs_csv: Path, path: Path) -> Path | None:
     """Training loss and validation mIoU / mean Dice / pixel accuracy per epoch; None without a CSV."""
     if not epochs_csv.is_file():

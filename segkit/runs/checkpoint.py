@@ -31,6 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 from segkit.data.geometry import TrainingGeometry
 from segkit.errors import CheckpointError
 from segkit.runs.run_dir import LAST, RunDir
+from segkit.runs.safe_files import (
+    atomic_write,
+    check_checkpoint_archive,
+    check_config_text,
+    is_regular_file,
+    write_bytes,
+)
 from segkit.runs.trusted import checked_checkpoint_config
 
 log = logging.getLogger(__name__)
@@ -106,6 +113,7 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> CheckpointRecor
 
 def _training_config(text: str, path: Path, trust: bool) -> DictConfig:
     """The stored config with pretrained weights switched off (the file holds every weight: never download)."""
+    check_config_text(text, path)  # no alias bomb, tag or deep nesting reaches the parser, trusted or not
     try:
         cfg = OmegaConf.create(text)
     except Exception as error:  # noqa: BLE001 - any YAML problem gets the same one-line report
@@ -164,27 +172,21 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = Fal
     `keep_previous`, the file being replaced stays as `<name>.prev.pt`, a fallback should
     `path` ever be damaged later.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_write(path, "wb", root=path.parent.parent) as handle:
             torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if keep_previous and path.is_file():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
+            if keep_previous and is_regular_file(path):
+                os.replace(path, previous_path(path))
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error}); "
                               "the previous checkpoint is unchanged") from None
-    _fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    check_checkpoint_archive(path)  # no compressed or oversized records: nothing inflates past the file's size
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -219,7 +221,7 @@ def save_safetensors(model: torch.nn.Module, record: CheckpointRecord, path: Pat
     of them; the YAML stays the training config, checked as a checkpoint's is. Each file is written to a
     temporary name and renamed. A tensor the model reaches under two names is stored once, under its first
     name, as safetensors requires."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = model.state_dict()
     tensors = {name: state[name].contiguous() for name in _first_names(model) if name in state}
@@ -230,14 +232,11 @@ def save_safetensors(model: torch.nn.Module, record: CheckpointRecord, path: Pat
     metadata = {f"{METADATA_PREFIX}{key}": json.dumps(value) for key, value in extras.items()}
     config = _config_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for target, write in ((path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)),
-                          (config, lambda tmp: tmp.write_text(OmegaConf.to_yaml(record.config)))):
-        tmp = target.with_name(f".{target.name}.tmp")
+    for target, data in ((path, save(tensors, metadata=metadata)),
+                         (config, OmegaConf.to_yaml(record.config).encode())):
         try:
-            write(tmp)
-            os.replace(tmp, target)
+            write_bytes(target, data)  # a new file renamed over the target, never through a planted link
         except OSError as error:
-            tmp.unlink(missing_ok=True)
             raise CheckpointError(f"{target}: cannot write ({error.strerror or error})") from None
     return path, config
 

@@ -13,7 +13,9 @@ from such a file, the whole node is checked, and what gets built is exactly what
   segkit.registry (segkit's own, and those of packages installed here). Deciding imports nothing
   the file names;
 - interpolations may point at other keys of the same file, and use only the resolvers allowed for
-  that use: none in a checkpoint (its config is stored resolved), RUN_RESOLVERS in a run config.
+  that use: none in a checkpoint (its config is stored resolved) and none in a run config that
+  segkit-reproduce trains from (`foreign_run_config`, which also reads it as data, never through Hydra);
+  `check_run_config` alone allows RUN_RESOLVERS.
   `oc.create` / `oc.decode` would build new nodes from strings and are refused;
 - the model builder's arguments may not reach files or the network: the encoder must be a timm model
   name (no `hf-hub:` / `local-dir:`), and `model.options` may not name weights or checkpoints;
@@ -118,12 +120,17 @@ def check_run_config(path: str, overrides: Sequence[str] = ()) -> None:
         raise UntrustedConfigError(f"{path}: not a readable config ({str(error).splitlines()[0]})") from None
     if not isinstance(cfg, DictConfig):
         raise UntrustedConfigError(f"{path}: not a mapping of config keys")
+    _check_run(cfg, path, overrides, check, RUN_RESOLVERS)
+
+
+def _check_run(cfg: DictConfig, path: str, overrides: Sequence[str], check: _Check,
+               resolvers: frozenset[str]) -> None:
     for key in ("defaults", "hydra"):  # a saved config.yaml has neither: they would steer Hydra itself
         if key in cfg:
             check.refuse(key, "...", "a saved run config has no defaults list or hydra node")
     _apply_overrides(cfg, overrides)
     raw = OmegaConf.to_container(cfg, resolve=False)
-    _check_resolvers(raw, RUN_RESOLVERS, check)
+    _check_resolvers(raw, resolvers, check)
     for key, name, value in _entries(raw, ""):
         if name == "_target_" and not allowed_training_target(value):
             check.refuse(key, value, "not a model builder, data set reader, optimizer, schedule, loss, "
@@ -172,7 +179,7 @@ def _check_resolvers(node: Any, allowed: frozenset[str], check: _Check) -> None:
         if isinstance(value, str) and "${" in value:
             for resolver in _resolver_names(value):
                 if resolver not in allowed:
-                    names = ", ".join(sorted(allowed)) or "none; a checkpoint's config is stored resolved"
+                    names = ", ".join(sorted(allowed)) or "none, only plain ${key} references"
                     check.refuse(key, value, f"the resolver {resolver!r} is not allowed here (allowed: {names})")
 
 
@@ -277,3 +284,131 @@ def _entries(node: Any, path: str) -> Iterator[tuple[str, str, Any]]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+# ---------------------------------------------------------------------- a foreign run config, parsed as data
+MAX_CONFIG_BYTES = 1 << 20  # a saved config.yaml is a few KiB
+MAX_DEPTH = 32  # nesting of mappings and lists
+# Sizes a run config may ask for before training would allocate them; the user's own override of the key
+# is never refused (that is the way to raise one).
+RUN_LIMITS = {
+    "trainer.batch_size": 1024, "trainer.val_batch_size": 1024, "trainer.accumulate_grad_batches": 1024,
+    "trainer.max_epochs": 100_000, "dataset.num_classes": 10_000, "dataset.train_size": 1_000_000,
+    "dataset.val_size": 1_000_000, "trainer.num_workers": 64,
+}
+MAX_PIXELS = 16384 * 16384  # dataset.image_size and augmentation.crop_size: height x width
+
+
+def foreign_run_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """A run directory's `.hydra/config.yaml` read as data into segkit's TrainConfig schema, then checked.
+
+    Never composed by Hydra (a `# @package` header, a `hydra` node or a defaults list are refused), no YAML
+    tag beyond plain values and no alias, no resolver at all (`${oc.env:...}` is refused, never resolved:
+    plain `${key}` references only), no key outside the schema, sizes within RUN_LIMITS, plus every check
+    of `check_run_config`. The paths training writes to come from the caller: `output_root` is reset to
+    its default unless `overrides` set it, `dataset.cache_dir` and `trainer.resume` are dropped."""
+    import yaml
+
+    from segkit.config import TrainConfig
+    from segkit.runs.safe_files import PLAIN_TAGS
+
+    path = str(path)
+    user_keys = [_override_key(o) for o in overrides]
+    check = _Check(path, RUN_HINT, user_keys)
+    text = _read_small_text(Path(path))
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip("# ").startswith("@package") and line.lstrip().startswith("#"):
+            raise UntrustedConfigError(f"{path}: line {number}: a '# @package' header refused (it would move "
+                                       f"the keys inside Hydra's own config); a saved run config has none. "
+                                       f"If you trust this file: {RUN_HINT}")
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise UntrustedConfigError(f"{path}: line {event.start_mark.line + 1}: a YAML alias refused (aliases "
+                                           "can expand a small file into a huge config); a saved run config has none")
+            tag = getattr(event, "tag", None)
+            if tag and tag not in PLAIN_TAGS:
+                raise UntrustedConfigError(f"{path}: line {event.start_mark.line + 1}: YAML tag {tag!r} refused; "
+                                           "a saved run config holds plain values only")
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UntrustedConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UntrustedConfigError(f"{path}: not a mapping of config keys")
+    _check_depth(data, path)
+    try:
+        cfg = OmegaConf.create(data)
+    except OmegaConfBaseException as error:
+        raise UntrustedConfigError(f"{path}: not a config ({str(error).splitlines()[0]})") from None
+    _check_run(cfg, path, overrides, check, frozenset())
+    try:
+        checked = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", "") or "?"
+        raise UntrustedConfigError(f"{path}: {key}: refused, not a key or value of segkit's training config "
+                                   f"({str(error).splitlines()[0]}). If you trust this file: {RUN_HINT}") from None
+    _check_sizes(checked, check)
+    if "output_root" not in user_keys:
+        checked.output_root = TrainConfig.output_root  # where training writes is the user's choice
+    if OmegaConf.select(checked, "dataset.cache_dir", default=None) is not None and \
+            "dataset.cache_dir" not in user_keys:
+        checked.dataset.cache_dir = None
+    if "trainer.resume" not in user_keys and "resume" in checked.trainer:
+        checked.trainer.resume = None
+    return checked
+
+
+def _read_small_text(path: Path) -> str:
+    """A run file: a regular file (not a link to one, a fifo or a device), at most MAX_CONFIG_BYTES."""
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except OSError as error:
+        raise UntrustedConfigError(f"{path}: cannot read ({error.strerror or error})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UntrustedConfigError(f"{path}: not a regular file (a link, fifo or device); a run's files are "
+                                   "plain files")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise UntrustedConfigError(f"{path}: {info.st_size} bytes, more than a run config's "
+                                   f"{MAX_CONFIG_BYTES} (segkit.runs.trusted.MAX_CONFIG_BYTES)")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    try:
+        return data[:MAX_CONFIG_BYTES].decode("utf-8")
+    except UnicodeDecodeError:
+        raise UntrustedConfigError(f"{path}: not UTF-8 text") from None
+
+
+def _check_depth(node: Any, source: str, depth: int = 0, key: str = "") -> None:
+    if depth > MAX_DEPTH:
+        raise UntrustedConfigError(f"{source}: {key or 'the config'}: nested more than {MAX_DEPTH} levels deep "
+                                   "(segkit.runs.trusted.MAX_DEPTH); a run config is a few levels deep")
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for name, value in children:
+        _check_depth(value, source, depth + 1, f"{key}.{name}" if key else str(name))
+
+
+def _check_sizes(cfg: DictConfig, check: _Check) -> None:
+    for key, limit in RUN_LIMITS.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            check.refuse(key, value, f"more than {limit}; set {key}=... yourself on the command line to use it")
+    for key in ("dataset.image_size", "augmentation.crop_size"):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False)
+        if not isinstance(node, DictConfig) or leaf not in node or OmegaConf.is_interpolation(node, leaf):
+            continue  # absent, or a reference to a key checked itself (the crop follows dataset.image_size)
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        sizes = list(value) if not isinstance(value, (int, str)) else [value, value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+            continue
+        pixels = 1
+        for v in sizes:
+            pixels *= max(int(v), 1)
+        if pixels > MAX_PIXELS:
+            check.refuse(key, list(sizes), f"more than {MAX_PIXELS} pixels per image; set {key}=... yourself "
+                                           "on the command line to use it")

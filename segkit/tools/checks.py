@@ -33,6 +33,7 @@ from segkit.data.geometry import letterbox
 from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset, plural
 from segkit.errors import DataError
 from segkit.reporting.plots import save_overlay_preview, stable_palette
+from segkit.runs import safe_files
 
 
 @dataclass
@@ -146,7 +147,7 @@ def write_weights(path: str | Path, report: SplitReport) -> list[float]:
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    safe_files.write_text(path, text)
     return weights
 
 

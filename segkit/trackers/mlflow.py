@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-import tempfile
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +26,7 @@ import numpy as np
 
 from segkit.errors import SegkitError
 from segkit.registry import register
+from segkit.runs import safe_files
 from segkit.runs.run_dir import BEST, RunDir
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
@@ -156,7 +157,7 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
         return
     lock = Path(uri.removeprefix("sqlite:///") + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
+    with safe_files.open_lock(lock) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -219,11 +220,48 @@ def experiment_runs(experiment: str, tracking_uri: str) -> list[RunRecord]:
         token = page.token
         if not token:
             break
-    return [_record(client, run) for run in runs]
+    store = store_directory(tracking_uri)
+    return [_record(client, run, store) for run in runs]
 
 
-def _record(client: Any, run: Any) -> RunRecord:
-    summary = _summary(client, run.info.run_id)
+def store_directory(tracking_uri: str) -> Path | None:
+    """The local directory of an MLflow store (`sqlite:///<dir>/mlflow.db`, `file:///<dir>`, `<dir>`); None
+    for a server."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        return Path(unquote(parsed.path)).resolve().parent if parsed.path not in ("", "/") else None
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path)).resolve()
+    if parsed.scheme == "":
+        return Path(tracking_uri).resolve()
+    return None
+
+
+def local_artifact_dir(artifact_uri: str, store: Path | None) -> Path | None:
+    """The run's artifact directory when it is a local path under the store's directory, else None: an
+    artifact location is written by whoever wrote the store, and a server it names is never contacted."""
+    from urllib.parse import unquote, urlparse
+
+    if store is None or not artifact_uri:
+        return None
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        path = Path(unquote(parsed.path))
+    elif parsed.scheme == "" and artifact_uri.startswith("/"):
+        path = Path(artifact_uri)
+    else:
+        return None
+    path = Path(os.path.normpath(path))
+    return path if path == store or store in path.parents else None
+
+
+MAX_SUMMARY_BYTES = 16 << 20  # a run's metrics.json is a few KiB
+
+
+def _record(client: Any, run: Any, store: Path | None) -> RunRecord:
+    summary = _summary(run, store)
     best = (summary or {}).get("best") or {}
     if best.get("miou") is not None:
         miou = float(best["miou"])
@@ -238,9 +276,19 @@ def _record(client: Any, run: Any) -> RunRecord:
     )
 
 
-def _summary(client: Any, run_id: str) -> dict[str, Any] | None:
-    try:
-        with tempfile.TemporaryDirectory(prefix="segkit_report_") as tmp:
-            return json.loads(Path(client.download_artifacts(run_id, "metrics.json", tmp)).read_text())
-    except Exception:  # noqa: BLE001 - a failed run has no metrics.json
+def _summary(run: Any, store: Path | None) -> dict[str, Any] | None:
+    """The run's metrics.json artifact, read from the local store only; None when it has none."""
+    directory = local_artifact_dir(str(run.info.artifact_uri or ""), store)
+    if directory is None:
+        print(f"warning: run {run.info.run_id}: artifact location {str(run.info.artifact_uri)[:200]!r} is not a "
+              f"local path under the store ({store or 'a server'}); not fetched, the store's metrics are shown",
+              file=sys.stderr)
         return None
+    path = directory / "metrics.json"
+    if not safe_files.is_regular_file(path) or path.stat().st_size > MAX_SUMMARY_BYTES:
+        return None  # a failed run has no metrics.json; a link or a huge file is not read
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None

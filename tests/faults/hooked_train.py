@@ -17,7 +17,7 @@ from pathlib import Path
 
 from segkit.cli.train import main
 from segkit.metrics import SegmentationMetrics
-from segkit.runs import checkpoint
+from segkit.runs import checkpoint, safe_files
 
 
 def mark(event: str) -> None:
@@ -34,14 +34,16 @@ def install_kill_points() -> None:
         update(self, *args, **kwargs)
         mark("validation")
 
-    def replace(src, dst):
+    def replace(src, dst, **dir_fds):
         if Path(dst).name == "last.pt" and Path(src).name.endswith(".tmp"):
             mark("checkpoint_write")
-        os.replace(src, dst)
+        os.replace(src, dst, **dir_fds)
 
     SegmentationMetrics.update = update_then_mark
     # checkpoint.py's own view of `os`, with replace() marked; every other name is the real module's.
+    # The final rename happens in safe_files (on the directory's descriptor), the one before it in checkpoint.py.
     checkpoint.os = types.SimpleNamespace(**{**vars(os), "replace": replace})
+    safe_files.os = types.SimpleNamespace(**{**vars(os), "replace": replace})
 
 
 if __name__ == "__main__":
