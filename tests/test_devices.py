@@ -91,7 +91,7 @@ def test_the_host_read_detector_sees_a_read():
 @pytest.mark.parametrize("precision", PRECISION_LIST)
 def test_an_injected_inf_is_skipped_on_the_device_without_a_host_read(compose_cfg, tmp_path, device, precision):
     trainer = Trainer(compose_cfg(on(device, f"trainer.precision={precision}")), tmp_path)
-    poison = torch.ones((), device=trainer.device)
+    poison = torch.ones((), device=trainer.parts.device)
     loss_fn = trainer.parts.step.loss_fn
     step = dataclasses.replace(trainer.parts.step, loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)
     images, masks = next(iter(trainer.parts.train_loader))
@@ -192,11 +192,11 @@ def test_training_from_the_device_cache_resumes_on_exactly_the_remaining_batches
     assert stopped["status"] == "STOPPED"
     resumed = Trainer(compose_cfg([*common, "trainer.resume=auto"]), tmp_path / "split")
     assert (resumed.epoch, resumed.global_step, resumed.samples_done_in_epoch) == (1, 6, 8)
-    resumed.train_loader.sampler.set_epoch(resumed.epoch, start=resumed.samples_done_in_epoch)
+    resumed.parts.train_loader.sampler.set_epoch(resumed.epoch, start=resumed.samples_done_in_epoch)
     uninterrupted = Trainer(compose_cfg(common), tmp_path / "straight")
-    uninterrupted.train_loader.sampler.set_epoch(1)
-    expected = list(uninterrupted.train_loader)[2:]  # the two batches epoch 1 had left after step 6
-    got = list(resumed.train_loader)
+    uninterrupted.parts.train_loader.sampler.set_epoch(1)
+    expected = list(uninterrupted.parts.train_loader)[2:]  # the two batches epoch 1 had left after step 6
+    got = list(resumed.parts.train_loader)
     assert len(got) == len(expected) == 2
     for (image_a, mask_a), (image_b, mask_b) in zip(expected, got, strict=True):
         assert image_b.device.type == device.type
