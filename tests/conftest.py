@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from segkit.cli.common import register_configs
+from segkit.data.readers.base import SegmentationDataset
+from segkit.data.readers.pairs import PairedFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "segkit" / "conf"
@@ -82,3 +84,15 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file a run wrote (epochs.csv, a sweep's leaderboard)."""
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def one_tensor(prediction: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """`Predictor.predict` of one image or a batch tensor: a tensor (a list of images gives a list)."""
+    assert isinstance(prediction, torch.Tensor), type(prediction)
+    return prediction
+
+
+def paired(dataset: SegmentationDataset) -> PairedFiles:
+    """A data set read from (image, mask) file pairs, with its `pairs`."""
+    assert isinstance(dataset, PairedFiles), type(dataset)
+    return dataset

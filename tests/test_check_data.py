@@ -69,7 +69,9 @@ def run_cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["segkit-check-data", *args])
     with pytest.raises(SystemExit) as exit_info:
         check_data.main()
-    return exit_info.value.code, capsys.readouterr().out
+    code = exit_info.value.code
+    assert isinstance(code, int), code
+    return code, capsys.readouterr().out
 
 
 def test_every_problem_is_reported_with_its_file(tmp_path, monkeypatch, capsys):
@@ -119,7 +121,8 @@ def test_coco_missing_image_is_named(tmp_path, compose_cfg):
     cfg = compose_cfg(coco_overrides(root), tiny=False)
     report = check_split(cfg.dataset, "train")
     assert report.problems == [f"{root / 'images' / '000000000002.jpg'}: missing image"]
-    assert report.pixel_counts.sum() > 0 and report.ignore_pixels > 0  # crowd regions
+    assert report.pixel_counts is not None and report.pixel_counts.sum() > 0  # the samples were read
+    assert report.ignore_pixels > 0  # crowd regions
 
 
 def test_config_error_exits_two(tmp_path, monkeypatch, capsys):

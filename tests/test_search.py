@@ -169,7 +169,9 @@ def test_a_hopeless_trial_is_pruned_in_the_study_mlflow_and_the_report(tmp_path)
     assert metrics["epochs"] == 1 and metrics["stop_reason"] == "pruned by optuna at epoch 0"
 
     client = MlflowClient(tracking_uri=default_tracking_uri(tmp_path))
-    (ml_run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    experiment = client.get_experiment_by_name("train")
+    assert experiment is not None
+    (ml_run,) = client.search_runs([experiment.experiment_id])
     assert ml_run.info.status == "KILLED"
     assert ml_run.data.tags["optuna.state"] == "PRUNED" and ml_run.data.tags["optuna.trial"] == "0"
 
@@ -251,6 +253,7 @@ def test_optuna_dashboard_shows_the_study(tmp_path):
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
                 time.sleep(0.3)
+        assert BROWSER is not None
         done = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu",
                                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
                                "--dump-dom", url], capture_output=True, text=True, timeout=90)

@@ -59,6 +59,7 @@ def test_every_job_is_an_mlflow_run_the_failed_one_marked_failed(sweep):
     _, sweep_dir, root = sweep
     client = MlflowClient(tracking_uri=default_tracking_uri(root))
     experiment = client.get_experiment_by_name("train")
+    assert experiment is not None
     runs = {r.data.tags["job_num"]: r for r in client.search_runs([experiment.experiment_id])}
     assert sorted(runs) == ["0", "1", "2", "3"]
     assert [runs[j].info.status for j in "0123"] == ["FINISHED", "FINISHED", "FINISHED", "FAILED"]

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from segkit.runs.run_dir import BEST, LAST, RunDir
 from segkit.sweeps import JobRecord, best_miou, collect_jobs, varying_overrides
@@ -74,7 +74,8 @@ def rows_from_mlflow(experiment: str, tracking_uri: str) -> list[Row]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"error: no MLflow experiment {experiment!r} at {tracking_uri}")
-    runs, token = [], None
+    runs: list[Any] = []
+    token = None
     while True:
         page = client.search_runs([found.experiment_id], max_results=1000, page_token=token,
                                   order_by=["attributes.start_time ASC"])
@@ -89,6 +90,7 @@ def _row_from_run(client: Any, run: Any) -> Row:
     tags, metrics = run.data.tags, run.data.metrics
     summary = _mlflow_summary(client, run.info.run_id)
     best = (summary or {}).get("best") or {}
+    miou: float | None
     if best.get("miou") is not None:
         miou = float(best["miou"])
     else:
@@ -290,7 +292,7 @@ def write_heatmap(rows: Sequence[Row], path: Path) -> bool:
     return True
 
 
-def _finite(value: float | None) -> bool:
+def _finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 

@@ -6,6 +6,8 @@ The config gives the shape (`_partial_: true`); the trainer supplies the optimiz
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
@@ -70,9 +72,9 @@ def step(
 
 def build_optimizer(optimizer_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Instantiate the partial optimizer with two groups: encoder at lr, the rest at lr * head_lr_mult."""
-    settings = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    settings = cast(dict[str, Any], OmegaConf.to_container(optimizer_cfg, resolve=True))
     head_lr_mult = float(settings.pop("head_lr_mult", 1.0))
-    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    encoder_ids = {id(p) for p in model.get_submodule("encoder").parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     encoder_params = [p for p in trainable if id(p) in encoder_ids]
     head_params = [p for p in trainable if id(p) not in encoder_ids]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import segmentation_models_pytorch as smp
 import torch
@@ -59,6 +59,9 @@ ARCHITECTURES: dict[str, Architecture] = {
 class Segmenter(nn.Module):
     """images (B, 3, H, W) float in [0, 1] -> logits (B, num_classes, H, W), any H and W."""
 
+    mean: torch.Tensor  # buffers, (1, 3, 1, 1)
+    std: torch.Tensor
+
     def __init__(
         self,
         net: nn.Module,
@@ -92,7 +95,7 @@ class Segmenter(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the timm encoder: its stages are recomputed in backward."""
-        timm_model = getattr(self.encoder, "model", None)
+        timm_model: Any = getattr(self.encoder, "model", None)
         if not hasattr(timm_model, "set_grad_checkpointing"):
             raise ConfigError("trainer.activation_checkpointing",
                               f"needs a timm encoder (smp `tu-` or fcn/lraspp), not {type(self.encoder).__name__}")
@@ -119,7 +122,7 @@ class EncoderHead(nn.Module):
     def __init__(self, encoder: nn.Module, arch: str, num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
-        channels = encoder.out_channels
+        channels: list[int] = list(cast(Sequence[int], encoder.out_channels))
         self.arch = arch
         if arch == "fcn":
             self.head = FCNHead(channels[-1], num_classes)
@@ -249,6 +252,7 @@ def load_encoder_weights(encoder: nn.Module, name: str, weights: str) -> None:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError("backbone.weights", f"{path}: file not found")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

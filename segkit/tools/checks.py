@@ -88,6 +88,7 @@ def check_sample(dataset: SegmentationDataset, index: int, report: SplitReport) 
         dataset.check_mask_values(mask, index)
     except DataError as error:
         return [*labels, str(error)]
+    assert report.pixel_counts is not None and report.presence is not None  # set by check_split
     ignored = mask == dataset.ignore_index
     counts = torch.bincount(mask[~ignored], minlength=dataset.num_classes).numpy()
     report.pixel_counts += counts
@@ -105,7 +106,7 @@ def problem_kinds(problems: Sequence[str]) -> Counter:
 def summary_lines(report: SplitReport) -> list[str]:
     """Class pixel frequencies and per-image presence, one row per class."""
     dataset = report.dataset
-    if dataset is None or report.pixel_counts is None:
+    if dataset is None or report.pixel_counts is None or report.presence is None:
         return [f"{report.split}: not readable"]
     total = int(report.pixel_counts.sum()) + report.ignore_pixels
     counts = f"{report.samples} samples, {report.readable} readable, {len(report.problems)} problems"

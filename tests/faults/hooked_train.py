@@ -16,8 +16,8 @@ import types
 from pathlib import Path
 
 from segkit.cli.train import main
-from segkit.runs import checkpoint
 from segkit.metrics import SegmentationMetrics
+from segkit.runs import checkpoint
 
 
 def mark(event: str) -> None:
@@ -39,9 +39,9 @@ def install_kill_points() -> None:
             mark("checkpoint_write")
         os.replace(src, dst)
 
-    SegmentationMetrics.update = update_then_mark
+    SegmentationMetrics.update = update_then_mark  # type: ignore[method-assign]
     # checkpoint.py's own view of `os`, with replace() marked; every other name is the real module's.
-    checkpoint.os = types.SimpleNamespace(**{**vars(os), "replace": replace})
+    checkpoint.os = types.SimpleNamespace(**{**vars(os), "replace": replace})  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import weakref
 import pytest
 import torch
 
-from segkit.runs import checkpoint as checkpoint_module
 from segkit.engine.trainer import OutOfMemory, Trainer, TrainingDiverged, fit
 from segkit.errors import CheckpointError
+from segkit.runs import checkpoint as checkpoint_module
 from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
 
 from ..conftest import ROOT, TINY, write_folder_dataset
@@ -165,7 +165,8 @@ def test_out_of_memory_names_sizes_and_a_fix_and_keeps_the_checkpoint(compose_cf
 def test_validation_keeps_at_most_one_batch_of_outputs_alive(compose_cfg, tmp_path):
     """Memory bound: a validation set of any size holds one batch plus the confusion matrix."""
     trainer = Trainer(compose_cfg(["dataset.val_size=40"]), tmp_path)
-    real_forward, outputs, most_alive = trainer.step.forward, [], 0
+    real_forward, most_alive = trainer.step.forward, 0
+    outputs: list[weakref.ref[torch.Tensor]] = []
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         nonlocal most_alive
