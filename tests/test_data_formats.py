@@ -328,15 +328,30 @@ def test_coco_read_only_root_caches_in_user_dir(compose_cfg, tmp_path, monkeypat
     assert (dataset.cache_dir / "100.png").is_file() and not (root / ".segkit_cache").exists()
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "coco-val2017-subset").is_dir(), reason="shared COCO subset absent")
+SHARED_COCO = SHARED_DATA / "coco-val2017-subset"
+SHARED_COCO_ANNOTATIONS = "annotations/instances_val2017_subset.json"
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file and folder under root: a write anywhere under it changes this."""
+    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in [root, *root.rglob("*")]}
+
+
+@pytest.mark.skipif(not (SHARED_COCO / SHARED_COCO_ANNOTATIONS).is_file(), reason="shared COCO subset absent")
 def test_shared_coco_subset_trains_one_step(compose_cfg, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the shared folder is read-only
-    annotations = "annotations/instances_val2017_subset.json"
-    cfg = compose_cfg([*ONE_STEP, "dataset=coco", f"dataset.root={SHARED_DATA / 'coco-val2017-subset'}",
-                       "dataset.image_dir=images", f"dataset.annotations.train={annotations}",
-                       f"dataset.annotations.val={annotations}", "trainer.batch_size=8"], tiny=False)
+    """Read-only or writable, the shared folder is only read: the mask cache goes where dataset.cache_dir says."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # nor into the user's own cache
+    before = _tree(SHARED_COCO)
+    cfg = compose_cfg([*ONE_STEP, "dataset=coco", f"dataset.root={SHARED_COCO}", "dataset.image_dir=images",
+                       f"dataset.annotations.train={SHARED_COCO_ANNOTATIONS}",
+                       f"dataset.annotations.val={SHARED_COCO_ANNOTATIONS}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                       "trainer.batch_size=8"], tiny=False)
     assert fit(cfg, tmp_path / "run")["steps"] == 1
-    assert len(list((tmp_path / "xdg" / "segkit").glob("coco-*/*.png"))) == 10
+    images = len(json.loads((SHARED_COCO / SHARED_COCO_ANNOTATIONS).read_text())["images"])
+    assert len(list((tmp_path / "cache").glob("coco-*/*.png"))) == images  # each mask rasterised once
+    assert not (tmp_path / "xdg").exists()
+    assert _tree(SHARED_COCO) == before
 
 
 def test_on_error_skip_replaces_and_reports_bad_samples(compose_cfg, tmp_path, caplog):
