@@ -78,6 +78,7 @@ def tiny_run(tmp_path_factory):
     return base / "run"
 
 
+@pytest.mark.slow
 def test_calibrate_stores_a_temperature_that_load_applies(tiny_run, tmp_path):
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes((tiny_run / "checkpoints" / "best.pt").read_bytes())

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from segkit.cli.common import app_help
 
 from .conftest import ROOT
@@ -60,6 +62,7 @@ def _seconds(command: list[str], status: int, texts: tuple[str, ...]) -> float:
     return seconds
 
 
+@pytest.mark.slow
 def test_commands_answer_before_torch_alone_would_have_loaded():
     """Each command's fastest of 3 runs against the fastest of 3 `python -c "import torch"`, interleaved so
     that load drift on a shared machine hits both alike. A ratio, not a time: it holds on any machine."""
