@@ -77,6 +77,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_server_and_clients_as_separate_processes_over_localhost(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     common = [*TINY, *FEDERATION, "federated.num_clients=2", "federated.rounds=1",
