@@ -28,6 +28,7 @@ def cli(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *TINY, *overrides]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(compose_cfg, tmp_path):
     straight = fit(compose_cfg(SLOW), tmp_path / "straight")
     run_dir = tmp_path / "killed"
@@ -55,6 +56,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(compose_cfg,
     assert b["history"][-1]["val/miou"] == a["history"][-1]["val/miou"]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_a_resume_hint(tmp_path):
     proc = subprocess.Popen(cli("trainer.max_epochs=200", f"hydra.run.dir={tmp_path}"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
