@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS := requirements/constraints.txt
 CAMVID ?= ../shared/datasets/camvid
 
-.PHONY: setup train test lint lock gpu-pack clean
+.PHONY: setup train test test-fast typecheck lint lock gpu-pack clean
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,15 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 train: setup  ## the default job: a short CPU training on the built-in synthetic data set
 	$(BIN)/python train.py
 
-test: setup
+test: setup typecheck  ## what CI runs: types, the import layers, then every test
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+test-fast: setup  ## the inner loop: every test but those marked slow (pyproject.toml markers)
+	$(BIN)/python -m pytest -m "not slow"
+
+typecheck: setup  ## mypy over segkit, tests, hydra_plugins and scripts (pyproject.toml [tool.mypy])
+	$(BIN)/mypy
 
 lint: setup  ## style and the import layers (pyproject.toml [tool.importlinter])
 	$(BIN)/ruff check segkit scripts tests train.py
@@ -34,4 +41,4 @@ gpu-pack:  ## wheels the GPU machine lacks + CamVid, in .gpu-pack/ (docs/benchma
 	CAMVID=$(CAMVID) PYTHON=$(PYTHON) bash scripts/gpu_pack.sh .gpu-pack
 
 clean:
-	rm -rf $(VENV) outputs .gpu-pack gpu-check-out
+	rm -rf $(VENV) outputs .gpu-pack gpu-check-out .mypy_cache

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from segkit.cli.common import register_configs  # noqa: E402
-from segkit.data.loading import build_dataset, build_loader  # noqa: E402
+from segkit.data.loading import EpochSampler, build_dataset, build_loader  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "segkit" / "conf"
 
@@ -42,8 +42,10 @@ def main() -> None:
                           seed=0, pin_memory=False)
     print(f"{cfg.dataset.name} {args.split}: {len(dataset)} samples at {list(cfg.dataset.image_size)}, "
           f"batch {args.batch_size}, {args.workers} workers, cache={cfg.dataset.get('cache', False)}")
+    sampler = loader.sampler
+    assert isinstance(sampler, EpochSampler)
     for epoch in range(args.epochs):
-        loader.sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         start, images = time.perf_counter(), 0
         for batch, _ in loader:
             images += batch.shape[0]

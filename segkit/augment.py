@@ -9,6 +9,7 @@ Everything runs in float32 with autocast off, so labels stay exact under fp16/bf
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import kornia.augmentation as K
 import torch
@@ -28,9 +29,10 @@ class JointAugment(nn.Module):
         super().__init__()
         self.ignore_index = ignore_index
         self.crop_size = list(crop_size) if crop_size is not None else None
-        ops = list(transforms)
+        ops: list[Any] = list(transforms)  # Kornia augmentations
         if self.crop_size is not None:
-            ops.append(K.RandomCrop(tuple(self.crop_size), pad_if_needed=True))
+            height, width = self.crop_size
+            ops.append(K.RandomCrop((height, width), pad_if_needed=True))
         self.pipeline = K.AugmentationSequential(*ops, data_keys=["input", "mask"]) if ops else None
 
     @torch.autocast("cuda", enabled=False)

@@ -91,8 +91,11 @@ def _in_metric_modules(module_name: str) -> bool:
     return any(module_name == m or module_name.startswith(m + ".") for m in METRIC_MODULES)
 
 
-def confusion_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """(C, C) pixel counts, rows the true class and columns the predicted one; ignore_index pixels left out.
+def confusion_counts(
+    preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None
+) -> torch.Tensor:
+    """(C, C) pixel counts, rows the true class and columns the predicted one; ignore_index pixels (if any)
+    left out.
 
     Ignored pixels go to one extra bin instead of being masked out, so the output size is known up front:
     no host sync (boolean masking and bincount both wait for the device), deterministic on every device,
@@ -100,7 +103,9 @@ def confusion_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int
     """
     n = num_classes
     target, preds = target.reshape(-1), preds.reshape(-1)
-    codes = torch.where(target == ignore_index, n * n, target * n + preds)
+    codes = target * n + preds
+    if ignore_index is not None:
+        codes = torch.where(target == ignore_index, n * n, codes)
     counts = torch.zeros(n * n + 1, dtype=torch.long, device=codes.device)
     counts.scatter_add_(0, codes, codes.new_ones(()).expand_as(codes))  # a view: no second pixel-sized tensor
     return counts[:-1].view(n, n)
@@ -152,7 +157,7 @@ class SegmentationMetrics:
             else:
                 item.metric.update(preds, target)
 
-    def compute(self) -> dict[str, object]:
+    def compute(self) -> dict[str, Any]:
         result = summarize_confusion(self.confusion.compute(), self.class_names)
         if self.extra:
             result["metrics"] = {item.name: _plain(item.metric.compute()) for item in self.extra}
@@ -167,7 +172,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def summarize_confusion(confusion: torch.Tensor, class_names: Sequence[str]) -> dict[str, object]:
+def summarize_confusion(confusion: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
     """Rows are targets, columns predictions. Returns plain Python numbers.
 
     With two classes (binary tasks) class 1 is the foreground and its scores appear as foreground_*.
@@ -185,7 +190,7 @@ def summarize_confusion(confusion: torch.Tensor, class_names: Sequence[str]) -> 
     precision = torch.where(present, tp / pred_count.clamp_min(1), nan)
     recall = torch.where(present, tp / target_count.clamp_min(1), nan)
     total = cm.sum()
-    result: dict[str, object] = {
+    result: dict[str, Any] = {
         "miou": float(iou[present].mean()) if present.any() else 0.0,
         "mdice": float(dice[present].mean()) if present.any() else 0.0,
         "pixel_acc": float(tp.sum() / total) if total > 0 else 0.0,
@@ -221,6 +226,8 @@ class BoundaryIoU(Metric):
     Inputs: class ids (B, H, W) for prediction and target."""
 
     full_state_update = False
+    intersection: torch.Tensor  # states, (num_classes,)
+    union: torch.Tensor
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255, width: int = 3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -231,7 +238,8 @@ class BoundaryIoU(Metric):
         self.add_state("union", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=bool)
+        ignore = self.ignore_index
+        valid = target != ignore if ignore is not None else torch.ones_like(target, dtype=torch.bool)
         pred_band = class_boundaries(preds, self.num_classes, self.width, valid)
         target_band = class_boundaries(target, self.num_classes, self.width, valid)
         self.intersection += (pred_band & target_band).sum((0, 2, 3))

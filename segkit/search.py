@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -49,7 +49,8 @@ log = logging.getLogger("segkit")
 TRIAL_ENV = "SEGKIT_OPTUNA_TRIAL"  # set in each job (hydra.job.env_set): the trial number it runs
 STUDY_FILE = "study.json"
 # name -> (direction, what it measures); the first objective is what pruning watches.
-OBJECTIVES = {
+Direction = Literal["minimize", "maximize"]
+OBJECTIVES: dict[str, tuple[Direction, str]] = {
     "miou": ("maximize", "best trainer.monitor (val/miou by default; minimised for a `min` monitor)"),
     "latency_ms": ("minimize", "inference latency of one image at the training size on the run's device"),
     "params": ("minimize", "parameter count"),
@@ -89,7 +90,7 @@ def storage_url(sweeper: DictConfig | SearchConf, output_root: str | Path) -> st
     return f"sqlite:///{root / 'optuna.db'}"
 
 
-def directions(objectives: Sequence[str], cfg: DictConfig) -> list[str]:
+def directions(objectives: Sequence[str], cfg: DictConfig) -> list[Direction]:
     """Optuna directions; `miou` (the best trainer.monitor) follows trainer.monitor_mode."""
     from segkit.config import monitor_mode
 
@@ -98,7 +99,8 @@ def directions(objectives: Sequence[str], cfg: DictConfig) -> list[str]:
         from segkit.errors import ConfigError
 
         raise ConfigError("hydra.sweeper.objectives", f"{list(objectives)}: choose from {', '.join(OBJECTIVES)}")
-    score = "maximize" if monitor_mode(str(cfg.trainer.monitor), str(cfg.trainer.monitor_mode)) == "max" else "minimize"
+    mode = monitor_mode(str(cfg.trainer.monitor), str(cfg.trainer.monitor_mode))
+    score: Direction = "maximize" if mode == "max" else "minimize"
     return [score if name == "miou" else OBJECTIVES[name][0] for name in objectives]
 
 
@@ -192,16 +194,17 @@ def search_space(overrides: Sequence[Any]) -> tuple[dict[str, Any], list[str]]:
                       for v in override.sweep_iterator()]
             space[key] = CategoricalDistribution(values)
         elif isinstance(sweep, IntervalSweep):
+            assert sweep.start is not None and sweep.end is not None  # interval(start, end) sets both
             if isinstance(sweep.start, int) and isinstance(sweep.end, int):
                 space[key] = IntDistribution(sweep.start, sweep.end, log=log_scale)
             else:
                 space[key] = FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
         elif isinstance(sweep, RangeSweep):
-            values = list(override.sweep_iterator())
-            if all(isinstance(v, int) for v in values):
-                space[key] = IntDistribution(values[0], values[-1], step=int(sweep.step))
+            points: list[Any] = list(override.sweep_iterator())  # numbers: range() takes no others
+            if all(isinstance(v, int) for v in points):
+                space[key] = IntDistribution(points[0], points[-1], step=int(sweep.step))
             else:
-                space[key] = FloatDistribution(values[0], values[-1], step=float(sweep.step))
+                space[key] = FloatDistribution(points[0], points[-1], step=float(sweep.step))
         else:  # pragma: no cover - Hydra has no other sweep types
             raise ValueError(f"{override.input_line}: unsupported sweep")
     return space, fixed
@@ -500,7 +503,7 @@ def _inference_model(cfg: DictConfig) -> tuple[Any, Any]:
     from segkit.config import build
     from segkit.engine.step import resolve_device
 
-    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    model_cfg = OmegaConf.create(cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True)))
     backbone = model_cfg.get("backbone")
     if isinstance(backbone, DictConfig) and "pretrained" in backbone:
         backbone.pretrained = False  # never download for a timing

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -69,9 +69,9 @@ def _failed_tracker_run(cfg: DictConfig, output_dir: Path, message: str) -> None
     try:
         loggers = dict(cfg.get("logger") or {})
         try:
-            params = flatten(OmegaConf.to_container(cfg, resolve=True))
+            params = flatten(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)))
         except Exception:  # noqa: BLE001 - the failure may be a broken interpolation
-            params = flatten(OmegaConf.to_container(cfg, resolve=False))
+            params = flatten(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=False)))
     except Exception as error:  # noqa: BLE001
         log.warning("could not record the failed job in the trackers (%s)", error)
         return

@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from segkit.cli.common import register_configs
+from segkit.data.readers.base import SegmentationDataset
+from segkit.data.readers.pairs import PairedFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "segkit" / "conf"
@@ -116,3 +118,15 @@ def _device_params() -> list:
 def device(request) -> torch.device:
     """The training device of a test that must behave alike on every device (tests/test_devices.py)."""
     return torch.device(request.param)
+
+
+def one_tensor(prediction: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """`Predictor.predict` of one image or a batch tensor: a tensor (a list of images gives a list)."""
+    assert isinstance(prediction, torch.Tensor), type(prediction)
+    return prediction
+
+
+def paired(dataset: SegmentationDataset) -> PairedFiles:
+    """A data set read from (image, mask) file pairs, with its `pairs`."""
+    assert isinstance(dataset, PairedFiles), type(dataset)
+    return dataset

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ ROW = re.compile(r"^\| (?P<label>[^|]+) \| (?P<median>[\d.]+) \| (?P<low>[\d.]+)
 
 def _load_script():
     spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -28,7 +30,14 @@ def _load_script():
 
 def test_windows_of_the_variants_are_interleaved():
     calls: list[str] = []
-    variants = {name: (lambda name=name: calls.append(name) or 2) for name in ("a", "b")}
+
+    def variant(name: str) -> Callable[[], int]:
+        def step() -> int:
+            calls.append(name)
+            return 2
+        return step
+
+    variants = {name: variant(name) for name in ("a", "b")}
     timing = interleave(variants, torch.device("cpu"), windows=2, steps=3, settle=1, warmup=1)
     assert calls == ["a", "b"] + (["a"] * 4 + ["b"] * 4) * 2  # warm-up, then (settle + steps) per window, in turns
     assert [len(timing.rows[name]) for name in ("a", "b")] == [2, 2]
@@ -65,9 +74,10 @@ def test_harness_runs_end_to_end_and_appends_well_formed_tables(tmp_path, capsys
     text = output.read_text()
     assert text.startswith("# Benchmarks\n") and text.count("\n### ") == 1  # appended, not overwritten
     assert "`python scripts/benchmark.py all backbone.name=test_resnet" in text and "load average" in text
-    rows = [ROW.match(line) for line in text.splitlines() if line.startswith("| ") and "---" not in line
-            and not line.startswith("| variant")]
-    assert all(rows) and len(rows) == 9  # train 4, eval 2, data 3
+    matches = [ROW.match(line) for line in text.splitlines() if line.startswith("| ") and "---" not in line
+               and not line.startswith("| variant")]
+    rows = [row for row in matches if row is not None]
+    assert len(rows) == len(matches) == 9  # train 4, eval 2, data 3
     labels = [row["label"] for row in rows]
     for word in ("ceiling", "segkit", "bare loop", "reference", "whole image", "sliding window", "decode",
                  "augmentation on cpu"):

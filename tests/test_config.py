@@ -57,6 +57,7 @@ def test_every_loss_builds_and_ignores_void(compose_cfg, option):
     loss.backward()
     assert torch.isfinite(loss)
     # Ignored pixels receive no gradient.
+    assert logits.grad is not None
     assert logits.grad[:, :, :2].abs().max() == 0
     assert logits.grad[:, :, 2:].abs().max() > 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from segkit.errors import DataError
 
 from .conftest import write_folder_dataset
 
-COMMON = {"name": "t", "num_classes": 3, "ignore_index": 255, "image_size": (40, 48)}
+COMMON: dict[str, Any] = {"name": "t", "num_classes": 3, "ignore_index": 255, "image_size": (40, 48)}
 
 
 def test_letterbox_pads_masks_with_ignore_and_resizes_nearest():

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,14 @@ from pycocotools import mask as mask_utils
 from segkit.cli import init_config
 from segkit.data.io import read_stem_list
 from segkit.data.loading import build_dataset
+from segkit.data.readers.coco import CocoDataset
 from segkit.data.readers.conventions import coco_stuff_171, reduce_zero_label
 from segkit.data.readers.voc import voc_colormap
 from segkit.engine.trainer import fit
 from segkit.errors import ConfigError, DataError
 from segkit.tools.layout import detect_layout
 
-from .conftest import SHARED_DATA, TINY
+from .conftest import SHARED_DATA, TINY, paired
 
 SIZE = (40, 48)  # height, width of every generated sample
 # TINY without the synthetic-only keys, plus one optimizer step.
@@ -133,7 +135,7 @@ def coco_annotations(image_ids: list[int], start_id: int) -> list[dict]:
     """Per image: a big car box, a small dog box on it (listed first), a cat as compressed RLE,
     a car as uncompressed RLE, and a crowd region."""
     height, width = SIZE
-    anns = []
+    anns: list[dict] = []
     cat = np.zeros(SIZE, dtype=np.uint8)
     cat[30:38, 2:10] = 1
     cat_rle = mask_utils.encode(np.asfortranarray(cat))
@@ -210,7 +212,7 @@ LAYOUTS = {
 }
 
 
-def compose_layout(compose_cfg, tmp_path: Path, layout: str, extra: list[str] = ()):
+def compose_layout(compose_cfg, tmp_path: Path, layout: str, extra: Sequence[str] = ()):
     writer, overrides = LAYOUTS[layout]
     root = writer(tmp_path / layout)
     return compose_cfg([*ONE_STEP, *overrides(root), *extra], tiny=False), root
@@ -246,7 +248,7 @@ def test_folder_k_fold_lists(compose_cfg, tmp_path):
     (root / "splits" / "fold1").mkdir()
     (root / "splits" / "fold1" / "train.txt").write_text("s00\ns02\n")
     cfg.dataset.fold = 1
-    assert [p[0].stem for p in build_dataset(cfg.dataset, "train").pairs] == ["s00", "s02"]
+    assert [p[0].stem for p in paired(build_dataset(cfg.dataset, "train")).pairs] == ["s00", "s02"]
 
 
 def test_folder_rgb_masks_through_colour_table_and_dataset_json(compose_cfg, tmp_path):
@@ -330,19 +332,35 @@ def test_coco_read_only_root_caches_in_user_dir(compose_cfg, tmp_path, monkeypat
         dataset.read(0)
     finally:
         root.chmod(mode)
+    assert isinstance(dataset, CocoDataset) and dataset.cache_dir is not None
     assert dataset.cache_dir.parent == tmp_path / "xdg" / "segkit"
     assert (dataset.cache_dir / "100.png").is_file() and not (root / ".segkit_cache").exists()
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "coco-val2017-subset").is_dir(), reason="shared COCO subset absent")
+SHARED_COCO = SHARED_DATA / "coco-val2017-subset"
+SHARED_COCO_ANNOTATIONS = "annotations/instances_val2017_subset.json"
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file and folder under root: a write anywhere under it changes this."""
+    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in [root, *root.rglob("*")]}
+
+
+@pytest.mark.skipif(not (SHARED_COCO / SHARED_COCO_ANNOTATIONS).is_file(), reason="shared COCO subset absent")
 def test_shared_coco_subset_trains_one_step(compose_cfg, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the shared folder is read-only
-    annotations = "annotations/instances_val2017_subset.json"
-    cfg = compose_cfg([*ONE_STEP, "dataset=coco", f"dataset.root={SHARED_DATA / 'coco-val2017-subset'}",
-                       "dataset.image_dir=images", f"dataset.annotations.train={annotations}",
-                       f"dataset.annotations.val={annotations}", "trainer.batch_size=8"], tiny=False)
+    """Read-only or writable, the shared folder is only read: the mask cache goes where dataset.cache_dir says."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # nor into the user's own cache
+    before = _tree(SHARED_COCO)
+    cfg = compose_cfg([*ONE_STEP, "dataset=coco", f"dataset.root={SHARED_COCO}", "dataset.image_dir=images",
+                       f"dataset.annotations.train={SHARED_COCO_ANNOTATIONS}",
+                       f"dataset.annotations.val={SHARED_COCO_ANNOTATIONS}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                       "trainer.batch_size=8"], tiny=False)
     assert fit(cfg, tmp_path / "run")["steps"] == 1
-    assert len(list((tmp_path / "xdg" / "segkit").glob("coco-*/*.png"))) == 10
+    images = len(json.loads((SHARED_COCO / SHARED_COCO_ANNOTATIONS).read_text())["images"])
+    assert len(list((tmp_path / "cache").glob("coco-*/*.png"))) == images  # each mask rasterised once
+    assert not (tmp_path / "xdg").exists()
+    assert _tree(SHARED_COCO) == before
 
 
 def test_on_error_skip_replaces_and_reports_bad_samples(compose_cfg, tmp_path, caplog):
@@ -367,16 +385,21 @@ def test_on_error_skip_leaves_out_images_without_masks(compose_cfg, tmp_path):
     with pytest.raises(DataError, match=r"s02\.jpg: missing mask"):
         build_dataset(cfg.dataset, "train")
     cfg.dataset.on_error = "skip"
-    dataset = build_dataset(cfg.dataset, "train")
+    dataset = paired(build_dataset(cfg.dataset, "train"))
     assert [p[0].stem for p in dataset.pairs] == ["s00", "s01", "s03"]
 
 
 def test_cache_decodes_each_sample_once(compose_cfg, tmp_path, monkeypatch):
     cfg, _ = compose_layout(compose_cfg, tmp_path, "folder_split_file", ["dataset.cache=true"])
     dataset = build_dataset(cfg.dataset, "train")
-    reads = []
+    reads: list[int] = []
     original = type(dataset).read
-    monkeypatch.setattr(type(dataset), "read", lambda self, i: reads.append(i) or original(self, i))
+
+    def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        reads.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(type(dataset), "read", read)
     first = [dataset[i] for i in range(len(dataset))]
     again = [dataset[i] for i in range(len(dataset))]
     assert reads == [0, 1, 2, 3]
@@ -558,7 +581,7 @@ def test_split_lists_with_bom_crlf_blank_lines_and_spaces(compose_cfg, tmp_path)
     text = "\ufeff# train ids\r\n\r\nmy s00  \r\n\t my s01\r\n   \r\ns02\r\n# s03 left out\r\n"
     (root / "splits" / "train.txt").write_bytes(text.encode("utf-8"))
     assert read_stem_list(root / "splits" / "train.txt") == ["my s00", "my s01", "s02"]
-    assert [p[0].stem for p in build_dataset(cfg.dataset, "train").pairs] == ["my s00", "my s01", "s02"]
+    assert [p[0].stem for p in paired(build_dataset(cfg.dataset, "train")).pairs] == ["my s00", "my s01", "s02"]
 
 
 @pytest.mark.parametrize("content, message", [

@@ -179,6 +179,7 @@ def test_sync_batchnorm_on_cpu_is_refused_naming_the_key():
 # ---------------------------------------------------------------------------------------- processes
 
 
+@pytest.mark.slow
 def test_submitit_job_of_two_tasks_trains_like_one_process_with_the_global_batch(one_process, compose_cfg,
                                                                                   tmp_path):
     """Hydra multirun through hydra/launcher=submitit_local with 2 tasks: one DDP job of 2 processes."""

@@ -30,6 +30,7 @@ def checkpoint_for(model_option, path):
     with torch.no_grad():  # non-trivial BatchNorm statistics, so parity is not checked on a near-constant net
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     save_checkpoint({"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}, path)

@@ -106,7 +106,7 @@ def test_activation_checkpointing_recomputes_the_encoder_with_the_same_gradients
     for enabled in (False, True):
         trainer = Trainer(compose_cfg([f"trainer.activation_checkpointing={enabled}"]), tmp_path)
         entered: list[int] = []
-        stage = trainer.parts.model.encoder.model.layer1  # a middle stage: checkpointed when enabled
+        stage = trainer.parts.model.get_submodule("encoder.model.layer1")  # a middle stage: checkpointed when enabled
         stage.register_forward_pre_hook(lambda *_, seen=entered: seen.append(1))  # recompute may stop early
         torch.manual_seed(0)
         images, masks = torch.rand(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))

@@ -112,6 +112,7 @@ def test_ignored_pixels_contribute_nothing(name, channels):
     loss = loss_fn(logits, target)
     loss.backward()
     assert torch.isfinite(loss)
+    assert logits.grad is not None
     assert float(logits.grad.abs().sum(1)[ignored].max()) == 0.0
     assert float(logits.grad.abs().sum()) > 0  # the valid pixels do get a gradient
 

@@ -16,7 +16,14 @@ from torchmetrics.classification import (
 )
 
 from segkit.errors import ConfigError
-from segkit.metrics import BoundaryIoU, SegmentationMetrics, build_metrics, class_scores, summarize_confusion
+from segkit.metrics import (
+    BoundaryIoU,
+    ConfusionMatrix,
+    SegmentationMetrics,
+    build_metrics,
+    class_scores,
+    summarize_confusion,
+)
 
 NUM_CLASSES, IGNORE = 5, 255
 
@@ -68,6 +75,15 @@ def test_deterministic_mode_counts_the_same_in_memory_linear_in_the_pixels():
     largest = max(event.cpu_memory_usage for event in trace.events())
     assert largest <= 8 * max(classes * classes + 1, target.numel())
     assert torch.equal(metrics.confusion.compute(), expected.compute())
+
+
+def test_confusion_matrix_without_an_ignore_index_counts_every_pixel():
+    preds, target = random_batch(0)
+    target[target == IGNORE] = NUM_CLASSES - 1  # every pixel a valid class
+    ours, expected = ConfusionMatrix(NUM_CLASSES, ignore_index=None), MulticlassConfusionMatrix(NUM_CLASSES)
+    ours.update(preds, target)
+    expected.update(preds, target)
+    assert torch.equal(ours.compute(), expected.compute()) and int(ours.compute().sum()) == target.numel()
 
 
 def test_logits_are_reduced_with_argmax():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import timm
 import torch
@@ -19,7 +21,7 @@ def test_pretrained_without_network_fails_with_a_clear_message(compose_cfg):
 
 
 def test_pretrained_loads_a_local_timm_weights_file(compose_cfg, tmp_path):
-    reference = timm.create_model("test_resnet", pretrained=False)
+    reference: Any = timm.create_model("test_resnet", pretrained=False)
     torch.nn.init.constant_(reference.conv1[0].weight, 0.123)
     path = tmp_path / "test_resnet.pth"
     torch.save(reference.state_dict(), path)

@@ -4,6 +4,7 @@ epsilon logged and checkpointed, exact resume, per-sample independence, Poisson 
 from __future__ import annotations
 
 import json
+from typing import Any, cast
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
 from segkit.runs.checkpoint import load_checkpoint
 
-from .conftest import read_csv
+from .conftest import one_tensor, read_csv
 
 pytest.importorskip("opacus")
 
@@ -79,7 +80,7 @@ def test_a_fixed_noise_run_stops_within_its_budget_and_logs_epsilon(compose_cfg,
     stored = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["privacy"]
     assert sum(entry[2] for entry in stored["history"]) == summary["steps"]
     # The DP model (GroupNorm) loads for prediction like any other checkpoint.
-    mask = segkit.load(tmp_path / "checkpoints" / "last.pt", device="cpu").predict(torch.rand(3, 32, 32))
+    mask = one_tensor(segkit.load(tmp_path / "checkpoints" / "last.pt", device="cpu").predict(torch.rand(3, 32, 32)))
     assert mask.shape == (32, 32)
 
 
@@ -108,12 +109,17 @@ def test_each_sample_gradient_depends_on_that_sample_only(compose_cfg, tmp_path)
     torch.manual_seed(0)
     images, masks = torch.rand(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32))
     masks[0, :8] = 255  # ignored pixels in one sample: a batch-mean loss would rescale the others
-    trainer.parts.private.backward(trainer.parts.loss_fn, images, masks)
-    first = {name: p.grad_sample[1].clone() for name, p in trainer.parts.private.parameters.items()}
+    private = trainer.parts.private
+    assert private is not None
+    private.backward(trainer.parts.loss_fn, images, masks)
+    # grad_sample: the attribute Opacus reads, set on each parameter
+    samples: dict[str, Any] = {name: cast(Any, p).grad_sample for name, p in private.parameters.items()}
+    first = {name: grads[1].clone() for name, grads in samples.items()}
     images[0], masks[0] = torch.rand(3, 32, 32), torch.randint(0, 4, (32, 32))  # another neighbour
-    trainer.parts.private.backward(trainer.parts.loss_fn, images, masks)
-    for name, p in trainer.parts.private.parameters.items():
-        assert torch.equal(p.grad_sample[1], first[name]), name
+    private.backward(trainer.parts.loss_fn, images, masks)
+    samples = {name: cast(Any, p).grad_sample for name, p in private.parameters.items()}
+    for name, grads in samples.items():
+        assert torch.equal(grads[1], first[name]), name
 
 
 def test_poisson_batches_replay_an_interrupted_epoch_and_may_be_empty(compose_cfg):
@@ -143,4 +149,4 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(compose_cfg, tmp_path):
     after = trainer.parts.model.state_dict()
     moved = [k for k, v in after.items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert moved  # noise was added
-    assert trainer.parts.private.accountant.history  # and the step was accounted
+    assert trainer.parts.private is not None and trainer.parts.private.accountant.history  # and the step was accounted

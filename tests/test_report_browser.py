@@ -57,6 +57,7 @@ def report(run_dir):
 
 
 def chromium(*args: str, profile) -> str:
+    assert BROWSER is not None
     command = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -77,7 +78,9 @@ def test_every_image_loads_and_every_class_is_in_the_table(report, tmp_path):
     assert len(images) == 4 + 3  # IoU bars, confusion matrix, reliability diagram, training curves + 3 worst images
     broken = [tag for tag in images if 'data-loaded="yes"' not in tag]
     assert not broken, broken
-    table = re.search(r'<table id="per-class">(.*?)</table>', dom, re.S).group(1)
+    found = re.search(r'<table id="per-class">(.*?)</table>', dom, re.S)
+    assert found is not None
+    table = found.group(1)
     rows = re.findall(r'<tr class="class-row">(.*?)</tr>', table, re.S)
     names = [re.sub(r"<[^>]+>", "", row.split("</td>")[0]).strip() for row in rows]
     assert names == CLASSES

@@ -37,7 +37,7 @@ def test_trainer_and_readers_of_a_run_share_one_layout(compose_cfg, tmp_path):
     run.hydra_overrides.write_text("- trainer.max_epochs=1\n")
     job = read_job(run.path)  # the sweep report's view of the same directory
     assert job.status == "FINISHED" and job.overrides == ["trainer.max_epochs=1"]
-    assert job.metrics["best_score"] == summary["best_score"]
+    assert job.metrics is not None and job.metrics["best_score"] == summary["best_score"]
 
 
 def test_build_trackers_skips_a_broken_one_only_when_asked():

@@ -101,6 +101,7 @@ def test_the_score_objective_follows_the_monitor_direction(compose_cfg):
     assert directions(["miou"], compose_cfg(["trainer.monitor=val/loss"])) == ["minimize"]
 
 
+@pytest.mark.slow
 def test_three_trials_are_stored_and_the_best_is_reported(tmp_path):
     run(command(tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2"))
     sweep_dir = tmp_path / "train" / "search" / "train"
@@ -120,6 +121,7 @@ def test_three_trials_are_stored_and_the_best_is_reported(tmp_path):
     assert len(lrs) == 3  # sampled, not one fixed value
 
 
+@pytest.mark.slow
 def test_a_search_killed_during_trial_2_resumes_from_its_checkpoint(tmp_path):
     args = command(tmp_path, "hydra.sweeper.n_trials=3", "trainer.max_epochs=8")
     sweep_dir = tmp_path / "train" / "search" / "train"
@@ -153,6 +155,7 @@ def test_a_search_killed_during_trial_2_resumes_from_its_checkpoint(tmp_path):
     assert epochs[0] >= 1 and epochs == list(range(epochs[0], 8))
 
 
+@pytest.mark.slow
 def test_a_hopeless_trial_is_pruned_in_the_study_mlflow_and_the_report(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -169,7 +172,9 @@ def test_a_hopeless_trial_is_pruned_in_the_study_mlflow_and_the_report(tmp_path)
     assert metrics["epochs"] == 1 and metrics["stop_reason"] == "pruned by optuna at epoch 0"
 
     client = MlflowClient(tracking_uri=default_tracking_uri(tmp_path))
-    (ml_run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    experiment = client.get_experiment_by_name("train")
+    assert experiment is not None
+    (ml_run,) = client.search_runs([experiment.experiment_id])
     assert ml_run.info.status == "KILLED"
     assert ml_run.data.tags["optuna.state"] == "PRUNED" and ml_run.data.tags["optuna.trial"] == "0"
 
@@ -177,6 +182,7 @@ def test_a_hopeless_trial_is_pruned_in_the_study_mlflow_and_the_report(tmp_path)
     assert "1 runs: 0 ok, 0 failed, 1 pruned." in (tmp_path / "report" / "leaderboard.md").read_text()
 
 
+@pytest.mark.slow
 def test_two_objectives_give_a_pareto_front_in_the_report(tmp_path):
     run(command(tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=3",
                 "hydra.sweeper.params.model='choice(fcn, unet)'", preset="optuna_pareto"))
@@ -207,6 +213,7 @@ def test_pareto_front_keeps_exactly_the_non_dominated_runs():
     assert sorted(r.job for r in front) == ["a", "b", "e"]
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_collisions(tmp_path):
     args = command(tmp_path, "hydra.sweeper.n_trials=4")
     workers = [subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -251,6 +258,7 @@ def test_optuna_dashboard_shows_the_study(tmp_path):
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
                 time.sleep(0.3)
+        assert BROWSER is not None
         done = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu",
                                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
                                "--dump-dom", url], capture_output=True, text=True, timeout=90)

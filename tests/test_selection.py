@@ -16,7 +16,7 @@ from segkit.engine.trainer import Trainer, fit
 from segkit.errors import ConfigError
 from segkit.runs.checkpoint import load_checkpoint
 
-from .conftest import TINY, read_csv, write_folder_dataset
+from .conftest import TINY, one_tensor, read_csv, write_folder_dataset
 
 # 4 steps per epoch, 4 validations; a noisy enough val loss that the ranking changes.
 SELECT = ["trainer.max_epochs=4", "trainer.monitor=val/loss", "trainer.save_top_k=2", "trainer.ema_decay=0.5",
@@ -99,7 +99,7 @@ def test_binary_task_with_one_logit_end_to_end(compose_cfg, tmp_path):
 
     predictor = segkit.load(tmp_path / "run/checkpoints/best.pt", "cpu")
     image = torch.randint(0, 255, (3, 40, 48), dtype=torch.uint8)
-    mask = predictor.predict(image)
+    mask = one_tensor(predictor.predict(image))
     assert mask.shape == (40, 48) and set(mask.unique().tolist()) <= {0, 1}
     probs = predictor.probabilities(image[None].float() / 255)
     assert probs.shape[1] == 2 and torch.allclose(probs.sum(1), torch.ones(1))

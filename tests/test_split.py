@@ -13,6 +13,7 @@ from segkit.data.io import read_stem_list
 from segkit.data.loading import build_dataset
 from segkit.tools.split import assign, write_splits
 
+from .conftest import paired
 from .test_data_formats import label_map, random_image
 
 STEMS = [f"img{i:02d}" for i in range(20)]
@@ -72,7 +73,7 @@ def test_cli_lists_are_read_by_the_folder_dataset(tmp_path, compose_cfg, capsys)
     cfg = compose_cfg(["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3",
                        "dataset.image_dir=images", "dataset.mask_dir=masks", "dataset.image_size=[32,32]",
                        "dataset.split_file='splits/fold{fold}/{split}.txt'", "dataset.fold=1"], tiny=False)
-    train, val = build_dataset(cfg.dataset, "train"), build_dataset(cfg.dataset, "val")
+    train, val = build_dataset(cfg.dataset, "train"), paired(build_dataset(cfg.dataset, "val"))
     assert len(train) == 5 and len(val) == 5
     assert {p[0].stem for p in val.pairs} == set(read_stem_list(root / "splits" / "fold1" / "val.txt"))
     # Stratified: the two images with class 2 are in different folds.

@@ -38,6 +38,7 @@ def sweep(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path]:
     return result, root / "sweep", root
 
 
+@pytest.mark.slow
 def test_sweep_goes_on_past_a_failing_job(sweep):
     result, sweep_dir, _ = sweep
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,12 +54,14 @@ def test_sweep_goes_on_past_a_failing_job(sweep):
     assert summary["ok"] == ["0", "1", "2"] and summary["failed"] == ["3"]
 
 
+@pytest.mark.slow
 def test_every_job_is_an_mlflow_run_the_failed_one_marked_failed(sweep):
     from mlflow.tracking import MlflowClient
 
     _, sweep_dir, root = sweep
     client = MlflowClient(tracking_uri=default_tracking_uri(root))
     experiment = client.get_experiment_by_name("train")
+    assert experiment is not None
     runs = {r.data.tags["job_num"]: r for r in client.search_runs([experiment.experiment_id])}
     assert sorted(runs) == ["0", "1", "2", "3"]
     assert [runs[j].info.status for j in "0123"] == ["FINISHED", "FINISHED", "FINISHED", "FAILED"]
@@ -68,6 +71,7 @@ def test_every_job_is_an_mlflow_run_the_failed_one_marked_failed(sweep):
     assert json.loads(runs["1"].data.tags["overrides"])[:2] == ["model=fcn", "backbone.output_stride=8"]
 
 
+@pytest.mark.slow
 def test_report_ranks_ok_runs_and_lists_the_failed_one(sweep, tmp_path):
     _, sweep_dir, root = sweep
     assert report.main([str(sweep_dir), "--out", str(tmp_path / "dir")]) == 0
@@ -91,6 +95,7 @@ def test_report_ranks_ok_runs_and_lists_the_failed_one(sweep, tmp_path):
         assert by_job[row["job"]]["best_val_miou"] == row["best_val_miou"]
 
 
+@pytest.mark.slow
 def test_reproducing_a_job_gives_identical_final_metrics(sweep, tmp_path):
     _, sweep_dir, _ = sweep
     out = tmp_path / "again"

@@ -11,10 +11,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 import segkit
@@ -43,9 +44,16 @@ class WritesMarker:
         return open, (self.path, "w")
 
 
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """A composed config as plain data to edit."""
+    return cast(dict[str, Any], OmegaConf.to_container(cfg))
+
+
 def stored_config(compose_cfg, overrides=()) -> dict:
     """The config as the trainer stores it in a checkpoint (resolved YAML), as plain data to edit."""
-    return OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(compose_cfg(overrides), resolve=True)))
+    stored = OmegaConf.create(OmegaConf.to_yaml(compose_cfg(overrides), resolve=True))
+    assert isinstance(stored, DictConfig)
+    return plain(stored)
 
 
 def write_checkpoint(path: Path, config: dict, model_state: dict | None = None) -> Path:
@@ -142,6 +150,7 @@ def test_every_model_segkit_trains_still_loads(compose_cfg, tmp_path, model):
 def test_torchvision_model_configs_pass_the_check(compose_cfg, model):
     """Building these is too slow for a unit test; their stored configs pass the same check load runs."""
     cfg = OmegaConf.create(OmegaConf.to_yaml(compose_cfg([f"model=torchvision/{model}"]), resolve=True))
+    assert isinstance(cfg, DictConfig)
     assert checked_checkpoint_config(cfg, "best.pt").model.arch == model
 
 
@@ -220,7 +229,7 @@ def test_configs_segkit_composes_pass_the_run_check(compose_cfg, tmp_path, overr
 
 
 def test_reproduce_refuses_a_crafted_run_and_writes_nothing(compose_cfg, tmp_path, capsys):
-    config = OmegaConf.to_container(compose_cfg())
+    config = plain(compose_cfg())
     config["model"] = {"_target_": "os.makedirs", "name": str(tmp_path / "made")}
     run_dir = run_dir_with(tmp_path, config)
     assert reproduce.main([str(run_dir), "--out", str(tmp_path / "again")]) == 2
@@ -243,7 +252,7 @@ def test_reproduce_refuses_a_crafted_run_and_writes_nothing(compose_cfg, tmp_pat
     (lambda c: c["dataset"].update(root="${oc.decode:'x'}"), "dataset.root"),
 ])
 def test_run_check_refusals_name_the_key(compose_cfg, tmp_path, change, key):
-    config = OmegaConf.to_container(compose_cfg())
+    config = plain(compose_cfg())
     change(config)
     path = run_dir_with(tmp_path, config) / ".hydra" / "config.yaml"
     with pytest.raises(UntrustedConfigError, match=f"^{re.escape(f'{path}: {key}: ')}"):
@@ -251,7 +260,7 @@ def test_run_check_refusals_name_the_key(compose_cfg, tmp_path, change, key):
 
 
 def test_the_users_own_overrides_are_not_refused(compose_cfg, tmp_path):
-    config = OmegaConf.to_container(compose_cfg())
+    config = plain(compose_cfg())
     config["output_root"] = "/elsewhere/outputs"
     path = run_dir_with(tmp_path, config) / ".hydra" / "config.yaml"
     with pytest.raises(UntrustedConfigError, match="output_root"):
@@ -266,7 +275,7 @@ def test_report_reads_a_foreign_sweep_as_text(compose_cfg, tmp_path, monkeypatch
     from segkit.cli.report import rows_from_sweep
 
     monkeypatch.setenv("SEGKIT_TEST_SECRET", "s3cret")
-    config = OmegaConf.to_container(compose_cfg())
+    config = plain(compose_cfg())
     config["model"] = {"_target_": "os.makedirs", "name": str(tmp_path / "made")}
     job = run_dir_with(tmp_path / "sweep", config)
     (job / ".hydra" / "overrides.yaml").write_text("- model=${oc.env:SEGKIT_TEST_SECRET}\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from segkit.inference.predictor import Ensemble
 from segkit.inference.uncertainty import Moments, sampled_probs
 from segkit.models.sliding import predict_probs
 
+from .conftest import one_tensor
 from .test_inference import make_checkpoint
 
 
@@ -52,9 +55,10 @@ def test_moments_equal_the_variance_of_the_stacked_samples():
 
 def test_tta_variance_through_the_training_geometry(compose_cfg, tmp_path):
     predictor = segkit.load(make_checkpoint(compose_cfg, tmp_path / "best.pt"), "cpu")  # trained at 32x32
-    predictor.model = LeftQuarter()
+    predictor.model = cast(Any, LeftQuarter())  # a stand-in for the Segmenter
     image = torch.rand(3, 16, 64)  # letterboxed to 8x32 at the top of the 32x32 box, then back to 16x64
     result = predictor.uncertainty(image, "tta_variance", tta={"scales": [1.0], "flip": True})
+    assert result.variance is not None
     assert result.probs.shape == (1, 2, 16, 64) and result.variance.shape == (1, 16, 64)
     variance = result.variance[0]
     # The box's columns 0-7 and 24-31 disagree; resized x2 bilinearly, only the two seams are in between.
@@ -72,6 +76,7 @@ def test_mc_dropout_samples_the_dropout_and_leaves_batchnorm_alone(compose_cfg, 
     assert norms and any(isinstance(m, nn.Dropout2d) for m in model.modules())
     with torch.no_grad():  # non-trivial statistics, so a BatchNorm in train mode would change them
         for norm in norms:
+            assert norm.running_mean is not None
             norm.running_mean.uniform_(-0.5, 0.5)
     before = {name: value.clone() for name, value in model.state_dict().items()}
     norm_modes: list[bool] = []
@@ -79,6 +84,7 @@ def test_mc_dropout_samples_the_dropout_and_leaves_batchnorm_alone(compose_cfg, 
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     result = predictor.uncertainty(image, "mc_dropout", mc_samples=4)
+    assert result.variance is not None
     for hook in hooks:
         hook.remove()
     assert norm_modes and not any(norm_modes)  # BatchNorm ran in eval mode in every pass
@@ -86,8 +92,8 @@ def test_mc_dropout_samples_the_dropout_and_leaves_batchnorm_alone(compose_cfg, 
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # running stats untouched
     assert not any(m.training for m in model.modules())  # dropout back in eval mode
-    first = predictor.predict(image, return_logits=True)
-    assert torch.equal(first, predictor.predict(image, return_logits=True))  # deterministic again
+    first = one_tensor(predictor.predict(image, return_logits=True))
+    assert torch.equal(first, one_tensor(predictor.predict(image, return_logits=True)))  # deterministic again
 
 
 def test_mc_dropout_without_dropout_is_one_line_naming_the_key(compose_cfg, tmp_path):
@@ -113,5 +119,6 @@ def test_an_ensemble_pools_the_variance_of_its_members(compose_cfg, tmp_path):
     torch.testing.assert_close(twice.variance, alone.variance)  # the same member twice: nothing between
     both = Ensemble.load([first, second], "cpu").uncertainty(images, "tta_variance", tta=tta)
     other = segkit.load(second, "cpu").uncertainty(images, "tta_variance", tta=tta)
+    assert alone.variance is not None and other.variance is not None and both.variance is not None
     within = (alone.variance + other.variance) / 2
     assert torch.all(both.variance >= within - 1e-6) and float((both.variance - within).max()) > 0

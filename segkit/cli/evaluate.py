@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,8 +37,9 @@ log = logging.getLogger("segkit")
 
 def dataset_config(stored: DictConfig, overrides: DictConfig | None) -> DictConfig:
     """The checkpoint's dataset node with every non-null override applied."""
-    merged = OmegaConf.create(OmegaConf.to_container(stored, resolve=True))
-    for key, value in (OmegaConf.to_container(overrides, resolve=True) if overrides else {}).items():
+    merged = OmegaConf.create(cast(dict[str, Any], OmegaConf.to_container(stored, resolve=True)))
+    changes = cast(dict[str, Any], OmegaConf.to_container(overrides, resolve=True)) if overrides else {}
+    for key, value in changes.items():
         if value is not None:
             merged[key] = value
     return merged
@@ -65,7 +65,12 @@ def postprocessor(cfg: DictConfig) -> Callable[[torch.Tensor], torch.Tensor] | N
         return None
     from segkit.models.sliding import clean_mask
 
-    return partial(clean_mask, min_region=int(cfg.min_region), max_hole=int(cfg.max_hole))
+    min_region, max_hole = int(cfg.min_region), int(cfg.max_hole)
+
+    def clean(pred: torch.Tensor) -> torch.Tensor:
+        return clean_mask(pred, min_region=min_region, max_hole=max_hole)
+
+    return clean
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -202,6 +207,7 @@ def write_evaluation_report(
     }
     worst = []
     for rank, item in enumerate(result.worst):
+        assert item.image is not None  # evaluate() reads the worst images' pictures
         figure = save_comparison(
             item.image, item.pred, item.target, images / f"worst_{rank:02d}_{item.stem}.png", names, palette,
             ignore_index=predictor.ignore_index, title=f"{item.filename}  mIoU {item.miou:.3f}",

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from segkit.errors import SegkitError, one_line
 from segkit.runs import safe_files
@@ -308,7 +308,7 @@ def write_heatmap(rows: Sequence[Row], path: Path) -> bool:
     return True
 
 
-def _finite(value: float | None) -> bool:
+def _finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 

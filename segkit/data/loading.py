@@ -152,6 +152,7 @@ def decode_split(
     height, width = dataset.image_size
     images = torch.empty(len(dataset), 3, height, width, dtype=torch.uint8, device=device)
     masks = torch.empty(len(dataset), height, width, dtype=mask_dtype, device=device)
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     if dataset.gpu_decode:  # nvjpeg needs CUDA in this process: read here, one sample at a time
         dataset.decode_device = device
         batches = ((img[None], mask[None]) for img, mask in (dataset[i] for i in range(len(dataset))))

@@ -6,6 +6,8 @@ The config gives the shape (`_partial_: true`); the trainer supplies the optimiz
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
@@ -76,7 +78,7 @@ def step(
 def build_optimizer(optimizer_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Instantiate the partial optimizer with two groups: encoder at lr, the rest at lr * head_lr_mult;
     with optimizer.layer_decay, a ViT encoder gets one group per block instead."""
-    settings = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    settings = cast(dict[str, Any], OmegaConf.to_container(optimizer_cfg, resolve=True))
     head_lr_mult = float(settings.pop("head_lr_mult", 1.0))
     layer_decay = settings.pop("layer_decay", None)
     lr = settings["lr"]

@@ -214,7 +214,7 @@ class PrivateTraining:
         """
         if images.shape[0] == 0:
             for parameter in self.parameters.values():
-                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))  # type: ignore[attr-defined]
             return torch.zeros((), device=images.device)
         # One sample at a time: exact for any model and loss (smp's losses branch on the data, which vmap
         # refuses), and memory stays at one sample's activations plus the batch's per-sample gradients.
@@ -225,7 +225,7 @@ class PrivateTraining:
             grads.append(torch.autograd.grad(loss, list(self.parameters.values())))
             losses.append(loss.detach())
         for index, parameter in enumerate(self.parameters.values()):
-            parameter.grad_sample = torch.stack([sample[index] for sample in grads])
+            parameter.grad_sample = torch.stack([sample[index] for sample in grads])  # type: ignore[attr-defined]
         return torch.stack(losses).mean()
 
     def epsilon(self) -> float:

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -133,7 +133,8 @@ def _reproduce_trusted(original: RunDir, overrides: Sequence[str], out: Path) ->
     HydraConfig.instance().set_config(cfg)  # for `${hydra:...}` in the config and the trackers' run context
     again = RunDir(out)
     again.hydra.mkdir(parents=True, exist_ok=True)
-    logging.config.dictConfig(OmegaConf.to_container(cfg.hydra.job_logging, resolve=True))  # as the app logs
+    job_logging = cast(dict[str, Any], OmegaConf.to_container(cfg.hydra.job_logging, resolve=True))
+    logging.config.dictConfig(job_logging)  # as the app logs
     job = copy.deepcopy(cfg)  # the job's config, as Hydra hands it to the app: without its own node
     with open_dict(job):
         del job["hydra"]

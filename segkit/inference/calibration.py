@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class ReliabilityBins:
         self.confidence.index_add_(0, index, confidence.double())
         self.correct.index_add_(0, index, correct.double())
 
-    def compute(self) -> dict[str, object]:
+    def compute(self) -> dict[str, Any]:
         """{"ece", "n_bins", "pixels", "bins": [{lower, upper, count, confidence, accuracy}]} (plain numbers)."""
         count, total = self.count.cpu(), float(self.count.sum())
         confidence = (self.confidence.cpu() / count.clamp_min(1)).tolist()

@@ -144,10 +144,10 @@ def evaluate(
                     pred = postprocess(pred)
                 metrics.update(full[None], target[None], preds=pred[None])
                 probs = full[None].float().softmax(1) if reliability is not None or uncertainty else None
-                if reliability is not None:
+                if reliability is not None and probs is not None:
                     reliability.update(probs, target[None], ignore)
-                confidence, entropy = ([m[0].cpu() for m in confidence_and_entropy(probs)] if uncertainty
-                                       else (None, None))
+                confidence, entropy = ([m[0].cpu() for m in confidence_and_entropy(probs)]
+                                       if uncertainty and probs is not None else (None, None))
                 item = _image_result(dataset, index, image, target.cpu(), pred.cpu(), num_classes, ignore, names)
                 item.confidence, item.entropy = confidence, entropy
                 item.variance = variance.cpu() if variance is not None else None

@@ -101,7 +101,8 @@ def _add_decoder_attention(net: nn.Module, kind: str) -> None:
     """SE / CBAM into the `attention2` slot of each U-Net / U-Net++ decoder block."""
     if kind not in DECODER_BLOCKS:
         raise _unknown("decoder", kind, DECODER_BLOCKS)
-    for block in net.decoder.modules():
+    decoder: Any = net.decoder  # an smp decoder: its blocks' attributes are duck-typed
+    for block in decoder.modules():
         slot = getattr(block, "attention2", None)
         if slot is None:  # not a decoder block, or an empty U-Net++ node
             continue
@@ -113,9 +114,11 @@ def _add_decoder_attention(net: nn.Module, kind: str) -> None:
 def _add_skip_gates(net: nn.Module) -> None:
     # smp's UnetDecoder pairs block i with the (i+1)-th deepest encoder feature; the gate signal is
     # the block's input: the deepest feature for block 0, the previous block's output after that.
-    deep_to_shallow = list(net.encoder.out_channels)[1:][::-1]
+    encoder: Any = net.encoder  # an smp encoder and decoder
+    decoder: Any = net.decoder
+    deep_to_shallow = list(encoder.out_channels)[1:][::-1]
     gate_channels, skips = deep_to_shallow[0], deep_to_shallow[1:]
-    blocks = net.decoder.blocks
+    blocks = decoder.blocks
     for index, block in enumerate(blocks):
         if index < len(skips):  # the last block has no skip
             blocks[index] = GatedSkipBlock(block, AttentionGate(skips[index], gate_channels))
@@ -125,8 +128,9 @@ def _add_skip_gates(net: nn.Module) -> None:
 def _add_context(net: nn.Module, kind: str) -> None:
     if kind not in CONTEXT_BLOCKS:
         raise _unknown("context", kind, CONTEXT_BLOCKS)
-    channels = net.encoder.out_channels[-1]
-    net.decoder = ContextDecoder(CONTEXT_BLOCKS[kind](channels), net.decoder)
+    encoder: Any = net.encoder
+    channels = encoder.out_channels[-1]
+    net.decoder = ContextDecoder(CONTEXT_BLOCKS[kind](channels), net.get_submodule("decoder"))
 
 
 def _unknown(key: str, kind: object, known: Mapping[str, Any]) -> ConfigError:

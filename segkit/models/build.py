@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import segmentation_models_pytorch as smp
 import torch
@@ -66,6 +66,9 @@ ARCHITECTURES: dict[str, Architecture] = {
 class Segmenter(nn.Module):
     """images (B, 3, H, W) float in [0, 1] -> logits (B, num_classes, H, W), any H and W."""
 
+    mean: torch.Tensor  # buffers, (1, 3, 1, 1)
+    std: torch.Tensor
+
     def __init__(
         self,
         net: nn.Module,
@@ -99,7 +102,7 @@ class Segmenter(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the timm encoder: its stages are recomputed in backward."""
-        timm_model = getattr(self.encoder, "model", self.encoder)  # smp's timm wrapper, or a timm ViT itself
+        timm_model: Any = getattr(self.encoder, "model", self.encoder)  # smp's timm wrapper, or a timm ViT itself
         if not hasattr(timm_model, "set_grad_checkpointing"):
             raise ConfigError("trainer.activation_checkpointing",
                               f"needs a timm encoder (smp `tu-` or fcn/lraspp), not {type(self.encoder).__name__}")
@@ -126,7 +129,7 @@ class EncoderHead(nn.Module):
     def __init__(self, encoder: nn.Module, arch: str, num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
-        channels = encoder.out_channels
+        channels: list[int] = list(cast(Sequence[int], encoder.out_channels))
         self.arch = arch
         if arch == "fcn":
             self.head = FCNHead(channels[-1], num_classes)
@@ -320,6 +323,7 @@ def load_encoder_weights(encoder: nn.Module, name: str, weights: str) -> None:
         path = found[0]
     if not path.is_file():
         raise ConfigError("backbone.weights", f"{path}: file not found")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

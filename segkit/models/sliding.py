@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import overload
 
 import numpy as np
 import torch
@@ -179,6 +180,12 @@ def predict_logits(
     return probs_to_logits(predict_probs(model, images, mode, crop_size, stride, tta_scales, tta_flip))
 
 
+@overload
+def clean_mask(mask: np.ndarray, min_region: int = ..., max_hole: int = ..., ignore_index: int | None = ...
+               ) -> np.ndarray: ...
+@overload
+def clean_mask(mask: torch.Tensor, min_region: int = ..., max_hole: int = ..., ignore_index: int | None = ...
+               ) -> torch.Tensor: ...
 def clean_mask(
     mask: np.ndarray | torch.Tensor, min_region: int = 0, max_hole: int = 0, ignore_index: int | None = None
 ) -> np.ndarray | torch.Tensor:
@@ -191,7 +198,7 @@ def clean_mask(
     from scipy import ndimage  # imported here: only post-processing needs scipy
 
     is_tensor = isinstance(mask, torch.Tensor)
-    array = mask.cpu().numpy() if is_tensor else np.asarray(mask)
+    array = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     out = array.copy()
     classes = [int(c) for c in np.unique(array) if ignore_index is None or c != ignore_index]
     if max_hole > 0:

@@ -121,16 +121,16 @@ NEUTRAL_COLOR = np.array([128, 128, 128], dtype=np.float32)
 def to_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """uint8 (H, W, 3) from a (3, H, W) tensor or an (H, W, 3) array, uint8 or float in [0, 1]."""
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu()
-        if image.is_floating_point():
-            image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-        image = image.permute(1, 2, 0).numpy() if image.ndim == 3 else image.numpy()
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    return image
+        tensor = image.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
+        image = tensor.permute(1, 2, 0).numpy() if tensor.ndim == 3 else tensor.numpy()
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return array
 
 
 def to_mask(mask: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -286,7 +286,8 @@ def save_uncertainty_panels(
     The maps are in [0, 1] (segkit/inference/uncertainty.py), so one fixed scale makes images comparable:
     dark = sure for entropy and variance, bright = sure for confidence."""
     pred_np = to_mask(pred)
-    panels = [("prediction", overlay(image, pred_np, palette, ignore_index=ignore_index), None)]
+    prediction = overlay(image, pred_np, palette, ignore_index=ignore_index)
+    panels: list[tuple[str, np.ndarray, str | None]] = [("prediction", prediction, None)]
     for name, values in maps.items():
         array = values.float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
         panels.append((UNCERTAINTY_TITLES.get(name, name), array, "viridis"))

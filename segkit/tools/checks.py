@@ -109,7 +109,7 @@ def problem_kinds(problems: Sequence[str]) -> Counter:
 def summary_lines(report: SplitReport) -> list[str]:
     """Class pixel frequencies and per-image presence, one row per class."""
     dataset = report.dataset
-    if dataset is None or report.pixel_counts is None:
+    if dataset is None or report.pixel_counts is None or report.presence is None:
         return [f"{report.split}: not readable"]
     total = int(report.pixel_counts.sum()) + report.ignore_pixels
     warnings = sum(map(is_warning, report.problems))

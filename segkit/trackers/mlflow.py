@@ -76,7 +76,7 @@ class MLflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         local = self.tracking_uri is None
-        uri = default_tracking_uri(self.output_root) if local else self.tracking_uri
+        uri = default_tracking_uri(self.output_root) if self.tracking_uri is None else self.tracking_uri
         if local:
             Path(self.output_root).mkdir(parents=True, exist_ok=True)
         with sqlite_init_lock(uri):  # parallel jobs (joblib launcher) must not both create the schema

@@ -11,7 +11,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class WandbTracker(Tracker):
         group = context.sweep_id[-MAX_GROUP_CHARS:] if context.sweep_id else None
         self.run = wandb.init(
             project=self.project, entity=self.entity, name=context.run_name, group=group,
-            dir=str(self.run_dir), mode=wandb_mode(self.mode), job_type="train",
+            dir=str(self.run_dir), mode=cast(Any, wandb_mode(self.mode)),  # wandb checks the value job_type="train",
             config={**params, **{f"meta/{k}": v for k, v in meta.items()}},
             tags=[o[:MAX_TAG_CHARS] for o in context.overrides][:20],
             reinit="finish_previous",  # a sweep runs jobs in one process: never log into a stale run

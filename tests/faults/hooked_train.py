@@ -39,11 +39,11 @@ def install_kill_points() -> None:
             mark("checkpoint_write")
         os.replace(src, dst, **dir_fds)
 
-    SegmentationMetrics.update = update_then_mark
+    SegmentationMetrics.update = update_then_mark  # type: ignore[method-assign]
     # checkpoint.py's own view of `os`, with replace() marked; every other name is the real module's.
     # The final rename happens in safe_files (on the directory's descriptor), the one before it in checkpoint.py.
-    checkpoint.os = types.SimpleNamespace(**{**vars(os), "replace": replace})
-    safe_files.os = types.SimpleNamespace(**{**vars(os), "replace": replace})
+    checkpoint.os = types.SimpleNamespace(**{**vars(os), "replace": replace})  # type: ignore[assignment]
+    safe_files.os = types.SimpleNamespace(**{**vars(os), "replace": replace})  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from segkit.runs.checkpoint import load_checkpoint
 
@@ -114,7 +115,7 @@ def wait_for_moment(proc: subprocess.Popen, run_dir: Path, marks: Path, kill: Ki
         time.sleep(0.01)
 
 
-def intrude(run_dir: Path, tag: str) -> dict[str, object]:
+def intrude(run_dir: Path, tag: str) -> dict[str, Any]:
     """A plain `train.py` aimed at the live run's directory: refused at once, naming rank 0's pid."""
     started = time.time()
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *SETTINGS, f"hydra.run.dir={run_dir}",
@@ -136,7 +137,7 @@ def strike(proc: subprocess.Popen, tag: str, kill: Kill) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def collect(proc: subprocess.Popen, tag: str, killed_at: float) -> dict[str, object]:
+def collect(proc: subprocess.Popen, tag: str, killed_at: float) -> dict[str, Any]:
     """Output of a killed launch. The pipe closes when its last process (launcher or worker) has exited."""
     try:
         out, _ = proc.communicate(timeout=GONE_WITHIN_S)
@@ -152,17 +153,17 @@ def collect(proc: subprocess.Popen, tag: str, killed_at: float) -> dict[str, obj
             "output": out[-3000:]}
 
 
-def run_campaign(run_dir: Path, kills: list[Kill], marks: Path, epochs: int) -> dict[str, object]:
+def run_campaign(run_dir: Path, kills: list[Kill], marks: Path, epochs: int) -> dict[str, Any]:
     """Kill and restart as planned, then run to the end. Returns what happened at each kill and the final run."""
     marks.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, object]] = []
+    records: list[dict[str, Any]] = []
     pending = None
     for kill in kills:
         proc, tag = launch(run_dir, marks, epochs, kill)
         if pending is not None:  # the previous launch's output, collected after the restart was issued
             records[-1].update(collect(*pending))
         wait_for_moment(proc, run_dir, marks, kill)
-        record: dict[str, object] = {"kill": asdict(kill)}
+        record: dict[str, Any] = {"kill": asdict(kill)}
         if kill.intrude:
             record["intruder"] = intrude(run_dir, tag)
         time.sleep(kill.delay_s)

@@ -29,6 +29,7 @@ def cli(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *TINY, *overrides]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(compose_cfg, tmp_path):
     straight = fit(compose_cfg(SLOW), tmp_path / "straight")
     run_dir = tmp_path / "killed"
@@ -56,6 +57,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(compose_cfg,
     assert b["history"][-1]["val/miou"] == a["history"][-1]["val/miou"]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_a_resume_hint(tmp_path):
     proc = subprocess.Popen(cli("trainer.max_epochs=200", f"hydra.run.dir={tmp_path}"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -166,7 +168,8 @@ def test_out_of_memory_names_sizes_and_a_fix_and_keeps_the_checkpoint(compose_cf
 def test_validation_keeps_at_most_one_batch_of_outputs_alive(compose_cfg, tmp_path):
     """Memory bound: a validation set of any size holds one batch plus the confusion matrix."""
     trainer = Trainer(compose_cfg(["dataset.val_size=40"]), tmp_path)
-    real_forward, outputs, most_alive = trainer.parts.step.forward, [], 0
+    real_forward, most_alive = trainer.parts.step.forward, 0
+    outputs: list[weakref.ref[torch.Tensor]] = []
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         nonlocal most_alive

@@ -24,6 +24,7 @@ KILLS = [
 ]
 
 
+@pytest.mark.slow
 def test_killed_and_restarted_at_once_ends_bit_exact_with_no_worker_left_behind(tmp_path):
     reference = uninterrupted(tmp_path / "reference", tmp_path / "marks", EPOCHS)
     assert reference.returncode == 0, reference.stdout[-3000:]

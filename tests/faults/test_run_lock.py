@@ -45,7 +45,7 @@ HOLDER = textwrap.dedent("""
 def start_holder(run_dir: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.stdout.readline().strip() == "held"
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
     return proc
 
 
@@ -163,6 +163,7 @@ def test_a_worker_exits_within_seconds_of_its_launcher_saying_so(mode):
                                 stderr=write_end, text=True, start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     os.close(write_end)
+    assert launcher.stdout is not None
     worker = int(launcher.stdout.readline())
     try:
         assert launcher.stdout.readline().strip() == "armed"  # the worker writes into the same pipe

@@ -168,6 +168,9 @@ class SegmentationDataset(Dataset):
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache is True else None
         self._native_masks: dict[int, torch.Tensor] | None = {} if cache else None
 
+    def __len__(self) -> int:
+        raise NotImplementedError
+
     def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

@@ -31,7 +31,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -43,7 +43,7 @@ EDGE_TOLERANCE = 1.0  # pixels a vertex may lie outside the image (tools snap to
 MAX_INTERSECTION_VERTICES = 1000  # longer polygons skip the (quadratic) self-intersection check
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -108,8 +108,9 @@ def read_coco(path: Path, image_dir: Path) -> tuple[bytes, CocoFile]:
                                             "unreadable file"))
         return b"", coco
     data = _parse_json(coco, raw)
-    if data is not None:
-        _check_lists(coco, data)
+    if data is None:  # unparsable: the problem is in coco.fatal
+        return raw, coco
+    _check_lists(coco, data)
     if not coco.fatal:
         _check_categories(coco, data["categories"])
     if not coco.fatal:
@@ -274,11 +275,13 @@ def _check_annotations(coco: CocoFile, annotations: list[Any], images: dict[int,
         image = images.get(image_id) if is_int(image_id) else None
         problem = _annotation_problem(coco, ann, position, image, category_ids, ids)
         if problem is None:
+            assert is_int(image_id)  # no problem: it names an image that is kept
             coco.annotations[image_id].append(ann)
         elif image is None:  # it belongs to no image: only the annotation is left out
             coco.problems.append(problem)
             coco.left_out_annotations += 1
         else:  # drawing its image without it would label the object background: leave the image out
+            assert is_int(image_id)  # an image was found under it
             coco.problems.append(problem)
             broken_images.add(image_id)
     coco.left_out_images += len(broken_images)
