@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -211,7 +211,7 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
     settle = 2 * tcfg.num_workers + 1  # a DataLoader queues prefetch_factor (2) batches per worker
     timing = {"windows": windows, "steps": steps, "settle": settle, "warmup": warmup}
     device = parts.device
-    augmentation = OmegaConf.to_container(cfg.augmentation, resolve=True)
+    augmentation = cast(dict[str, Any], OmegaConf.to_container(cfg.augmentation, resolve=True))
     ref = reference_loader(parts.train_set, augmentation, batch_size=tcfg.batch_size,
                            num_workers=tcfg.num_workers, pin_memory=device.type == "cuda")
     cached = cfg.dataset.get("cache") == "device"

@@ -25,7 +25,7 @@ import socket
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from segkit.errors import ConfigError, SegkitError
 from segkit.trackers.base import Trackers, build_trackers
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here; Flower would try to report usage
 log = logging.getLogger(__name__)
@@ -138,7 +141,7 @@ def fedprox_hook(model: torch.nn.Module, global_weights: dict[str, torch.Tensor]
 
 def client_config(cfg: DictConfig) -> DictConfig:
     """A client trains without trackers or checkpoints of its own; its LR schedule spans all rounds."""
-    local = OmegaConf.to_container(cfg, resolve=True)
+    local = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     local["logger"] = None
     local["trainer"]["max_epochs"] = cfg.federated.rounds * cfg.federated.local_epochs
     local["trainer"]["save_checkpoints"] = False
@@ -159,7 +162,7 @@ def make_client(cfg: DictConfig, client_id: int, output_dir: Path):
             shards = partition(build_dataset(cfg.dataset, "train"), cfg.federated, cfg.trainer.seed)
             self.trainer = Trainer(client_config(cfg), output_dir / "clients" / str(client_id),
                                    train_indices=shards[client_id])
-            self.prox_handle = None
+            self.prox_handle: RemovableHandle | None = None
 
         def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
             return weights_of(self.trainer.parts.model)
@@ -192,7 +195,7 @@ class GlobalModel:
     def __init__(self, cfg: DictConfig, output_dir: Path, trackers: Trackers) -> None:
         from segkit.engine.trainer import Trainer
 
-        server_cfg = OmegaConf.to_container(cfg, resolve=True)
+        server_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
         # A federation resumes from its last round with trainer.resume=auto: the keeper restores the
         # global model, the round count (as epochs) and the record of the rounds so far.
         server_cfg["trainer"]["resume"] = "auto" if cfg.trainer.resume == "auto" else None
@@ -240,7 +243,7 @@ def build_strategy(cfg: DictConfig, model: GlobalModel):
 
     fed = cfg.federated
     needed = min_fit_clients(fed)
-    options = dict(OmegaConf.to_container(fed.strategy_options, resolve=True) or {})
+    options = dict(cast(dict[str, Any], OmegaConf.to_container(fed.strategy_options, resolve=True)) or {})
     if fed.strategy == "FedProx":
         options.setdefault("proximal_mu", fed.proximal_mu)
     try:

@@ -122,6 +122,7 @@ class OhemCrossEntropy(nn.Module):
     """
 
     mode = "multiclass"
+    weight: torch.Tensor | None  # a buffer
 
     def __init__(self, ignore_index: int = 255, threshold: float = 0.7, min_kept: int = 100_000,
                  class_weights: Sequence[float] | None = None) -> None:

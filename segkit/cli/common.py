@@ -146,7 +146,8 @@ def config_groups(loader: ConfigLoader, config_name: str) -> list[str]:
 
     primary = loader.repository.load_config(config_name)  # type: ignore[attr-defined]
     defaults = (primary.defaults_list or []) if primary is not None else []
-    groups = {entry.group.strip("/") for entry in defaults if isinstance(entry, GroupDefault)}
+    groups = {entry.group.strip("/") for entry in defaults
+              if isinstance(entry, GroupDefault) and entry.group is not None}
     return sorted(group for group in groups if not group.startswith("hydra/"))
 
 

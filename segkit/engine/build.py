@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -20,6 +20,7 @@ from segkit.config import build
 from segkit.data.class_balance import median_frequency_weights
 from segkit.data.geometry import TrainingGeometry
 from segkit.data.loading import Shard, build_dataset, device_batches
+from segkit.data.readers.base import SegmentationDataset
 from segkit.engine.distributed import DistContext, wrap_model
 from segkit.engine.optim import build_optimizer
 from segkit.engine.privacy import (
@@ -139,7 +140,7 @@ def build_parts(cfg: DictConfig, device: torch.device, dist: DistContext | None 
 
 def build_network(cfg: DictConfig, device: torch.device, dist: DistContext, channels_last: bool) -> Segmenter:
     """The bare network on `device`, DP-compatible with privacy=dp, in the configured memory layout."""
-    model = private_model(cfg, build(cfg.model, "model").to(device), dist)
+    model = cast(Segmenter, private_model(cfg, build(cfg.model, "model").to(device), dist))
     if cfg.trainer.activation_checkpointing:
         model.set_grad_checkpointing(True)
     if channels_last:
@@ -149,7 +150,7 @@ def build_network(cfg: DictConfig, device: torch.device, dist: DistContext, chan
 
 def build_datasets(dataset_cfg: DictConfig, train_indices: Sequence[int] | None = None) -> tuple[Any, Any]:
     """The training split (or the shard `train_indices` of it) and the validation split."""
-    train_set = build_dataset(dataset_cfg, "train")
+    train_set: SegmentationDataset | Shard = build_dataset(dataset_cfg, "train")
     if train_indices is not None:
         train_set = Shard(train_set, list(train_indices))
     return train_set, build_dataset(dataset_cfg, "val")
@@ -172,12 +173,12 @@ def build_loaders(cfg: DictConfig, train_set: Any, val_set: Any, device: torch.d
 
 def build_loss(loss_cfg: DictConfig, train_set: Any) -> torch.nn.Module:
     """The configured loss; `class_weights: auto` becomes median-frequency weights of the training set."""
-    loss_cfg = OmegaConf.to_container(loss_cfg, resolve=True)
-    if needs_class_weights(loss_cfg):
+    plain: object = OmegaConf.to_container(loss_cfg, resolve=True)
+    if needs_class_weights(plain):
         weights = median_frequency_weights(class_pixel_counts(train_set))
         log.info("class_weights: auto -> %s", weights)
-        loss_cfg = fill_class_weights(loss_cfg, weights)
-    return build(loss_cfg, "loss")
+        plain = fill_class_weights(plain, weights)
+    return build(plain, "loss")
 
 
 def class_pixel_counts(dataset: Any) -> torch.Tensor:

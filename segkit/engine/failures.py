@@ -29,7 +29,7 @@ def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+    names: dict[int, str] = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
     previous = {sig: signal.signal(sig, lambda num, _frame: request_stop(names[num])) for sig in names}
     try:
         yield

@@ -87,7 +87,7 @@ def build_optimizer(optimizer_cfg: DictConfig, model: torch.nn.Module) -> torch.
             raise ConfigError("optimizer.layer_decay", f"must be in (0, 1], got {layer_decay}")
         groups = layer_decay_groups(model, lr, float(layer_decay), lr * head_lr_mult)
     else:
-        encoder_ids = {id(p) for p in model.encoder.parameters()}
+        encoder_ids = {id(p) for p in cast(torch.nn.Module, model.encoder).parameters()}
         trainable = [p for p in model.parameters() if p.requires_grad]
         encoder_params = [p for p in trainable if id(p) in encoder_ids]
         head_params = [p for p in trainable if id(p) not in encoder_ids]

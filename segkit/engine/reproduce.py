@@ -108,7 +108,7 @@ def _log_to(path: Path) -> Iterator[None]:
     from segkit.runs.safe_files import LogFile
 
     root = logging.getLogger()
-    handlers = [logging.StreamHandler(), LogFile(str(path))]
+    handlers: list[logging.Handler] = [logging.StreamHandler(), LogFile(str(path))]
     formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     level = root.level
     for handler in handlers:

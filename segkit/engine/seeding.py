@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Tensors and plain values only, so a checkpoint holding it loads with weights_only."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state())  # the legacy tuple: legacy=True is the default
     return {
         "python": random.getstate(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),

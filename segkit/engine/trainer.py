@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -188,7 +188,7 @@ class Trainer:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             safe_files.write_text(self.run.config, OmegaConf.to_yaml(self.cfg, resolve=True))
-        params = flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        params = flatten(cast(dict[str, Any], OmegaConf.to_container(self.cfg, resolve=True)))
         self.trackers.start(self.output_dir, params, {"device": str(self.device), "scored_at": self.tcfg.score_at})
         parts = self.parts
         log.info("training %s on %s (%d train / %d val images) for %d steps on %s", type(parts.model.net).__name__,

@@ -84,7 +84,7 @@ def export_onnx(
             warnings.simplefilter("ignore")  # TracerWarnings about the stride branch: handled by example_size
             buffer = io.BytesIO()
             torch.onnx.export(
-                model.eval(), (example,), buffer, dynamo=False, opset_version=opset,
+                model.eval(), (example,), buffer, dynamo=False, opset_version=opset,  # type: ignore[arg-type]
                 input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: axes, OUTPUT: axes},
             )
     except Exception as error:  # noqa: BLE001 - exporter errors are many types; report one line

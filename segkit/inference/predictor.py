@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -182,7 +182,8 @@ class Predictor:
         (B, C, H, W) come back instead. Results are on the CPU.
         """
         if isinstance(images, (list, tuple)):
-            return [self.predict(image, return_logits, mode, tta, crop_size, stride, test_size) for image in images]
+            return [cast(torch.Tensor, self.predict(image, return_logits, mode, tta, crop_size, stride, test_size))
+                    for image in images]
         batch, single = to_batch(images)
         scores = self.logits(batch, mode, tta, crop_size, stride, test_size).float().cpu()
         out = scores if return_logits else scores.argmax(1)
@@ -230,6 +231,7 @@ class Ensemble:
         for predictor in self.predictors:
             member = predictor.uncertainty(images, method, mc_samples, **options)
             means.add(member.probs.float().cpu())
+            assert member.variance is not None  # method is not softmax: the member sampled
             variance = member.variance.cpu()
             within = variance if within is None else within + variance
         assert within is not None

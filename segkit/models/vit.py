@@ -16,7 +16,7 @@ the position embeddings (`dynamic_img_size`), and the patch grid is resampled to
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -46,7 +46,7 @@ def create_vit(name: str, *, pretrained: bool = False, drop_path_rate: float = 0
 
 
 def patch_size(vit: nn.Module) -> int:
-    size = vit.patch_embed.patch_size  # type: ignore[union-attr]
+    size: Any = vit.patch_embed.patch_size  # type: ignore[union-attr]
     return int(size[0] if isinstance(size, Sequence) else size)
 
 
@@ -174,7 +174,7 @@ def layer_decay_groups(model: nn.Module, lr: float, layer_decay: float, head_lr:
     timm's layer map (`group_matcher`) assigns the ViT's parameters to layers."""
     from timm.optim import param_groups_layer_decay
 
-    vit = model.encoder  # the Segmenter's encoder: for a ViT backbone, the timm model itself
+    vit = cast(nn.Module, model.encoder)  # the Segmenter's encoder: for a ViT backbone, the timm model itself
     if not hasattr(vit, "group_matcher") or not hasattr(vit, "blocks"):
         raise ConfigError("optimizer.layer_decay", f"needs a ViT backbone, not {type(vit).__name__}")
     groups = []

@@ -167,7 +167,7 @@ def error_map(
 
 def comparison_grid(
     images: Sequence[np.ndarray | torch.Tensor],
-    preds: Sequence[np.ndarray | torch.Tensor],
+    preds: Sequence[np.ndarray | torch.Tensor] | torch.Tensor,  # a sequence, or a batch tensor (B, H, W)
     targets: Sequence[np.ndarray | torch.Tensor],
     palette: np.ndarray,
     ignore_index: int = 255,

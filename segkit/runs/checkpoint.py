@@ -97,9 +97,10 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> CheckpointRecor
         file_format, entries = SAFETENSORS, {}
     else:
         stored = load_checkpoint(path)
-        text = stored.get("config")
-        if not isinstance(text, str):
+        stored_text = stored.get("config")
+        if not isinstance(stored_text, str):
             raise CheckpointError(f"{path}: no stored config; the checkpoint was not written by segkit's trainer")
+        text = stored_text
         weights, file_format, entries = stored["model"], PT, stored
     config = _training_config(text, path, trust)
     recorded = stored.get("geometry")  # older checkpoints have none: their config says it

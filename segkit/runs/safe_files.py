@@ -127,7 +127,7 @@ def atomic_write(path: Path | str, mode: str = "wb", root: Path | str | None = N
         _remove_stale_temporaries(path.name, fd_dir)
         fd = os.open(tmp, _NEW_FILE, 0o644, dir_fd=fd_dir)
         try:
-            kwargs = {} if "b" in mode else {"encoding": encoding or "utf-8", "newline": newline}
+            kwargs: dict[str, Any] = {} if "b" in mode else {"encoding": encoding or "utf-8", "newline": newline}
             with os.fdopen(fd, mode, **kwargs) as handle:
                 yield handle
                 handle.flush()

@@ -36,7 +36,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf, grammar_parser
 from omegaconf.errors import GrammarParseError, OmegaConfBaseException
@@ -88,7 +88,7 @@ def checked_checkpoint_config(cfg: DictConfig, source: str) -> DictConfig:
     raw = OmegaConf.to_container(cfg, resolve=False)
     _check_resolvers(raw, frozenset(), check)
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as error:
         raise CheckpointError(f"{source}: stored config does not resolve ({str(error).splitlines()[0]})") from None
     for section in CHECKPOINT_SECTIONS:
@@ -129,7 +129,7 @@ def _check_run(cfg: DictConfig, path: str, overrides: Sequence[str], check: _Che
         if key in cfg:
             check.refuse(key, "...", "a saved run config has no defaults list or hydra node")
     _apply_overrides(cfg, overrides)
-    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=False))
     _check_resolvers(raw, resolvers, check)
     for key, name, value in _entries(raw, ""):
         if name == "_target_" and not allowed_training_target(value):
@@ -137,7 +137,7 @@ def _check_run(cfg: DictConfig, path: str, overrides: Sequence[str], check: _Che
                                      "augmentation or tracker on segkit's allowlist")
     if isinstance(raw.get("model"), dict) and registry.find(raw["model"].get("_target_"), "model"):
         try:
-            model = OmegaConf.to_container(cfg.model, resolve=True)
+            model = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))
         except OmegaConfBaseException as error:
             check.refuse("model", "...", f"it cannot be checked before the run ({str(error).splitlines()[0]})")
         else:
@@ -200,7 +200,7 @@ def _resolver_names(text: str) -> list[str]:
 
 def _check_destinations(cfg: DictConfig, run_dir: Path, check: _Check) -> None:
     for pattern, sends in [(p, False) for p in WRITE_PATHS] + [(p, True) for p in SEND_TO]:
-        for key in _expand(cfg, pattern):
+        for key in _expand(cfg, pattern, check):
             try:
                 value = OmegaConf.select(cfg, key, default=None)
             except OmegaConfBaseException as error:
@@ -227,14 +227,20 @@ def _writable_place(path: str, run_dir: Path) -> bool:
     return len(place.parts) > 1 and (place in run_dir.parents or place == run_dir or run_dir in place.parents)
 
 
-def _expand(cfg: DictConfig, pattern: str) -> list[str]:
-    """`logger.*.subdir` -> that key for each tracker in cfg; a plain key as it is."""
+def _expand(cfg: DictConfig, pattern: str, check: _Check) -> list[str]:
+    """`logger.*.subdir` -> that key for each tracker in cfg; a plain key as it is.
+
+    A tracker named by a non-string key (`7:`, a `!!binary` one) is refused: no key path reaches it, so
+    `OmegaConf.select` would find nothing there and its value would go unchecked."""
     head, star, tail = pattern.partition(".*.")
     group = cfg.get(head) if star else None
     if not star or not isinstance(group, DictConfig):
         return [pattern] if not star else []
-    return [f"{head}.{name}.{tail}" for name, node in group.items_ex(resolve=False)
-            if isinstance(node, DictConfig) and tail in node]
+    names = [name for name, node in group.items_ex(resolve=False) if isinstance(node, DictConfig) and tail in node]
+    for name in names:
+        if not isinstance(name, str):
+            check.refuse(f"{head}.{name!s}", name, "not a string key; its settings cannot be checked")
+    return [f"{head}.{name}.{tail}" for name in names if isinstance(name, str)]
 
 
 def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -342,7 +348,7 @@ def foreign_run_config(path: str | Path, overrides: Sequence[str] = ()) -> DictC
         raise UntrustedConfigError(f"{path}: not a config ({str(error).splitlines()[0]})") from None
     _check_run(cfg, path, overrides, check, frozenset())
     try:
-        checked = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        checked = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))  # a mapping merged into one
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", "") or "?"
         raise UntrustedConfigError(f"{path}: {key}: refused, not a key or value of segkit's training config "

@@ -86,6 +86,7 @@ def check_sample(dataset: SegmentationDataset, index: int, report: SplitReport) 
     labels = [*labels, *_noted(dataset, index)]
     ignored = mask == dataset.ignore_index
     counts = torch.bincount(mask[~ignored], minlength=dataset.num_classes).numpy()
+    assert report.pixel_counts is not None and report.presence is not None  # the caller's zeros
     report.pixel_counts += counts
     report.presence += counts > 0
     report.ignore_pixels += int(ignored.sum())

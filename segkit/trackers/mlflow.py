@@ -212,7 +212,8 @@ def experiment_runs(experiment: str, tracking_uri: str) -> list[RunRecord]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SegkitError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
-    runs, token = [], None
+    runs: list[Any] = []
+    token: str | None = None
     while True:
         page = client.search_runs([found.experiment_id], max_results=1000, page_token=token,
                                   order_by=["attributes.start_time ASC"])
@@ -264,7 +265,7 @@ def _record(client: Any, run: Any, store: Path | None) -> RunRecord:
     summary = _summary(run, store)
     best = (summary or {}).get("best") or {}
     if best.get("miou") is not None:
-        miou = float(best["miou"])
+        miou: float | None = float(best["miou"])
     else:
         history = [m.value for m in client.get_metric_history(run.info.run_id, "val/miou")]
         miou = max(history) if history else None
