@@ -22,7 +22,7 @@ def user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
 
 
-def write_broken_folder(root: Path) -> dict[str, str]:
+def write_broken_folder(root: Path) -> dict[str, tuple[str, bool]]:
     """images/train + masks/train with one problem per file, and an empty val split.
 
     Returns {file name that must be named: (words its problem line must contain, whether it is a warning)}.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any, cast
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def test_calibrate_refuses_an_export_before_any_work(compose_cfg, tmp_path):
 def test_a_foreign_config_is_refused_by_the_reader_and_nothing_is_called(compose_cfg, tmp_path):
     cfg = compose_cfg(["model=fpn"])
     made = tmp_path / "made"
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     config["model"] = {"_target_": "os.makedirs", "name": str(made)}
     checkpoint = tmp_path / "theirs.pt"
     save_checkpoint({"model": {}, "config": OmegaConf.to_yaml(config)}, checkpoint)

@@ -106,7 +106,9 @@ def test_the_optimizer_step_skips_an_injected_inf_without_any_host_sync(compose_
     trainer = Trainer(compose_cfg([*ON_CUDA, f"trainer.precision={precision}"]), tmp_path)
     poison = torch.full((), float("inf"), device=CUDA)
     loss_fn = trainer.parts.step.loss_fn
-    step = dataclasses.replace(trainer.parts.step, loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)
+    # The step only calls its loss: a poisoned function stands in for the loss Module.
+    step = dataclasses.replace(trainer.parts.step,
+                               loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)  # type: ignore[arg-type]
     images, masks = next(iter(trainer.parts.train_loader))
     before = [p.detach().clone() for p in trainer.parts.model.parameters()]
     for poisoned in (True, False):
@@ -177,6 +179,12 @@ def test_nccl_process_group_wraps_the_model_with_sync_batchnorm(compose_cfg, tmp
     assert_as_accurate_as_eager(grads, eager_grads, float64_grads)
 
 
+def running_mean(norm: torch.nn.BatchNorm2d | torch.nn.SyncBatchNorm) -> torch.Tensor:
+    """A BatchNorm layer's running mean (it tracks running statistics, the default)."""
+    assert norm.running_mean is not None, norm
+    return norm.running_mean
+
+
 def _sync_batchnorm_rank(rank: int, model_cfg: dict, weights: dict, images: torch.Tensor, rendezvous: str,
                          results: str) -> None:
     """One of two processes on the same GPU; NCCL refuses two ranks on one device, so they talk over gloo
@@ -193,7 +201,7 @@ def _sync_batchnorm_rank(rank: int, model_cfg: dict, weights: dict, images: torc
                             sync_batchnorm=True)
         half = images.shape[0] // 2
         logits, grads = forward_backward(synced, images[rank * half : (rank + 1) * half].to(device))
-        running = [m.running_mean.cpu() for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+        running = [running_mean(m).cpu() for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
         assert running  # converted
         torch.save({"logits": logits.cpu(), "grads": grads.cpu(), "running_means": running},
                    f"{results}.{rank}")
@@ -224,6 +232,6 @@ def test_sync_batchnorm_over_two_processes_on_one_gpu_equals_batchnorm_over_the_
     assert_as_accurate_as_eager(logits, eager_logits.cpu(), float64_logits.cpu())
     for rank in ranks:
         assert_as_accurate_as_eager(rank["grads"], eager_grads.cpu(), float64_grads.cpu())
-    running_means = [torch.cat([m.running_mean.flatten().cpu() for m in model.modules()
+    running_means = [torch.cat([running_mean(m).flatten().cpu() for m in model.modules()
                                 if isinstance(m, torch.nn.BatchNorm2d)]) for model in (plain, float64)]
     assert_as_accurate_as_eager(torch.cat([m.flatten() for m in ranks[0]["running_means"]]), *running_means)

@@ -14,6 +14,7 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import kornia.augmentation as K
 import pytest
@@ -93,7 +94,9 @@ def test_an_injected_inf_is_skipped_on_the_device_without_a_host_read(compose_cf
     trainer = Trainer(compose_cfg(on(device, f"trainer.precision={precision}")), tmp_path)
     poison = torch.ones((), device=trainer.parts.device)
     loss_fn = trainer.parts.step.loss_fn
-    step = dataclasses.replace(trainer.parts.step, loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)
+    # The step only calls its loss: a poisoned function stands in for the loss Module.
+    step = dataclasses.replace(trainer.parts.step,
+                               loss_fn=lambda logits, masks: loss_fn(logits, masks) * poison)  # type: ignore[arg-type]
     images, masks = next(iter(trainer.parts.train_loader))
     assert images.device.type == masks.device.type == device.type
     before = [p.detach().clone() for p in trainer.parts.model.parameters()]
@@ -152,6 +155,7 @@ def test_prefetcher_yields_the_loaders_batches_on_the_device(compose_cfg, device
                           pin_memory=device.type == "cuda")
     prefetcher = DevicePrefetcher(loader, device)
     assert prefetcher.sampler is loader.sampler and len(prefetcher) == len(reference) == 3
+    assert isinstance(reference.sampler, EpochSampler) and isinstance(prefetcher.sampler, EpochSampler)
     for epoch in (0, 1):
         reference.sampler.set_epoch(epoch)
         prefetcher.sampler.set_epoch(epoch)
@@ -175,7 +179,7 @@ def test_device_cache_yields_the_dataloader_batches_in_order(compose_cfg, device
     cfg.dataset.cache = "device"
     cached = DeviceCachedBatches(build_dataset(cfg.dataset, split), EpochSampler(11, shuffle=train, seed=3),
                                  batch_size=4, drop_last=train, device=device, num_workers=1)
-    assert cached.images.device.type == device.type
+    assert cached.images.device.type == device.type and isinstance(plain.sampler, EpochSampler)
     for epoch, start in ((0, 0), (1, 0), (1, 4)):  # start: the samples a resumed epoch skips
         plain.sampler.set_epoch(epoch, start=start)
         cached.sampler.set_epoch(epoch, start=start)
@@ -281,7 +285,7 @@ def test_channels_last_and_compile_give_the_eager_result(compose_cfg, exact_floa
         # run checks graph capture and the functionalized graph (aot_eager), which is where a compiled model
         # can diverge from eager; the GPU run checks the generated kernels as well.
         backend = "inductor" if device.type == "cuda" else "aot_eager"
-        logits, grads = forward_backward(torch.compile(other, backend=backend), images)
+        logits, grads = forward_backward(cast(torch.nn.Module, torch.compile(other, backend=backend)), images)
     assert logits.device.type == device.type
     assert_as_accurate_as_eager(logits, eager_logits, float64_logits)
     assert_as_accurate_as_eager(grads, eager_grads, float64_grads)

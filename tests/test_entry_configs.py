@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from segkit.cli.common import CONFIG_DIR
 from segkit.config import CalibrateConfig, EvaluateConfig, ExportConfig, PredictConfig, TrainerConfig
@@ -71,5 +71,6 @@ def test_trainer_presets_hold_only_what_differs_from_trainer_config():
     assert [path.stem for path in presets if path.stem == "default"]
     for path in presets:
         values = OmegaConf.load(path)
+        assert isinstance(values, DictConfig), path
         repeated = [key for key in values if key != "defaults" and values[key] == defaults[key]]
         assert not repeated, f"{path.name} repeats TrainerConfig's defaults: {repeated}"

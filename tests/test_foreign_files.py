@@ -13,7 +13,9 @@ import http.server
 import os
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ from . import foreign_corpus as corpus
 
 
 @pytest.fixture
-def sandbox(tmp_path, monkeypatch) -> corpus.Sandbox:
+def sandbox(tmp_path, monkeypatch) -> Iterator[corpus.Sandbox]:
     box = corpus.Sandbox.create(tmp_path)
     monkeypatch.setenv(corpus.MARKER_ENV, str(box.marker))
     yield box
@@ -69,11 +71,14 @@ def test_keeping_the_previous_checkpoint_never_writes_through_its_link(sandbox):
 
 
 def test_safetensors_config_over_a_planted_link_is_refused(sandbox):
-    from segkit.runs.checkpoint import save_safetensors
+    from segkit.data.geometry import TrainingGeometry
+    from segkit.runs.checkpoint import PT, CheckpointRecord, save_safetensors
 
+    record = CheckpointRecord(sandbox.root / "best.pt", PT, OmegaConf.create({"model": {}}), TrainingGeometry((8, 8)),
+                              temperature=1.0, class_names=(), privacy=None, weights={}, stored={})
     sandbox.link_out(sandbox.root / "best.yaml")
     with pytest.raises(safe_files.UnsafePathError, match=r"best\.yaml: is a symlink"):
-        save_safetensors(torch.nn.Linear(1, 1), "model: {}\n", sandbox.root / "best.safetensors")
+        save_safetensors(torch.nn.Linear(1, 1), record, sandbox.root / "best.safetensors")
 
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo"])
@@ -120,7 +125,7 @@ def test_a_directory_the_user_named_may_be_a_link(tmp_path):
 @pytest.fixture
 def saved_config(compose_cfg) -> dict:
     """A run's `.hydra/config.yaml` as Hydra saves it (unresolved), as plain data to edit."""
-    return OmegaConf.to_container(compose_cfg())
+    return cast(dict, OmegaConf.to_container(compose_cfg()))
 
 
 def refused_run(sandbox, capsys, text: str, *words: str, overrides: tuple[str, ...] = ()) -> str:
@@ -265,7 +270,7 @@ def search(tmp_path):
              "model": CategoricalDistribution(["unet", "fpn"]),
              "trainer.batch_size": IntDistribution(2, 8, step=2),
              "trainer.deterministic": CategoricalDistribution([True, False])}
-    return Search(sweeper, config, launcher=None, parse=None), space
+    return Search(sweeper, config, launcher=None, parse=cast(Any, None)), space  # these cases never parse
 
 
 @pytest.mark.parametrize(("params", "named"), [

@@ -21,11 +21,14 @@ from PIL import Image
 
 from segkit.cli import check_data
 from segkit.data.loading import build_dataset
+from segkit.data.readers.base import Problem, SegmentationDataset
+from segkit.data.readers.coco import CocoDataset
 from segkit.data.readers.folder import FolderDataset
 from segkit.engine.trainer import fit
 from segkit.errors import DataError
 from segkit.tools.checks import check_split
 
+from .conftest import paired
 from .test_data_formats import (
     ONE_STEP,
     SIZE,
@@ -54,11 +57,25 @@ def run_check(monkeypatch, capsys, args: list[str]) -> tuple[int, list[str]]:
     monkeypatch.setattr(sys, "argv", ["segkit-check-data", *args])
     with pytest.raises(SystemExit) as exit_info:
         check_data.main()
-    return exit_info.value.code, capsys.readouterr().out.splitlines()
+    code = exit_info.value.code
+    assert isinstance(code, int), code
+    return code, capsys.readouterr().out.splitlines()
 
 
 def lines_naming(lines: list[str], name: str) -> list[str]:
     return [line for line in lines if f"/{name}:" in line]
+
+
+def tagged(problems: list[str]) -> list[Problem]:
+    """A report's problems as the Problems they are: each line with its kind and whether it is a warning."""
+    assert all(isinstance(p, Problem) for p in problems), problems
+    return [p for p in problems if isinstance(p, Problem)]
+
+
+def coco_cache_dir(dataset: SegmentationDataset) -> Path:
+    """Where a COCO data set keeps the masks it renders."""
+    assert isinstance(dataset, CocoDataset) and dataset.cache_dir is not None, dataset
+    return dataset.cache_dir
 
 
 def read_all(dataset) -> list[torch.Tensor]:
@@ -185,7 +202,7 @@ def test_unlabelled_mask_warned_counted_and_left_out_on_request(tmp_path, compos
     cfg.dataset.skip_unlabelled = True
     with caplog.at_level(logging.WARNING, logger="segkit.data"):
         dataset = build_dataset(cfg.dataset, "val")
-    assert len(dataset) == 2 and zeros not in [mask for _, mask in dataset.pairs]
+    assert len(dataset) == 2 and zeros not in [mask for _, mask in paired(dataset).pairs]
     left_out = (f"{zeros}: no labelled pixel, all {PIXELS} pixels are ignore after reduce_zero_label (0 = other is "
                 "ignored); left out (dataset.skip_unlabelled=true)")
     assert [r.getMessage() for r in caplog.records] == [
@@ -209,7 +226,7 @@ def test_unlabelled_scan_is_remembered_in_the_user_cache(tmp_path, compose_cfg, 
     before = snapshot(root)
     cfg = compose_cfg([*ONE_STEP, "dataset=ade20k", f"dataset.root={root}", "dataset.skip_unlabelled=true"],
                       tiny=False)
-    assert [mask.name for _, mask in build_dataset(cfg.dataset, "val").pairs] == [m.name for m in masks[1:]]
+    assert [mask.name for _, mask in paired(build_dataset(cfg.dataset, "val")).pairs] == [m.name for m in masks[1:]]
     assert len(list((tmp_path / "user-cache" / "segkit" / "labels").glob("*.json"))) == 1
     assert snapshot(root) == before
 
@@ -222,14 +239,14 @@ def test_unlabelled_scan_is_remembered_in_the_user_cache(tmp_path, compose_cfg, 
 
     monkeypatch.setattr(FolderDataset, "read_native_mask", counted)
     dataset = build_dataset(cfg.dataset, "val")
-    assert reads == [] and [mask.name for _, mask in dataset.pairs] == [m.name for m in masks[1:]]
+    assert reads == [] and [mask.name for _, mask in paired(dataset).pairs] == [m.name for m in masks[1:]]
     assert dataset.layout_problems[0].startswith(f"{masks[0]}: no labelled pixel")
 
     save_mask(masks[0], [0, 3, 0])  # labelled now: another size, another time
     save_mask(masks[2], [0, 0, 0])
     dataset = build_dataset(cfg.dataset, "val")
     assert sorted(reads) == sorted([masks[0].name, masks[2].name])
-    assert [mask.name for _, mask in dataset.pairs] == [masks[0].name, masks[1].name]
+    assert [mask.name for _, mask in paired(dataset).pairs] == [masks[0].name, masks[1].name]
     cfg.dataset.reduce_zero_label = False  # other settings, other values: scanned afresh
     reads.clear()
     assert len(build_dataset(cfg.dataset, "val")) == 3 and len(reads) == 3
@@ -257,7 +274,7 @@ def test_voc_and_camvid_unknown_values_name_their_own_fix(tmp_path, compose_cfg)
         f"{bad}: values outside the VOC class ids 0..20 and 255 (object borders): 30 ({SQUARE} pixels); fix: the "
         "file is wrong (masks are palette indices), or map them with dataset.remap, or dataset.unknown_labels=ignore "
         "to train with those pixels ignored"]
-    assert not report.problems[0].warning
+    assert not tagged(report.problems)[0].warning
 
     root = _camvid_like(tmp_path / "camvid")
     bad = root / "valannot" / "f2.png"
@@ -369,8 +386,8 @@ def test_check_and_training_classify_alike(tmp_path, compose_cfg, unknown_labels
     (root / "valannot" / "f2.png").unlink()  # a JPEG mask
     cfg = compose_cfg([*ONE_STEP, "dataset=camvid", f"dataset.root={root}",
                        f"dataset.unknown_labels={unknown_labels}"], tiny=False)
-    report = check_split(cfg.dataset, "val")
-    assert sorted(p.kind for p in report.problems) == ["JPEG mask", "no labelled pixel", "unknown values"]
+    problems = tagged(check_split(cfg.dataset, "val").problems)
+    assert sorted(p.kind for p in problems) == ["JPEG mask", "no labelled pixel", "unknown values"]
     dataset = build_dataset(cfg.dataset, "val")
     errors, logged = [], []
     for index in range(len(dataset)):
@@ -381,8 +398,8 @@ def test_check_and_training_classify_alike(tmp_path, compose_cfg, unknown_labels
             except DataError as error:
                 errors.append(str(error))
         logged += [r.getMessage().rsplit(" [", 1)[0] for r in caplog.records]
-    assert errors == [p for p in report.problems if not p.warning]
-    assert sorted(logged) == sorted(p for p in report.problems if p.warning)
+    assert errors == [p for p in problems if not p.warning]
+    assert sorted(logged) == sorted(p for p in problems if p.warning)
     assert len(errors) == (1 if unknown_labels == "error" else 0)
 
 
@@ -398,8 +415,9 @@ def test_coco_masks_cached_in_the_user_cache_and_the_data_untouched(tmp_path, co
     cfg = compose_cfg([*ONE_STEP, *coco_overrides(root)], tiny=False)
     dataset = build_dataset(cfg.dataset, "train")
     read_all(dataset)
-    assert dataset.cache_dir.parent == tmp_path / "user-cache" / "segkit"
-    assert len(list(dataset.cache_dir.glob("*.png"))) == len(dataset)
+    cache_dir = coco_cache_dir(dataset)
+    assert cache_dir.parent == tmp_path / "user-cache" / "segkit"
+    assert len(list(cache_dir.glob("*.png"))) == len(dataset)
     assert snapshot(root) == before  # nothing written, nothing touched
     report = check_split(cfg.dataset, "val")
     assert report.problems == [] and snapshot(root) == before
@@ -420,4 +438,5 @@ def test_coco_read_only_data_and_cache_dir_only_when_asked(tmp_path, compose_cfg
     cfg.dataset.cache_dir = str(root / "masks")  # asked for: written there
     dataset = build_dataset(cfg.dataset, "val")
     read_all(dataset)
-    assert dataset.cache_dir.parent == root / "masks" and len(list(dataset.cache_dir.glob("*.png"))) == 4
+    cache_dir = coco_cache_dir(dataset)
+    assert cache_dir.parent == root / "masks" and len(list(cache_dir.glob("*.png"))) == 4
