@@ -132,6 +132,7 @@ else
     export PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SEGKIT_TEST_DEVICES=$DEVICE
+[ -n "${COMMIT:-}" ] && export SEGKIT_COMMIT=$COMMIT  # the benchmark tables name the commit too
 export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS for the exact-resume tests
 
 versions=$("$PY" scripts/gpu_versions.py "$OUT_DIR" --pack "$PACK" ${COMMIT:+--commit "$COMMIT"})

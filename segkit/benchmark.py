@@ -280,9 +280,13 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
+    """SEGKIT_COMMIT when the caller knows it (scripts/gpu_check.sh --commit), else git's, "-dirty" when the
+    working tree differs from it: a figure is only as reproducible as the code it names."""
+    if os.environ.get("SEGKIT_COMMIT"):
+        return os.environ["SEGKIT_COMMIT"][:12]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() or "unknown"
