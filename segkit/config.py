@@ -177,62 +177,55 @@ class CheckDataConfig:
 # fails at start with the key named. Each default, and what the key does, is written once, in the
 # command's conf/<name>.yaml (a key the YAML leaves out would compose as ??? and fail where it is read).
 @dataclass
-class EvaluateConfig:
+class InferenceOptions:
+    """What segkit-evaluate and segkit-predict share: the device, trust, and the inference geometry."""
+
+    device: str
+    trust_checkpoint: bool
+    test_size: list[int] | None
+    mode: str
+    crop_size: list[int] | None
+    stride: list[int] | None
+    tta: bool
+    tta_scales: list[float]
+    tta_flip: bool
+    min_region: int
+    max_hole: int
+    uncertainty_method: str
+    mc_samples: int
+
+
+@dataclass
+class EvaluateConfig(InferenceOptions):
     """`segkit-evaluate` (conf/evaluate.yaml)."""
 
     checkpoint: str
     split: str
     output_dir: str | None
     dataset: dict[str, Any]  # stored dataset keys to change; +dataset.<key>=value adds any other
-    device: str
-    trust_checkpoint: bool
     batch_size: int | None
     num_workers: int
     score_at: str
-    test_size: list[int] | None
-    mode: str
-    crop_size: list[int] | None
-    stride: list[int] | None
-    tta: bool
-    tta_scales: list[float]
-    tta_flip: bool
-    min_region: int
-    max_hole: int
     save_masks: bool
     report: bool
     calibration_bins: int
     uncertainty_maps: bool
-    uncertainty_method: str
-    mc_samples: int
     worst_n: int
     progress_bar: bool
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(InferenceOptions):
     """`segkit-predict` (conf/predict.yaml)."""
 
     checkpoint: Any  # a path, or a list of paths (an ensemble)
     input: str
     output: str
-    device: str
-    trust_checkpoint: bool
     batch_size: int
     num_workers: int
-    test_size: list[int] | None
-    mode: str
-    crop_size: list[int] | None
-    stride: list[int] | None
-    tta: bool
-    tta_scales: list[float]
-    tta_flip: bool
     overlay: bool
     probabilities: bool
     uncertainty: bool
-    uncertainty_method: str
-    mc_samples: int
-    min_region: int
-    max_hole: int
     max_pixels: int
     progress_bar: bool
 
