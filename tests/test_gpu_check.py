@@ -72,7 +72,7 @@ def test_dry_run_runs_every_step_on_the_cpu_and_writes_the_summary_and_versions(
     assert "2/2 steps" in text and "FINISHED" in text and "peak memory n/a (CPU)" in text
     assert "val mIoU of last.pt **" in text and "scored at native" in text
 
-    # What the device tool brings back: plain files, no folders.
+    # What comes back from the GPU machine: plain files, no folders.
     assert sorted(path.name for path in out.iterdir()) == sorted(FILES)
     benchmarks = (out / "benchmarks.md").read_text()
     assert benchmarks.count("\n### ") == 3 and benchmarks.count("precision bf16-mixed") == 3  # the real precision
