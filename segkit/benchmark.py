@@ -24,13 +24,13 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from segkit import safe_files
 from segkit.config import validate_config
 from segkit.data.loading import build_loader
 from segkit.engine.build import TrainingParts, build_parts
 from segkit.engine.step import resolve_device, to_model_input
 from segkit.models.sliding import forward_logits
 from segkit.reference_pipeline import reference_loader
-from segkit.runs import safe_files
 
 SECTIONS = ("train", "eval", "data")
 Step = Callable[[], int]  # runs one step, returns the number of images it processed

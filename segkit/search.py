@@ -39,8 +39,8 @@ from typing import Any, Literal, cast
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from segkit import safe_files
 from segkit.errors import SegkitError
-from segkit.runs import safe_files
 from segkit.runs.run_dir import LAST, RunDir
 from segkit.sweeps import TRIAL_FILE, error_message
 

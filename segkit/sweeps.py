@@ -15,8 +15,8 @@ from typing import Any, TypeVar, cast
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from segkit import safe_files
 from segkit.errors import SegkitError, one_line
-from segkit.runs import safe_files
 from segkit.runs.json import dumps
 from segkit.runs.run_dir import RunDir
 

@@ -139,3 +139,15 @@ def test_a_checkpoint_without_geometry_or_names_falls_back_to_its_config(compose
     save_checkpoint(state, checkpoint)
     with pytest.raises(CheckpointError, match=r"old\.pt: weights do not fit the stored model"):
         load(checkpoint, "cpu")
+
+
+def test_export_metadata_nested_too_deep_is_refused_in_one_line_before_parsing(compose_cfg, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = export_safetensors(write_run(compose_cfg, RunDir(tmp_path / "run")), tmp_path / "shipped" / "model")
+    tensors = load_file(str(weights))
+    bomb = "[" * 100_000 + "]" * 100_000  # 200 kB: json.loads would recurse past Python's limit and crash
+    save_file(tensors, str(weights), metadata={"segkit.geometry": bomb})
+    with pytest.raises(CheckpointError, match=r"metadata segkit\.geometry: JSON nested more than 32 levels") as error:
+        read_checkpoint(weights)
+    assert "\n" not in str(error.value)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,16 +23,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from segkit import safe_files
 from segkit.cli import report
 from segkit.cli import reproduce as reproduce_cli
 from segkit.engine.reproduce import default_out
 from segkit.engine.run_lock import RunLock
 from segkit.errors import CheckpointError, DataError, SegkitError
-from segkit.runs import safe_files
 from segkit.runs.checkpoint import load_checkpoint, save_checkpoint
 from segkit.runs.trusted import foreign_run_config
 
 from . import foreign_corpus as corpus
+from .conftest import ROOT, TINY
 
 
 @pytest.fixture
@@ -93,10 +96,16 @@ def test_the_run_lock_is_never_opened_through_a_link_or_a_fifo(sandbox, kind):
         RunLock().acquire(lock.parent, "training")
 
 
-def test_train_log_through_a_planted_link_is_refused(sandbox):
-    log_file = sandbox.link_out(sandbox.root / "run" / "train.log")
-    with pytest.raises(safe_files.UnsafePathError, match=r"train\.log: is a symlink"):
-        safe_files.LogFile(str(log_file))
+def test_train_log_through_a_planted_link_ends_training_with_one_line(sandbox):
+    """Hydra opens train.log while it sets logging up, before segkit's code: the refusal is still one line."""
+    run = sandbox.root / "run"
+    sandbox.link_out(run / "train.log")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run}"],
+                            capture_output=True, text=True, timeout=300, cwd=sandbox.root)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert re.match(r"^error: .*train\.log: is a symlink", lines[0])
+    assert not (run / "checkpoints").exists()  # nothing trained
 
 
 @pytest.mark.parametrize("name", ["epochs.csv", "benchmark.md"])
@@ -621,3 +630,57 @@ def test_every_command_refuses_a_checkpoint_bomb_in_one_line(sandbox, capsys, co
         run_or_exit(lambda: importlib.import_module(f"segkit.cli.{command}").run(cfg))
     assert exited.value.code == 2
     assert "shared.pt: record 'archive/data/1' is compressed" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_tracker_library_never_starts_in_a_folder_holding_a_planted_link(sandbox, tracker):
+    """TensorBoard and W&B write their own files: their folder is checked for links before they start."""
+    pytest.importorskip(tracker if tracker == "wandb" else "tensorboard")
+    from segkit.trackers.tensorboard import TensorBoardTracker
+    from segkit.trackers.wandb import WandbTracker
+
+    run = sandbox.root / "run"
+    sandbox.link_out(run / tracker / "events.out.tfevents.planted")
+    chosen = TensorBoardTracker() if tracker == "tensorboard" else WandbTracker(mode="offline")
+    with pytest.raises(safe_files.UnsafePathError, match=r"events\.out\.tfevents\.planted: is a symlink"):
+        chosen.start(run, {}, {})
+
+
+BOUNDED = """
+import resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_DATA, (BYTES, BYTES))  # heap and private mappings: torch itself needs ~1 GB
+import segkit
+from segkit.data.io import read_image
+from segkit.errors import SegkitError
+for name, load in [("archive", lambda: segkit.load(sys.argv[1], device="cpu")),
+                   ("image", lambda: read_image(Path(sys.argv[2]))),
+                   ("config", lambda: segkit.load(sys.argv[3], device="cpu"))]:
+    try:
+        load()
+        print(name, "LOADED")
+    except SegkitError as error:
+        print(name, "refused:", str(error).splitlines()[0])
+    except MemoryError:
+        print(name, "MemoryError")
+print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_bombs_are_refused_inside_a_memory_limit_they_would_exceed(sandbox):
+    """Each bomb would need more than the process may allocate: a compressed record inflating to 2 GiB, a PNG
+    header of 10^10 pixels (30 GB decoded), a stored config whose aliases expand 9^12-fold. Under a 1.5 GiB
+    data limit each one is refused in one line, and the process stays below the limit."""
+    limit = 3 << 29  # 1.5 GiB
+    archive = corpus.compressed_checkpoint(sandbox.root / "archive.pt", inflated_bytes=2 << 30)
+    image = corpus.png_header(sandbox.root / "huge.png", 100_000, 100_000)
+    config = sandbox.root / "config.pt"
+    save_checkpoint({"model": {}, "config": corpus.alias_bomb()}, config)
+    result = subprocess.run([sys.executable, "-c", BOUNDED.replace("BYTES", str(limit)), str(archive), str(image),
+                             str(config)], capture_output=True, text=True, timeout=300, cwd=sandbox.root)
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert lines["archive"].startswith("refused: ") and "compressed" in lines["archive"]
+    assert lines["image"].startswith("refused: ") and "100000x100000" in lines["image"]
+    assert lines["config"].startswith("refused: ") and "alias" in lines["config"]
+    assert int(lines["peak"]) < limit

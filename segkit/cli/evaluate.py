@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
+from segkit import safe_files
 from segkit.cli.common import hydra_main, run_or_exit
 from segkit.errors import ConfigError
-from segkit.runs import safe_files
 from segkit.runs.json import dumps, json_safe
 from segkit.runs.run_dir import RunDir
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
+from segkit import safe_files
 from segkit.cli.common import hydra_main, run_or_exit
 from segkit.errors import ConfigError
-from segkit.runs import safe_files
 
 if TYPE_CHECKING:  # torch and the exporters are imported where they are used, so --help answers at once
     import torch

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
+from segkit import safe_files
 from segkit.errors import ConfigError, DataError
 
 # torchvision 0.29 announces its decoders' move to torchcodec; they remain the fast path here.
@@ -219,5 +220,4 @@ def read_stem_list(path: Path) -> list[str]:
 
 
 def write_stem_list(path: Path, stems: Iterable[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{stem}\n" for stem in stems))
+    safe_files.write_text(path, "".join(f"{stem}\n" for stem in stems))  # never through a planted link

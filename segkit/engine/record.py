@@ -7,7 +7,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from segkit.runs import json, safe_files
+from segkit import safe_files
+from segkit.runs import json
 from segkit.runs.run_dir import RunDir
 
 

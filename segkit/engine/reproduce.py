@@ -23,8 +23,8 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segkit import safe_files
 from segkit.errors import ConfigError
-from segkit.runs import safe_files
 from segkit.runs.run_dir import RunDir
 
 COMPARED = ("status", "steps", "epochs", "best_score", "best_epoch", "final", "best")  # keys of metrics.json
@@ -73,7 +73,7 @@ def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Pat
     (segkit.runs.trusted.foreign_run_config); `overrides` are the caller's own. With `trust`, like the
     Hydra app, this composes with Hydra and configures logging and Hydra's run config for the process."""
     from segkit.engine.trainer import fit
-    from segkit.runs.safe_files import is_regular_file
+    from segkit.safe_files import is_regular_file
 
     original = RunDir(Path(run_dir).resolve())
     if not is_regular_file(original.hydra_config):
@@ -105,7 +105,7 @@ def _compared(original: RunDir, again: RunDir) -> Reproduction:
 @contextmanager
 def _log_to(path: Path) -> Iterator[None]:
     """segkit's own logging for the run: the console and `train.log`, as a training run logs."""
-    from segkit.runs.safe_files import LogFile
+    from segkit.safe_files import LogFile
 
     root = logging.getLogger()
     handlers: list[logging.Handler] = [logging.StreamHandler(), LogFile(str(path))]

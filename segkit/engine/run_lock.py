@@ -28,7 +28,7 @@ from typing import IO, Any
 from segkit.engine.distributed import DistContext, broadcast_from_main
 from segkit.engine.watchdog import exit_with_launcher
 from segkit.errors import SegkitError
-from segkit.runs.safe_files import is_regular_file, open_lock
+from segkit.safe_files import is_regular_file, open_lock
 
 log = logging.getLogger(__name__)
 

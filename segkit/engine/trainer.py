@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from segkit import safe_files
 from segkit.config import monitor_mode, validate_config
 from segkit.engine import validation
 from segkit.engine.build import build_parts
@@ -45,7 +46,6 @@ from segkit.engine.seeding import get_rng_state, seed_everything, set_rng_state
 from segkit.engine.step import resolve_device
 from segkit.errors import ConfigError
 from segkit.reporting.plots import encode_png
-from segkit.runs import safe_files
 from segkit.runs.run_dir import LAST, RunDir
 from segkit.trackers.base import Trackers, build_trackers, flatten
 

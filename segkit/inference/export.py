@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from segkit import safe_files
 from segkit.data.geometry import TrainingGeometry, letterbox_images, restore_logits
 from segkit.errors import SegkitError
 from segkit.extras import require_extra
 from segkit.models.sliding import predict_logits
-from segkit.runs import safe_files
 
 INPUT, OUTPUT = "images", "logits"
 GEOMETRY_KEY = "segkit.geometry"

@@ -18,13 +18,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader, Dataset
 
+from segkit import safe_files
 from segkit.data.io import IMAGE_SUFFIXES
 from segkit.errors import ConfigError, DataError
 from segkit.inference.predictor import Ensemble, tta_option, tta_settings
 from segkit.inference.uncertainty import check_method, check_model, to_grey
 from segkit.models.sliding import MODES, clean_mask
 from segkit.reporting.plots import overlay, save_mask_png, save_png, stable_palette
-from segkit.runs import safe_files
 
 log = logging.getLogger("segkit")
 

@@ -182,7 +182,7 @@ def comparison_grid(
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    """The PNG file's bytes, for a caller that writes them itself (segkit.runs.safe_files)."""
+    """The PNG file's bytes, for a caller that writes them itself (segkit.safe_files)."""
     import io
 
     buffer = io.BytesIO()

@@ -31,14 +31,15 @@ from omegaconf import DictConfig, OmegaConf
 from segkit.data.geometry import TrainingGeometry
 from segkit.errors import CheckpointError
 from segkit.runs.run_dir import LAST, RunDir
-from segkit.runs.safe_files import (
+from segkit.runs.trusted import checked_checkpoint_config
+from segkit.safe_files import (
     atomic_write,
     check_checkpoint_archive,
     check_config_text,
+    check_json_text,
     is_regular_file,
     write_bytes,
 )
-from segkit.runs.trusted import checked_checkpoint_config
 
 log = logging.getLogger(__name__)
 PT, SAFETENSORS = "pt", "safetensors"  # the two formats a CheckpointRecord is read from
@@ -272,6 +273,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     values = {}
     for key, value in metadata.items():
         if key.startswith(METADATA_PREFIX):
+            check_json_text(value, f"{path}: metadata {key}")
             try:
                 values[key.removeprefix(METADATA_PREFIX)] = json.loads(value)
             except json.JSONDecodeError:

@@ -316,7 +316,7 @@ def foreign_run_config(path: str | Path, overrides: Sequence[str] = ()) -> DictC
     import yaml
 
     from segkit.config import TrainConfig
-    from segkit.runs.safe_files import PLAIN_TAGS
+    from segkit.safe_files import PLAIN_TAGS
 
     path = str(path)
     user_keys = [_override_key(o) for o in overrides]

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from segkit import safe_files
 from segkit.config import build
 from segkit.data.class_balance import median_frequency_weights
 from segkit.data.geometry import letterbox
 from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset, plural
 from segkit.errors import DataError
 from segkit.reporting.plots import save_overlay_preview, stable_palette
-from segkit.runs import safe_files
 
 
 @dataclass

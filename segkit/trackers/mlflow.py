@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from segkit import safe_files
 from segkit.errors import SegkitError
 from segkit.registry import register
-from segkit.runs import safe_files
 from segkit.runs.run_dir import BEST, RunDir
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags

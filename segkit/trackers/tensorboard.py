@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from segkit import safe_files
 from segkit.extras import require_extras_of
 from segkit.registry import register
 from segkit.trackers.base import Tracker
@@ -28,7 +29,10 @@ class TensorBoardTracker(Tracker):
     def start(self, run_dir: Path, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / self.subdir))
+        log_dir = Path(run_dir) / self.subdir
+        if log_dir.exists():  # the writer is TensorBoard's own: refuse links planted below its folder first
+            safe_files.refuse_links(log_dir)
+        self.writer = SummaryWriter(log_dir=str(log_dir))
         meta = run_tags(run_dir, params, tags, hydra_context())
         self.writer.add_text("config", _table(params), 0)
         self.writer.add_text("run", _table(meta), 0)

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from segkit import safe_files
 from segkit.extras import require_extras_of
 from segkit.registry import register
 from segkit.runs.run_dir import BEST, RunDir
@@ -53,6 +54,8 @@ class WandbTracker(Tracker):
         meta = run_tags(run_dir, params, tags, context)
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if (self.run_dir / "wandb").exists():  # wandb writes there itself: refuse links planted below it first
+            safe_files.refuse_links(self.run_dir / "wandb")
         group = context.sweep_id[-MAX_GROUP_CHARS:] if context.sweep_id else None
         self.run = wandb.init(
             project=self.project, entity=self.entity, name=context.run_name, group=group,
@@ -85,8 +88,8 @@ class WandbTracker(Tracker):
         # Files under run.dir are synced with the run (at finish, or by `wandb sync` when offline);
         # a copy avoids wandb.save's symlink warning and survives the run dir being moved.
         target = Path(self.run.dir) / path.relative_to(self.run_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
+        with open(path, "rb") as source, safe_files.atomic_write(target, "wb", root=self.run.dir) as copy:
+            shutil.copyfileobj(source, copy)  # a new file renamed into place: never through a planted link
 
     def finish(self, status: str) -> None:
         if self.log_checkpoint and self.run_dir is not None:

@@ -15,9 +15,10 @@ import time
 import types
 from pathlib import Path
 
+from segkit import safe_files
 from segkit.cli.train import main
 from segkit.metrics import SegmentationMetrics
-from segkit.runs import checkpoint, safe_files
+from segkit.runs import checkpoint
 
 
 def mark(event: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,9 +13,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from segkit import safe_files
 from segkit.data.geometry import letterbox
 from segkit.data.io import user_cache_dir
-from segkit.errors import ConfigError, DataError
+from segkit.errors import ConfigError, DataError, SegkitError
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "skip")
@@ -415,11 +415,7 @@ def _save_memo(path: Path | None, memo: dict[str, list[int]]) -> None:
     """Written to a temporary name and renamed; a cache that cannot be written is only a slower next run."""
     if path is None:
         return
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, path)
-    except OSError as error:
+        safe_files.write_text(path, json.dumps(memo))  # a new file renamed over it, never through a link
+    except (OSError, SegkitError) as error:
         log.debug("%s: cannot remember the mask scan (%s)", path, error)
-        tmp.unlink(missing_ok=True)

@@ -44,11 +44,12 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from segkit import safe_files
 from segkit.data.io import read_image, read_mask, user_cache_dir
 from segkit.data.readers.base import Problem, ProblemsError, SegmentationDataset, plural
 from segkit.data.readers.coco_format import read_coco, segmentation_problems
 from segkit.data.readers.schemas import CocoSchema as Schema
-from segkit.errors import ConfigError, DataError
+from segkit.errors import ConfigError, DataError, SegkitError
 
 log = logging.getLogger(__name__)
 RULE_VERSION = 2  # bump when the drawing rule or its checks change, so old caches are not reused
@@ -247,11 +248,8 @@ def _writable(directory: Path) -> bool:
 
 
 def _write_png_atomic(path: Path, mask: np.ndarray) -> None:
-    """Write to a temporary name and rename, so a concurrent reader never sees half a file."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    """A new file renamed over `path` (never through a link), so a concurrent reader never sees half a file."""
     try:
-        Image.fromarray(mask).save(tmp)
-        os.replace(tmp, path)
-    except OSError as error:
+        safe_files.write_with(path, lambda buffer: Image.fromarray(mask).save(buffer, format="PNG"))
+    except (OSError, SegkitError) as error:
         log.warning("%s: cannot cache mask (%s)", path, error)
-        tmp.unlink(missing_ok=True)

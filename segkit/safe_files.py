@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -240,10 +241,17 @@ def is_regular_file(path: Path | str) -> bool:
 
 
 class LogFile(logging.FileHandler):
-    """logging.FileHandler (Hydra's train.log) that appends through `open_append`."""
+    """logging.FileHandler (Hydra's train.log) that appends through `open_append`.
+
+    Hydra builds it before any segkit code runs, inside logging.config, which would turn a refusal into a
+    traceback of its own: a refused file ends the command here, with the refusal as its one line."""
 
     def _open(self):  # noqa: ANN202 - logging's own signature
-        return open_append(self.baseFilename, newline=None)
+        try:
+            return open_append(self.baseFilename, newline=None)
+        except UnsafePathError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 # YAML's own types; `!!python/...` shares the prefix `tag:yaml.org,2002:` and is refused with any other tag.
@@ -266,7 +274,7 @@ def read_run_text(path: Path | str, limit: int = MAX_RUN_FILE_BYTES) -> str:
             raise _read_refusal(path, "is not a regular file")
         if info.st_size > limit:
             raise _read_refusal(path, f"holds {info.st_size} bytes, more than a run record's {limit} "
-                                      "(segkit.runs.safe_files.MAX_RUN_FILE_BYTES)")
+                                      "(segkit.safe_files.MAX_RUN_FILE_BYTES)")
         data = handle.read(limit + 1)[:limit]
     return data.decode("utf-8", errors="replace")
 
@@ -340,7 +348,7 @@ def check_config_text(text: str, source: str | Path) -> None:
 
     if len(text) > MAX_CONFIG_BYTES:
         raise CheckpointError(f"{source}: stored config holds {len(text)} characters, more than "
-                              f"{MAX_CONFIG_BYTES} (segkit.runs.safe_files.MAX_CONFIG_BYTES); refused")
+                              f"{MAX_CONFIG_BYTES} (segkit.safe_files.MAX_CONFIG_BYTES); refused")
     depth = 0
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
@@ -355,8 +363,32 @@ def check_config_text(text: str, source: str | Path) -> None:
                 depth += 1
                 if depth > MAX_NESTING:
                     raise CheckpointError(f"{source}: stored config line {line}: nested more than {MAX_NESTING} "
-                                          "levels deep (segkit.runs.safe_files.MAX_NESTING); refused")
+                                          "levels deep (segkit.safe_files.MAX_NESTING); refused")
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
     except yaml.YAMLError as error:
         raise CheckpointError(f"{source}: stored config is not valid YAML ({str(error).splitlines()[0]})") from None
+
+
+def check_json_text(text: str, source: str | Path) -> None:
+    """JSON from a foreign file (a safetensors export's metadata) before json.loads: at most MAX_CONFIG_BYTES,
+    nested at most MAX_NESTING deep (json.loads recurses: a deep nest is a crash, not data). One pass over the
+    characters, strings skipped."""
+    from segkit.errors import CheckpointError
+
+    if len(text) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{source}: {len(text)} characters of JSON, more than {MAX_CONFIG_BYTES} "
+                              "(segkit.safe_files.MAX_CONFIG_BYTES); refused")
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            escaped, in_string = (not escaped and char == "\\"), in_string and (escaped or char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise CheckpointError(f"{source}: JSON nested more than {MAX_NESTING} levels deep "
+                                      "(segkit.safe_files.MAX_NESTING); refused")
+        elif char in "]}":
+            depth -= 1
