@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from omegaconf import OmegaConf
 
-from segkit import registry
+from segkit import registry, safe_files
 from segkit.cli.common import run_or_exit
 from segkit.errors import ConfigError, SegkitError
 
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> Path:
     cfg = load_dataset_config(layout, text)
     reports = [sample_report(cfg, split, args.sample) for split in ("train", "val")]
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
+    safe_files.write_text(target, text)  # never through a planted link
     print(f"layout: {layout.kind}; wrote {target}")
     for note in layout.notes:
         print(f"  {note}")

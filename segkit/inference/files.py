@@ -153,8 +153,8 @@ def write_outputs(out: Path, stem: str, image: torch.Tensor, prob: torch.Tensor,
     if cfg.overlay:
         save_png(overlay(image, mask, palette), out / "overlay" / f"{stem}.png")
     if cfg.probabilities:
-        (out / "probs").mkdir(exist_ok=True)
-        np.save(out / "probs" / f"{stem}.npy", prob.numpy().astype(np.float16))
+        probs = prob.numpy().astype(np.float16)
+        safe_files.write_with(out / "probs" / f"{stem}.npy", lambda buffer: np.save(buffer, probs))
     # 8-bit greyscale, 255 = confidence 1 / entropy 1 / the largest possible variance (inference/uncertainty.py)
     for name, values in (maps or {}).items():
         save_png(to_grey(values).cpu().numpy(), out / name / f"{stem}.png")

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from segkit import safe_files
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
@@ -124,5 +126,4 @@ ignored pixels in grey.</p>
 """
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return safe_files.write_text(path, page)  # never through a planted link

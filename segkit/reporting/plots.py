@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from segkit import safe_files
+
 # Distinct, readable colours for the first classes; further classes get golden-ratio hues.
 _BASE_COLORS = [
     (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -107,10 +109,7 @@ def save_overlay_preview(
     sheet = Image.new("RGB", (grid.width, grid.height + legend.height), (255, 255, 255))
     sheet.paste(grid, (0, 0))
     sheet.paste(legend, (0, grid.height))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    return save_image(sheet, Path(path))
 
 
 # ------------------------------------------------------------------ evaluation and prediction pictures
@@ -191,9 +190,18 @@ def encode_png(array: np.ndarray) -> bytes:
 
 
 def save_png(array: np.ndarray, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
+    return save_image(Image.fromarray(array), path)
+
+
+def save_image(image: Image.Image, path: Path) -> Path:
+    """`image` in the format its suffix names, written by segkit.safe_files: never through a planted link."""
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    return safe_files.write_with(path, lambda buffer: image.save(buffer, format=image_format))
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """A matplotlib figure in the format its suffix names, written by segkit.safe_files."""
+    return safe_files.write_with(path, lambda buffer: fig.savefig(buffer, format=Path(path).suffix[1:] or "png"))
 
 
 def save_mask_png(mask: np.ndarray | torch.Tensor, path: Path) -> Path:
@@ -261,7 +269,7 @@ def save_comparison(
     if title:
         fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -301,7 +309,7 @@ def save_uncertainty_panels(
         if cmap:
             fig.colorbar(shown, ax=ax, shrink=0.8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -331,7 +339,7 @@ def save_reliability_diagram(calibration: Mapping[str, Any], path: Path) -> Path
     bottom.set_xlabel("confidence (largest softmax probability)")
     bottom.set_ylabel("pixels")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -356,7 +364,7 @@ def save_iou_bars(
     ax.set_xlabel("IoU")
     ax.set_title("IoU per class", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -386,7 +394,7 @@ def save_confusion(
     fig.colorbar(heat, ax=ax, shrink=0.8)
     ax.set_title("confusion matrix (rows normalised)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -433,5 +441,5 @@ def save_training_curves(epochs_csv: Path, path: Path) -> Path | None:
         if ax.lines:
             ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
