@@ -663,7 +663,10 @@ for name, load in [("archive", lambda: segkit.load(sys.argv[1], device="cpu")),
         print(name, "refused:", str(error).splitlines()[0])
     except MemoryError:
         print(name, "MemoryError")
-print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, this program's own peak resident memory (ru_maxrss would also count the forking parent's, which
+# Linux carries across exec)
+peak_kib = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("peak", int(peak_kib) * 1024)
 """
 
 
