@@ -687,3 +687,20 @@ def test_bombs_are_refused_inside_a_memory_limit_they_would_exceed(sandbox):
     assert lines["image"].startswith("refused: ") and "100000x100000" in lines["image"]
     assert lines["config"].startswith("refused: ") and "alias" in lines["config"]
     assert int(lines["peak"]) < limit
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "deep"])
+def test_a_foreign_run_summary_that_is_not_a_plain_record_is_not_read(sandbox, kind):
+    """metrics.json beside a foreign checkpoint (class names), in a sweep job or an MLflow artifact folder:
+    a fifo would block the reader, a link would read another file, a deep nest would crash json.loads."""
+    from segkit.runs.run_dir import RunDir, read_summary
+
+    run = RunDir(sandbox.root / "run")
+    run.path.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(run.metrics)
+    elif kind == "symlink":
+        sandbox.link_out(run.metrics)
+    else:
+        run.metrics.write_text('{"class_names": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert read_summary(run.metrics) is None and run.read_metrics() is None

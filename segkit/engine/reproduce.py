@@ -97,7 +97,7 @@ def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Pat
 
 
 def _compared(original: RunDir, again: RunDir) -> Reproduction:
-    before = original.read_metrics() if safe_files.is_regular_file(original.metrics) else None
+    before = original.read_metrics()
     after = again.read_metrics() or {}
     return Reproduction(again, after, None if before is None else compare(before, after))
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from segkit import safe_files
+from segkit.errors import SegkitError
+
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -84,8 +87,17 @@ class RunDir:
 
     def read_metrics(self) -> dict[str, Any] | None:
         """The run summary, or None when the run has none (yet) or it is unreadable."""
-        try:
-            summary = json.loads(self.metrics.read_text())
-        except (OSError, ValueError):
-            return None
-        return summary if isinstance(summary, dict) else None
+        return read_summary(self.metrics)
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A metrics.json as a dict, or None when it is missing, unreadable or not one. The run may be someone
+    else's: read as a run record (a regular file, not through a link, bounded), its JSON depth checked before
+    json.loads, which would recurse on a deep nest."""
+    try:
+        text = safe_files.read_run_text(path)
+        safe_files.check_json_text(text, path)
+        summary = json.loads(text)
+    except (OSError, ValueError, SegkitError):
+        return None
+    return summary if isinstance(summary, dict) else None

@@ -10,7 +10,6 @@ trial's outcome on its runs, segkit/search.py) and `experiment_runs` (segkit-rep
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ import numpy as np
 from segkit import safe_files
 from segkit.errors import SegkitError
 from segkit.registry import register
-from segkit.runs.run_dir import BEST, RunDir
+from segkit.runs.run_dir import BEST, RunDir, read_summary
 from segkit.trackers.base import Tracker
 from segkit.trackers.context import hydra_context, run_tags
 
@@ -258,9 +257,6 @@ def local_artifact_dir(artifact_uri: str, store: Path | None) -> Path | None:
     return path if path == store or store in path.parents else None
 
 
-MAX_SUMMARY_BYTES = 16 << 20  # a run's metrics.json is a few KiB
-
-
 def _record(client: Any, run: Any, store: Path | None) -> RunRecord:
     summary = _summary(run, store)
     best = (summary or {}).get("best") or {}
@@ -285,11 +281,4 @@ def _summary(run: Any, store: Path | None) -> dict[str, Any] | None:
               f"local path under the store ({store or 'a server'}); not fetched, the store's metrics are shown",
               file=sys.stderr)
         return None
-    path = directory / "metrics.json"
-    if not safe_files.is_regular_file(path) or path.stat().st_size > MAX_SUMMARY_BYTES:
-        return None  # a failed run has no metrics.json; a link or a huge file is not read
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
+    return read_summary(directory / "metrics.json")  # None for a failed run (no metrics.json), a link, a bomb
