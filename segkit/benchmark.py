@@ -13,8 +13,9 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import version
@@ -29,8 +30,10 @@ from segkit.config import validate_config
 from segkit.data.loading import build_loader
 from segkit.engine.build import TrainingParts, build_parts
 from segkit.engine.step import resolve_device, to_model_input
+from segkit.engine.threads import usable_cores
 from segkit.models.sliding import forward_logits
 from segkit.reference_pipeline import reference_loader
+from segkit.reporting.plots import read_epochs_csv
 
 SECTIONS = ("train", "eval", "data")
 Step = Callable[[], int]  # runs one step, returns the number of images it processed
@@ -259,6 +262,50 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
         report.tables[section] = (interleave(steps_of, device, **timing), labels)
     report.load_after = os.getloadavg()
     return report
+
+
+# ---------------------------------------------------------------------------- trainings side by side
+def side_by_side(overrides: Sequence[str], command: str, workdir: Path, *, trainings: int = 2,
+                 rounds: int = 2) -> str:
+    """`trainings` trainings of `overrides` started at once, with segkit's thread default and with every core
+    each (torch's own default: what a training did before trainer.threads), the variants in alternating
+    rounds so load drift hits both; each training's images/s is the last logging window of its epochs.csv.
+    Returns the markdown section."""
+    cores = usable_cores()
+    variants = {"divided": ("trainer.threads=null (default): the cores divided among the live trainings", []),
+                "every core": (f"trainer.threads={cores}: every core each (torch's default)",
+                               [f"trainer.threads={cores}"])}
+    speed: dict[str, list[float]] = {name: [] for name in variants}  # one value per training
+    wall: dict[str, list[float]] = {name: [] for name in variants}  # one value per round
+    load_before = os.getloadavg()
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    for round_number in range(rounds):
+        for name, (_, extra) in variants.items():
+            runs = [workdir / f"{name.replace(' ', '_')}-{round_number}-{index}" for index in range(trainings)]
+            start = time.perf_counter()
+            processes = [subprocess.Popen(
+                [sys.executable, "-m", "segkit.cli.train", *overrides, *extra, f"hydra.run.dir={run}", "logger=none",
+                 "trainer.progress_bar=false", "trainer.save_checkpoints=false"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in runs]
+            for process in processes:
+                _, stderr = process.communicate()
+                if process.returncode:
+                    raise RuntimeError(f"a side-by-side training failed: {stderr.strip()[-2000:]}")
+            wall[name].append(time.perf_counter() - start)
+            speed[name] += [float(read_epochs_csv(run / "epochs.csv")[-1]["train/images_per_s"]) for run in runs]
+    load = " → ".join("/".join(f"{x:.2f}" for x in avg) for avg in (load_before, os.getloadavg()))
+    lines = [f"### {datetime.now():%Y-%m-%d %H:%M} · cpu, {trainings} trainings side by side", "",
+             f"`{command}`", "", f"- {cpu_name()}, {cores} usable cores; segkit {git_commit()}",
+             f"- load average (1/5/15 min) before → after: {load}",
+             f"- {rounds} rounds, the variants alternating; images/s of each training's last logging window", "",
+             "| variant | images/s per training (median, min – max) | all trainings together | wall per round (s) |",
+             "| --- | --- | --- | --- |"]
+    for name, (label, _) in variants.items():
+        values = speed[name]
+        lines.append(f"| {label} | {statistics.median(values):.2f} ({min(values):.2f} – {max(values):.2f}) | "
+                     f"{trainings * statistics.median(values):.2f} | {statistics.median(wall[name]):.0f} |")
+    ratio = statistics.median(speed["divided"]) / statistics.median(speed["every core"])
+    return "\n".join([*lines, "", f"divided / every core = **{ratio:.2f}** (images/s per training)"]) + "\n"
 
 
 # ---------------------------------------------------------------------------- the record

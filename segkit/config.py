@@ -51,6 +51,10 @@ class TrainerConfig:
     batch_size: int = 8
     val_batch_size: int | None = None  # defaults to batch_size
     num_workers: int = 2
+    # torch's CPU threads in this training process; null = the host's cores divided among the trainings live on
+    # it (counted again at every logging step; at least parallel sweep jobs x local ranks), one core left to the
+    # loader workers when a share is large (segkit/engine/threads.py); OMP_NUM_THREADS, when set, is followed
+    threads: int | None = None
     accelerator: str = "auto"  # auto | cpu | cuda
     precision: str = "32"  # 32 | 16-mixed | bf16-mixed
     accumulate_grad_batches: int = 1
@@ -282,7 +286,7 @@ def validate_config(cfg: DictConfig) -> None:
         "dataset.num_classes": dataset.num_classes,
         "optimizer.lr": cfg.optimizer.lr,
     }
-    for key in ("trainer.max_steps", "trainer.val_batch_size", "trainer.stop_after_steps"):
+    for key in ("trainer.max_steps", "trainer.val_batch_size", "trainer.stop_after_steps", "trainer.threads"):
         positive[key] = _select(cfg, key)
     for key, value in positive.items():
         if value is not None and value <= 0:

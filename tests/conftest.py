@@ -41,24 +41,25 @@ register_configs()
 
 
 @pytest.fixture(autouse=True, scope="session")
-def user_cache(tmp_path_factory):
-    """The suite's own user cache directory (COCO caches, label scans), for this process and the commands it
-    starts: tests never write into the cache of whoever runs them."""
-    previous = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = previous
+def user_folders(tmp_path_factory):
+    """The suite's own user cache (COCO caches, label scans) and runtime folder (the trainings' CPU slots,
+    segkit/engine/threads.py), for this process and the commands it starts: tests never write into the
+    folders of whoever runs them, nor count that user's trainings as their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+        patch.setenv("SEGKIT_RUNTIME_DIR", str(tmp_path_factory.mktemp("user-runtime")))
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
-    """Tiny tensors: one intra-op thread beats two OpenMP threads contending for 2 cores."""
+    """Tiny tensors: one intra-op thread beats two OpenMP threads contending for 2 cores. Through
+    OMP_NUM_THREADS, which the trainer follows (segkit/engine/threads.py), and so do the commands tests start."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
     torch.set_num_threads(previous)
 
 

@@ -44,6 +44,7 @@ from segkit.engine.record import RunRecord, without_confusion
 from segkit.engine.run_lock import RunLock
 from segkit.engine.seeding import get_rng_state, seed_everything, set_rng_state
 from segkit.engine.step import resolve_device
+from segkit.engine.threads import HostShare
 from segkit.errors import ConfigError
 from segkit.reporting.plots import encode_png
 from segkit.runs.run_dir import LAST, RunDir
@@ -122,6 +123,10 @@ class Trainer:
         # One process, or one of several started by torchrun / submitit (segkit/engine/distributed.py).
         self.dist, self.device = init_distributed(resolve_device(self.tcfg.accelerator, "trainer.accelerator"),
                                                     self.tcfg.dist_timeout_s)
+        # After init_distributed: a submitit task learns there how many ranks share its host.
+        self.cpu_share = HostShare(self.tcfg.threads, workers=self.tcfg.num_workers)
+        plan = self.cpu_share.apply()
+        log.info("torch threads: %d (%s)", plan.threads, plan.reason)
         with peer_failures_as_errors(self.dist):
             # Each process's Hydra dates its own run directory; all follow rank 0's.
             self.output_dir = Path(broadcast_from_main(str(output_dir), self.dist))
@@ -189,7 +194,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             safe_files.write_text(self.run.config, OmegaConf.to_yaml(self.cfg, resolve=True))
         params = flatten(cast(dict[str, Any], OmegaConf.to_container(self.cfg, resolve=True)))
-        self.trackers.start(self.output_dir, params, {"device": str(self.device), "scored_at": self.tcfg.score_at})
+        self.trackers.start(self.output_dir, params, {"device": str(self.device), "scored_at": self.tcfg.score_at,
+                                                      "torch_threads": str(self.cpu_share.plan.threads)})
         parts = self.parts
         log.info("training %s on %s (%d train / %d val images) for %d steps on %s", type(parts.model.net).__name__,
                  parts.train_set.name, len(parts.train_set), len(parts.val_set), parts.total_steps, self.device)
@@ -203,6 +209,7 @@ class Trainer:
             summary = self.write_summary(status)
             self.trackers.log_artifact(self.run.metrics)
             self.trackers.finish({"STOPPED": "KILLED"}.get(status, status))
+            self.cpu_share.release()  # this host's other trainings take the cores back at their next count
         return summary
 
     def train_epochs(self, count: int) -> dict[str, Any]:
@@ -342,6 +349,9 @@ class Trainer:
         self._check_bad_steps()
         self.trackers.log_metrics(stats, self.global_step)
         progress.show({**stats, **self.shown_validation})
+        changed = self.cpu_share.refresh()  # another training on this host started or ended
+        if changed is not None:
+            log.info("torch threads: %d (%s)", changed.threads, changed.reason)
         meter.new_window()
         return stats
 
@@ -428,6 +438,7 @@ class Trainer:
             "best": without_confusion(self.record.best),
             "final": without_confusion(self.record.final),
             "class_names": self.parts.train_set.class_names,
+            "torch_threads": self.cpu_share.plan.threads,  # the last share, when other trainings came or went
             "top_k": keeper.top_k,
             **privacy_summary(self.parts.private),
         }
