@@ -52,7 +52,7 @@ class TrainerConfig:
     val_batch_size: int | None = None  # defaults to batch_size
     num_workers: int = 2
     # torch's CPU threads in this training process; null = the host's cores divided among the trainings live on
-    # it (counted again at every logging step; at least parallel sweep jobs x local ranks), one core left to the
+    # it (counted again at every logging step; at least the job's ranks on this host), one core left to the
     # loader workers when a share is large (segkit/engine/threads.py); OMP_NUM_THREADS, when set, is followed
     threads: int | None = None
     accelerator: str = "auto"  # auto | cpu | cuda
@@ -322,6 +322,12 @@ def validate_config(cfg: DictConfig) -> None:
                 f"{list(crop)} is larger than dataset.image_size {list(dataset.image_size)}; "
                 "lower the crop or raise the image size",
             )
+    class_uniform = _select(cfg, "augmentation.class_uniform") or 0.0
+    if not 0.0 <= class_uniform <= 1.0:
+        raise ConfigError("augmentation.class_uniform", f"is the fraction of class-centred crops: [0, 1], got "
+                          f"{class_uniform}")
+    if class_uniform and crop is None:
+        raise ConfigError("augmentation.class_uniform", "centres crops: set augmentation.crop_size too")
     if trainer.monitor_mode not in ("auto", "max", "min"):
         raise ConfigError("trainer.monitor_mode", f"must be auto, max or min; got {trainer.monitor_mode!r}")
     for key in ("log_images_every_n_val", "log_images_count"):

@@ -159,10 +159,13 @@ def test_experiment_camvid_deeplabv3plus_recipe(compose_cfg):
         ("model.num_classes=7", "model.num_classes"),
         ("trainer.precision=fp8", "trainer.precision"),
         ("augmentation.crop_size=[64,64]", "augmentation.crop_size"),
+        ("augmentation.class_uniform=1.5", "augmentation.class_uniform"),
+        ("augmentation.crop_size=null augmentation.class_uniform=0.5", "augmentation.class_uniform"),
+        ("trainer.threads=0", "trainer.threads"),
     ],
 )
 def test_invalid_values_name_the_key(compose_cfg, override, key):
-    cfg = compose_cfg([override])
+    cfg = compose_cfg(override.split())
     with pytest.raises(ConfigError) as info:
         validate_config(cfg)
     assert str(info.value).startswith(key)
