@@ -215,6 +215,7 @@ class EvaluateConfig(InferenceOptions):
     calibration_bins: int
     uncertainty_maps: bool
     worst_n: int
+    worst_per_class: int
     progress_bar: bool
 
 

@@ -123,7 +123,7 @@ def test_evaluate_writes_ece_reliability_diagram_and_uncertainty_maps(tiny_run, 
     html = (tmp_path / "report" / "report.html").read_text()
     assert "reliability.png" in html and "ECE (15 bins)" in html and "<th>precision</th>" in html
     # the worst images' uncertainty maps beside their prediction overlays (confidence and entropy: no sampling)
-    assert len(re.findall(r'<img src="images/worst_\d+_[^"]+_uncertainty\.png"', html)) == 8
+    assert len(re.findall(r'<img src="images/figure_\d+_[^"]+_uncertainty\.png"', html)) == 8
     for name in ("confidence", "entropy"):
         maps = sorted((tmp_path / "per_image").glob(f"*_{name}.png"))
         assert len(maps) == 8
@@ -138,7 +138,7 @@ def test_evaluate_tta_variance_maps_and_the_report_shows_every_map(tiny_run, tmp
                "tta_scales=[0.75,1.0]", "tta_flip=true"]
         sampled = compose(config_name="evaluate", overrides=[
             *tta, f"output_dir={tmp_path / 'sampled'}", "uncertainty_maps=true", "uncertainty_method=tta_variance",
-            "worst_n=2",
+            "worst_n=2", "worst_per_class=0",
         ])
         plain = compose(config_name="evaluate", overrides=[*tta, f"output_dir={tmp_path / 'plain'}", "report=false"])
     metrics = evaluate_cli.run(sampled)
@@ -149,7 +149,7 @@ def test_evaluate_tta_variance_maps_and_the_report_shows_every_map(tiny_run, tmp
     with Image.open(maps[0]) as picture:
         assert picture.size == (48, 40) and picture.mode == "L"  # the original image size
     report = tmp_path / "sampled" / "report"
-    panels = re.findall(r'<img src="(images/worst_\d+_[^"]+_uncertainty\.png)"', (report / "report.html").read_text())
+    panels = re.findall(r'<img src="(images/figure_\d+_[^"]+_uncertainty\.png)"', (report / "report.html").read_text())
     assert len(panels) == 2
     with Image.open(report / panels[0]) as picture:  # prediction overlay + confidence, entropy, variance
         assert picture.size[0] > 4 * 200

@@ -90,15 +90,47 @@ def test_per_image_records_and_masks(tiny_run, tmp_path):
 def test_report_files(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     out = tmp_path / "eval"
-    evaluate(run_dir, out, "worst_n=2")
+    evaluate(run_dir, out, "worst_n=2", "worst_per_class=0")
     html = (out / "report" / "report.html").read_text()
     sources = re.findall(r'<img src="([^"]+)"', html)
     assert {"images/iou_per_class.png", "images/confusion.png", "images/training_curves.png"} <= set(sources)
-    assert sum(s.startswith("images/worst_") for s in sources) == 2
+    assert sum(s.startswith("images/figure_") for s in sources) == 2
     assert not any(s.endswith("_uncertainty.png") for s in sources)  # uncertainty_maps=false: no maps
     for source in sources:
         assert Image.open(out / "report" / source).size[0] > 100
     assert all(f">{name}</td>" in html for name in CLASSES)
+    assert '<script src="data.js"></script>' in html and (out / "report" / "report.js").is_file()
+    data = (out / "report" / "data.js").read_text()
+    assert data.count('"filename":') == 8  # every image's numbers, figures or not
+
+
+def test_the_report_draws_each_classs_worst_images_once(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    out = tmp_path / "eval"
+    evaluate(run_dir, out, "worst_n=1", "worst_per_class=2", "save_masks=false")
+    records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
+    shown = {min(range(8), key=lambda i: (records[i]["miou"], i))}
+    for name in CLASSES:
+        present = sorted((r["per_class_iou"][name], i) for i, r in enumerate(records)
+                         if r["per_class_iou"][name] is not None)
+        shown |= {i for _, i in present[:2]}
+    figures = sorted(path.name for path in (out / "report" / "images").glob("figure_*.png"))
+    assert figures == [f"figure_{i:05d}_{records[i]['filename'][:-4]}.png" for i in sorted(shown)]
+
+
+def test_a_file_name_that_is_markup_stays_text(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    root = write_folder_dataset(tmp_path / "data", splits=("val",), count=2, num_classes=3)
+    hostile = "<img src=x onerror=alert(1)>"
+    for folder, suffix in (("images", ".jpg"), ("masks", ".png")):
+        (root / folder / "val" / f"img_000{suffix}").rename(root / folder / "val" / f"{hostile}{suffix}")
+    out = tmp_path / "eval"
+    evaluate(run_dir, out, f"dataset.root={root}", "worst_n=2", "save_masks=false")
+    assert json.loads((out / "per_image.jsonl").read_text().splitlines()[0])["filename"] == f"{hostile}.jpg"
+    html = (out / "report" / "report.html").read_text()
+    assert hostile not in html and "&lt;img src=x onerror=alert(1)&gt;.jpg" in html
+    assert "<" not in (out / "report" / "data.js").read_text()
+    assert (out / "report" / "images" / "figure_00000__img_src_x_onerror_alert_1_.png").is_file()
 
 
 def test_slide_and_tta_modes_and_dataset_overrides(tiny_run, tmp_path):

@@ -536,15 +536,24 @@ def test_plots_draw_class_names_as_plain_text(sandbox):
 
 def test_the_html_report_escapes_names(sandbox):
     import numpy as np
+    from PIL import Image
 
+    from segkit.reporting.browsing import ImageRow
     from segkit.reporting.html import write_report
 
-    name = "<script>alert(1)</script>"
+    name, filename = "<script>alert(1)</script>", "<img src=x onerror=alert(1)>.png"
     summary = {"per_class_iou": {name: 0.5}, "per_class_dice": {name: 0.5}, "confusion_matrix": [[1]],
                "miou": 0.5, "mdice": 0.5, "pixel_acc": 0.5}
+    figure = sandbox.root / "r" / "images" / "figure_00000_x.png"
+    figure.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(figure)
     page = write_report(sandbox.root / "r", summary=summary, class_names=[name], palette=np.zeros((1, 3)),
-                        meta={"checkpoint": name}, charts={}, worst=[]).read_text()
-    assert "<script>" not in page and "&lt;script&gt;" in page
+                        meta={"checkpoint": name}, charts={}, images=[ImageRow(filename, 0.5, 0.5, [0.5], figure)],
+                        worst_per_class={name: [0]}).read_text()
+    assert name not in page and filename not in page and "&lt;script&gt;" in page and "&lt;img src=x" in page
+    assert "<script>" not in page  # the page's own scripts are files beside it: <script src=...>
+    data = (sandbox.root / "r" / "data.js").read_text()  # the same names as JavaScript string escapes
+    assert "<" not in data and ">" not in data and "\\u003cimg src=x onerror=alert(1)\\u003e.png" in data
 
 
 # ---------------------------------------------------------------------- resume, evaluate, predict end to end

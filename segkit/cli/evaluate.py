@@ -7,13 +7,17 @@ Writes into the output directory:
   per_image.jsonl     one JSON object per image (filename, mask path, pixel accuracy, IoU, mIoU)
   per_image/          predicted masks, single-channel PNG class ids at the original image size; with
                       uncertainty_maps=true also <stem>_confidence/_entropy(/_variance).png, 8-bit
-  report/report.html  summary, per-class table, charts and the worst images (with report/images/)
+  report/             report.html: summary, per-class table, a side panel of classes (choose one: the images
+                      where its IoU is lowest), charts and every image's numbers, sortable; figures for the
+                      worst_n images by mIoU and the worst_per_class of each class (images/); report.js and
+                      data.js beside it. Opens from file://, no network.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -31,6 +35,7 @@ if TYPE_CHECKING:  # the library (torch) is imported where it is used, so --help
 
     from segkit.inference.evaluation import EvalResult, ImageResult
     from segkit.inference.predictor import Predictor
+    from segkit.reporting.browsing import ImageRow
 
 log = logging.getLogger("segkit")
 
@@ -115,7 +120,8 @@ def evaluate_into(out_dir: Path, checkpoint: Path, cfg: DictConfig) -> dict[str,
     save_masks = MaskWriter(dataset, out_dir / "per_image", cfg.score_at) if cfg.save_masks else None
     result = evaluate(
         predictor, dataset, loader, mode=mode, tta=tta_option(cfg), crop_size=cfg.crop_size, stride=cfg.stride,
-        score_at=cfg.score_at, worst_n=cfg.worst_n if cfg.report else 0, on_image=save_masks,
+        score_at=cfg.score_at, worst_n=cfg.worst_n if cfg.report else 0,
+        worst_per_class=cfg.worst_per_class if cfg.report else 0, on_image=save_masks,
         postprocess=postprocessor(cfg), progress_bar=cfg.progress_bar,
         extra_metrics=build_metrics(predictor.cfg.get("metrics"), "test", predictor.device),
         calibration_bins=int(cfg.calibration_bins), uncertainty=bool(cfg.uncertainty_maps),
@@ -185,19 +191,36 @@ def write_evaluation_report(
     palette: np.ndarray,
 ) -> Path:
     from segkit.reporting.html import write_report
-    from segkit.reporting.plots import (
-        save_comparison,
-        save_confusion,
-        save_iou_bars,
-        save_reliability_diagram,
-        save_training_curves,
-        save_uncertainty_panels,
-    )
 
-    summary = result.summary
-    names = list(summary["per_class_iou"])
+    names = list(result.summary["per_class_iou"])
     images = report_dir / "images"
-    charts = {
+    figures = save_figures(result.shown(), images, names, palette, predictor.ignore_index)
+    worst_per_class = {name: [item.index for item in items] for name, items in result.worst_per_class.items()}
+    return write_report(report_dir, summary=result.summary, class_names=names, palette=palette, meta=meta,
+                        charts=save_charts(result.summary, names, images, palette, checkpoint),
+                        images=image_rows(result.records, names, figures), worst_per_class=worst_per_class)
+
+
+def image_rows(
+    records: list[dict[str, Any]], names: list[str], figures: dict[int, tuple[Path, Path | None]]
+) -> list[ImageRow]:
+    """Every image as the report lists it, with its figures where drawn."""
+    from segkit.reporting.browsing import ImageRow
+
+    rows = []
+    for index, record in enumerate(records):  # in evaluation order: a record's position is its image's index
+        figure, uncertainty = figures.get(index, (None, None))
+        rows.append(ImageRow(record["filename"], record["miou"], record["pixel_accuracy"],
+                             [record["per_class_iou"][name] for name in names], figure, uncertainty))
+    return rows
+
+
+def save_charts(
+    summary: dict[str, Any], names: list[str], images: Path, palette: np.ndarray, checkpoint: Path
+) -> dict[str, Path | None]:
+    from segkit.reporting.plots import save_confusion, save_iou_bars, save_reliability_diagram, save_training_curves
+
+    return {
         "IoU per class": save_iou_bars(summary["per_class_iou"], images / "iou_per_class.png", palette),
         "Confusion matrix": save_confusion(summary["confusion_matrix"], names, images / "confusion.png"),
         "Reliability diagram": save_reliability_diagram(summary["calibration"], images / "reliability.png")
@@ -205,22 +228,31 @@ def write_evaluation_report(
         "Training curves": save_training_curves(RunDir.of_checkpoint(checkpoint).epochs_csv,
                                                 images / "training_curves.png"),
     }
-    worst = []
-    for rank, item in enumerate(result.worst):
-        assert item.image is not None  # evaluate() reads the worst images' pictures
-        figure = save_comparison(
-            item.image, item.pred, item.target, images / f"worst_{rank:02d}_{item.stem}.png", names, palette,
-            ignore_index=predictor.ignore_index, title=f"{item.filename}  mIoU {item.miou:.3f}",
-        )
+
+
+def save_figures(
+    shown: Sequence[ImageResult], images: Path, names: list[str], palette: np.ndarray, ignore_index: int
+) -> dict[int, tuple[Path, Path | None]]:
+    """Evaluation index -> the image's comparison figure and, with uncertainty maps, its uncertainty panels."""
+    from segkit.reporting.plots import save_comparison, save_uncertainty_panels
+
+    figures: dict[int, tuple[Path, Path | None]] = {}
+    for item in shown:
+        assert item.image is not None  # evaluate() reads the shown images' pictures
+        stem = figure_stem(item.index, item.stem)
+        figure = save_comparison(item.image, item.pred, item.target, images / f"{stem}.png", names, palette,
+                                 ignore_index=ignore_index, title=f"{item.filename}  mIoU {item.miou:.3f}")
         maps = item.uncertainty_maps()  # uncertainty_maps=true: the maps beside the prediction overlay
-        panels = save_uncertainty_panels(
-            item.image, item.pred, maps, images / f"worst_{rank:02d}_{item.stem}_uncertainty.png", palette,
-            ignore_index=predictor.ignore_index,
-        ) if maps else None
-        worst.append({"filename": item.filename, "miou": item.miou, "pixel_accuracy": item.pixel_accuracy,
-                      "image": figure, "uncertainty": panels})
-    return write_report(report_dir, summary=result.summary, class_names=names, palette=palette, meta=meta,
-                        charts=charts, worst=worst)
+        panels = save_uncertainty_panels(item.image, item.pred, maps, images / f"{stem}_uncertainty.png", palette,
+                                         ignore_index=ignore_index) if maps else None
+        figures[item.index] = (figure, panels)
+    return figures
+
+
+def figure_stem(index: int, stem: str) -> str:
+    """figure_00042_<stem>: unique by the evaluation index; the image's own stem, for a person browsing the
+    folder, kept to letters, digits, `.`, `-` and `_` (a file name may hold anything else, `<` and `#` included)."""
+    return f"figure_{index:05d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)[:80]}"
 
 
 def print_summary(summary: dict[str, Any], class_names: list[str], scored_at: str) -> None:

@@ -11,7 +11,6 @@ untouched mask. `score_at="input"`: compared at the letterboxed size, with the l
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from segkit.errors import ConfigError
 from segkit.inference.calibration import ReliabilityBins, confidence_and_entropy
 from segkit.inference.predictor import Predictor
 from segkit.inference.uncertainty import DEFAULT_MC_SAMPLES
+from segkit.inference.worst_images import WorstImages
 from segkit.metrics import ConfiguredMetric, SegmentationMetrics, confusion_counts, summarize_confusion
 
 SCORE_AT = ("native", "input")
@@ -40,7 +40,7 @@ class ImageResult:
     index: int
     stem: str
     filename: str
-    image: torch.Tensor | None  # uint8 (3, H, W) at the scored size (native: read back for the worst only)
+    image: torch.Tensor | None  # uint8 (3, H, W) at the scored size (native: read back for the shown images only)
     target: torch.Tensor  # int64 (H, W)
     pred: torch.Tensor  # int64 (H, W)
     pixel_accuracy: float | None
@@ -59,8 +59,18 @@ class ImageResult:
 @dataclass
 class EvalResult:
     summary: dict[str, Any]  # summarize_confusion over the split
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # per image, in evaluation order (index)
     worst: list[ImageResult] = field(default_factory=list)  # lowest per-image mIoU first
+    # class name -> the images where its IoU is lowest (it is in their ground truth or prediction), lowest first
+    worst_per_class: dict[str, list[ImageResult]] = field(default_factory=dict)
+
+    def shown(self) -> list[ImageResult]:
+        """The images a report draws, each once: the worst overall, then each class's worst."""
+        unique = {item.index: item for item in self.worst}
+        for items in self.worst_per_class.values():
+            for item in items:
+                unique.setdefault(item.index, item)
+        return list(unique.values())
 
 
 def image_path(dataset: SegmentationDataset, index: int) -> Path | None:
@@ -96,6 +106,7 @@ def evaluate(
     stride: Sequence[int] | None = None,
     score_at: str = "native",
     worst_n: int = 0,
+    worst_per_class: int = 0,
     on_image: Callable[[ImageResult], None] | None = None,
     postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress_bar: bool = True,
@@ -113,7 +124,8 @@ def evaluate(
     and its reliability diagram data as summary["calibration"]; `uncertainty` gives every ImageResult
     its confidence and entropy maps, and its variance map for `uncertainty_method` tta_variance / mc_dropout
     (segkit/inference/uncertainty.py; the metrics are then those of the samples' mean). Only one image's
-    full-size scores exist at a time.
+    full-size scores exist at a time; of the ImageResults, only the `worst_n` lowest by mIoU and the
+    `worst_per_class` lowest of each class's IoU are kept (segkit.inference.worst_images), with their pictures.
     """
     if score_at not in SCORE_AT:
         raise ConfigError("score_at", f"must be one of {', '.join(SCORE_AT)}, got {score_at!r}")
@@ -121,7 +133,7 @@ def evaluate(
     names = dataset.class_names
     metrics = SegmentationMetrics(num_classes, ignore, names, predictor.device, extra_metrics)
     result = EvalResult(summary={})
-    heap: list[tuple[float, int, ImageResult]] = []  # max-heap on mIoU via negation: keeps the worst N
+    worst: WorstImages[ImageResult] = WorstImages(worst_n, worst_per_class, names)
     progress = Progress(len(loader), "evaluate", enabled=progress_bar)
     reliability = ReliabilityBins(calibration_bins, predictor.device) if calibration_bins else None
     index = 0
@@ -154,20 +166,15 @@ def evaluate(
                 result.records.append(_record(item))
                 if on_image is not None:
                     on_image(item)
-                if worst_n > 0 and item.miou is not None:
-                    entry = (-item.miou, -index, item)
-                    if len(heap) < worst_n:
-                        heapq.heappush(heap, entry)
-                    else:
-                        heapq.heappushpop(heap, entry)
+                worst.offer(item)
                 index += 1
             progress.advance(1)
     progress.close()
     result.summary = metrics.compute()
     if reliability is not None:
         result.summary["calibration"] = {**reliability.compute(), "temperature": predictor.temperature}
-    result.worst = [item for _, _, item in sorted(heap, key=lambda e: (-e[0], -e[1]))]
-    for item in result.worst:
+    result.worst, result.worst_per_class = worst.overall(), worst.per_class()
+    for item in result.shown():
         if item.image is None:  # scored at the native size: the original image, for the pictures
             item.image = dataset.read(item.index)[0]
     return result
