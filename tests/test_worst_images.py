@@ -72,3 +72,24 @@ def test_the_shown_images_are_each_listed_once():
     a, b, c = (image_result(i, 0.1 * (i + 1), {"road": 0.5}) for i in range(3))
     result = EvalResult(summary={}, worst=[a, b], worst_per_class={"road": [c, a], "car": [b, c]})
     assert [item.index for item in result.shown()] == [0, 1, 2]
+
+
+def test_a_kept_image_is_compacted_to_the_smallest_type_that_holds_its_labels():
+    import torch
+
+    from segkit.inference.evaluation import ImageResult
+
+    def result(values: list[int]) -> ImageResult:
+        mask = torch.tensor(values, dtype=torch.int64).view(1, -1)
+        return ImageResult(0, "a", "a.png", None, mask.clone(), mask.clone(), 1.0, 1.0, {},
+                           confidence=torch.full((1, len(values)), 0.25))
+
+    cityscapes = result([0, 18, 255])
+    cityscapes.compact((0, 18, 255))
+    assert cityscapes.pred.dtype == cityscapes.target.dtype == torch.uint8
+    assert cityscapes.target.tolist() == [[0, 18, 255]]  # exact
+    assert cityscapes.confidence is not None and cityscapes.confidence.dtype == torch.float16
+    assert cityscapes.uncertainty_maps()["confidence"].dtype == torch.float32  # drawn from float32 copies
+    negative_ignore = result([-1, 3])
+    negative_ignore.compact((0, 149, -1))
+    assert negative_ignore.target.dtype == torch.int16 and negative_ignore.target.tolist() == [[-1, 3]]

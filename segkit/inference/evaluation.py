@@ -41,8 +41,8 @@ class ImageResult:
     stem: str
     filename: str
     image: torch.Tensor | None  # uint8 (3, H, W) at the scored size (native: read back for the shown images only)
-    target: torch.Tensor  # int64 (H, W)
-    pred: torch.Tensor  # int64 (H, W)
+    target: torch.Tensor  # int64 (H, W); the smallest integer type that holds the labels once compact()ed
+    pred: torch.Tensor  # as target
     pixel_accuracy: float | None
     miou: float | None
     per_class_iou: dict[str, float | None]
@@ -51,9 +51,20 @@ class ImageResult:
     variance: torch.Tensor | None = None  # float (H, W) in [0, 1], uncertainty_method tta_variance / mc_dropout
 
     def uncertainty_maps(self) -> dict[str, torch.Tensor]:
-        """The maps this image has, by name (confidence, entropy, variance); empty without uncertainty."""
+        """The maps this image has, by name (confidence, entropy, variance), in float32; empty without
+        uncertainty."""
         maps = {"confidence": self.confidence, "entropy": self.entropy, "variance": self.variance}
-        return {name: values for name, values in maps.items() if values is not None}
+        return {name: values.float() for name, values in maps.items() if values is not None}
+
+    def compact(self, labels: Sequence[int]) -> None:
+        """Shrink what a report may still draw: masks to the smallest integer type that holds `labels` (the
+        class ids and ignore_index), maps to float16 (drawn as 8-bit grey). A kept Cityscapes-size image then
+        holds 4 MB of masks instead of 32, which bounds the memory of worst_per_class x classes images."""
+        dtype = next(candidate for candidate in (torch.uint8, torch.int16, torch.int32, torch.int64)
+                     if torch.iinfo(candidate).min <= min(labels) and max(labels) <= torch.iinfo(candidate).max)
+        self.target, self.pred = self.target.to(dtype), self.pred.to(dtype)
+        self.confidence, self.entropy, self.variance = (
+            values.half() if values is not None else None for values in (self.confidence, self.entropy, self.variance))
 
 
 @dataclass
@@ -166,6 +177,7 @@ def evaluate(
                 result.records.append(_record(item))
                 if on_image is not None:
                     on_image(item)
+                item.compact((0, num_classes - 1, ignore))
                 worst.offer(item)
                 index += 1
             progress.advance(1)
