@@ -175,6 +175,11 @@ class CheckDataConfig:
     preview: str | None = None  # path: PNG grid of train images with class overlays and a legend
     preview_count: int = 8
     preview_size: int = 256  # longest side of each preview tile
+    page: str | None = None  # folder: a static HTML page browsing every readable sample (index.html)
+    page_thumb_size: int = 192  # longest side of a page thumbnail
+    page_image_size: int = 1024  # longest side of the page's detail image (downscaled, never upscaled)
+    page_workers: int = 0  # processes drawing the page's images; 0: one per usable core, at most 32
+    progress_bar: bool = True
 
 
 # The entry configs of the inference commands: keys and types only, so that a misspelt key or a wrong type

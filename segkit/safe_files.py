@@ -118,8 +118,12 @@ def _check_target(name: str, dir_fd: int, where: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_write(path: Path | str, mode: str = "wb", root: Path | str | None = None,
-                 encoding: str | None = None, newline: str | None = None) -> Iterator[IO[Any]]:
-    """Yield a file that becomes `path` (atomically, fsynced) when the block ends without an error."""
+                 encoding: str | None = None, newline: str | None = None, sync: bool = True) -> Iterator[IO[Any]]:
+    """Yield a file that becomes `path` (atomically, fsynced) when the block ends without an error.
+
+    `sync=False` skips the fsyncs (the file still replaces its target whole, never through a link): for the
+    many small files a command can write again (a data set page's thumbnails), where a fsync each would cost
+    more than drawing them."""
     path = Path(os.path.abspath(path))
     fd_dir = open_dir(path.parent, Path(root) if root is not None else None)
     tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
@@ -132,15 +136,17 @@ def atomic_write(path: Path | str, mode: str = "wb", root: Path | str | None = N
             with os.fdopen(fd, mode, **kwargs) as handle:
                 yield handle
                 handle.flush()
-                os.fsync(handle.fileno())
+                if sync:
+                    os.fsync(handle.fileno())
             _check_target(path.name, fd_dir, path)
             os.replace(tmp, path.name, src_dir_fd=fd_dir, dst_dir_fd=fd_dir)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=fd_dir)
             raise
-        with contextlib.suppress(OSError):
-            os.fsync(fd_dir)
+        if sync:
+            with contextlib.suppress(OSError):
+                os.fsync(fd_dir)
     finally:
         os.close(fd_dir)
 
@@ -153,8 +159,8 @@ def _remove_stale_temporaries(name: str, dir_fd: int) -> None:
                 os.unlink(entry, dir_fd=dir_fd)
 
 
-def write_bytes(path: Path | str, data: bytes, root: Path | str | None = None) -> Path:
-    with atomic_write(path, "wb", root) as handle:
+def write_bytes(path: Path | str, data: bytes, root: Path | str | None = None, sync: bool = True) -> Path:
+    with atomic_write(path, "wb", root, sync=sync) as handle:
         handle.write(data)
     return Path(path)
 

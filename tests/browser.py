@@ -63,3 +63,16 @@ def screenshot_spread(page) -> float:
     """Standard deviation of the screenshot's grey values: about 0 for a blank (single-colour) page."""
     grey = np.asarray(Image.open(io.BytesIO(page.screenshot(full_page=False))).convert("L"), dtype=np.float64)
     return float(grey.std())
+
+
+def record_dialogs(page) -> list[str]:
+    """What alert() / confirm() would show on `page` from now on (each dismissed): empty unless a name ran as
+    script."""
+    dialogs: list[str] = []
+
+    def dismiss(dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", dismiss)
+    return dialogs

@@ -18,6 +18,8 @@ from segkit.cli.common import register_configs
 from segkit.data.readers.base import SegmentationDataset
 from segkit.data.readers.pairs import PairedFiles
 
+from .browser import browser  # noqa: F401 - one Chromium for every module's page tests (session scope)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "segkit" / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "datasets"

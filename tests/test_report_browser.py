@@ -17,8 +17,7 @@ from segkit.engine.trainer import fit
 from segkit.reporting.browsing import ImageRow
 from segkit.reporting.html import write_report
 
-from .browser import broken_images, needs_browser, open_page, screenshot_spread
-from .browser import browser as browser  # noqa: F401 - the fixture, for the tests below
+from .browser import broken_images, needs_browser, open_page, record_dialogs, screenshot_spread
 from .conftest import CONF_DIR, TINY
 
 pytestmark = needs_browser
@@ -246,13 +245,7 @@ def hostile_report(directory, rows: int, num_classes: int = 3, figure: bool = Tr
 def test_file_and_class_names_stay_text(browser, tmp_path):
     path, filename, class_name = hostile_report(tmp_path / "report", rows=3)
     page, outside = open_page(browser, path)
-    dialogs: list[str] = []  # what alert() would show, had a name run as script
-
-    def dismiss(dialog) -> None:
-        dialogs.append(dialog.message)
-        dialog.dismiss()
-
-    page.on("dialog", dismiss)
+    dialogs = record_dialogs(page)
     page.reload()  # now with the listener from the first script on
     assert panel_names(page)[0] == class_name
     page.locator("#panel-classes button.class-pick").first.click()

@@ -28,7 +28,11 @@ def run(cfg: DictConfig) -> int:
         write_preview,
         write_weights,
     )
+    from segkit.tools.page import check_options, prepare_folder, write_dataset_page
 
+    check_options(cfg.page_thumb_size, cfg.page_image_size, cfg.page_workers)
+    if cfg.page:
+        prepare_folder(cfg.page)  # a link or a file there is refused before the scan
     dataset = cfg.dataset
     if 0 <= dataset.ignore_index < dataset.num_classes:
         raise ConfigError("dataset.ignore_index", f"{dataset.ignore_index} is a real class id "
@@ -50,6 +54,11 @@ def run(cfg: DictConfig) -> int:
         source = train or next((r for r in reports if r.dataset is not None), None)
         written = write_preview(cfg.preview, source, cfg.preview_count, cfg.preview_size) if source else None
         print(f"preview -> {written}" if written else "preview: no readable sample to draw")
+    if cfg.page:
+        page = write_dataset_page(cfg.page, reports, dataset, thumb_size=cfg.page_thumb_size,
+                                  image_size=cfg.page_image_size, workers=cfg.page_workers,
+                                  progress_bar=cfg.progress_bar)
+        print(f"page -> {page}")
     warnings = sum(map(is_warning, problems))
     errors = len(problems) - warnings
     if problems:

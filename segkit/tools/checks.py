@@ -46,6 +46,8 @@ class SplitReport:
     ignore_pixels: int = 0
     presence: np.ndarray | None = None  # (num_classes,) images containing each class
     dataset: SegmentationDataset | None = None
+    readable_indices: list[int] = field(default_factory=list)  # the samples the statistics cover
+    sample_problems: dict[int, list[str]] = field(default_factory=dict)  # index -> that sample's problems
 
 
 def check_split(dataset_cfg: DictConfig, split: str) -> SplitReport:
@@ -63,7 +65,10 @@ def check_split(dataset_cfg: DictConfig, split: str) -> SplitReport:
         report.pixel_counts = np.zeros(dataset.num_classes, dtype=np.int64)
         report.presence = np.zeros(dataset.num_classes, dtype=np.int64)
         for index in range(len(dataset)):
-            report.problems += check_sample(dataset, index, report)
+            found = check_sample(dataset, index, report)
+            report.problems += found
+            if found:
+                report.sample_problems[index] = found
     return report
 
 
@@ -91,6 +96,7 @@ def check_sample(dataset: SegmentationDataset, index: int, report: SplitReport) 
     report.presence += counts > 0
     report.ignore_pixels += int(ignored.sum())
     report.readable += 1
+    report.readable_indices.append(index)
     return list(labels)
 
 
