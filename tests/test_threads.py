@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from segkit.engine.threads import HostShare, plan_threads, usable_cores
-from segkit.engine.trainer import fit
+from segkit.engine.trainer import Trainer, fit
 
 from .conftest import CONF_DIR, TINY
 
@@ -64,18 +64,42 @@ def test_a_container_cpu_quota_caps_the_cores(tmp_path):
 def test_trainings_on_one_host_divide_its_cores_and_take_them_back(tmp_path):
     cores = usable_cores()
     first = HostShare(None, workers=0, folder=tmp_path)
-    assert first.live_trainings() == 1 and first.plan.threads == cores
-    second = HostShare(None, workers=0, folder=tmp_path)
-    assert second.live_trainings() == first.live_trainings() == 2
-    assert second.plan.threads == max(1, cores // 2)
-    changed = first.refresh()
-    assert first.plan.threads == max(1, cores // 2)
-    assert (changed is not None) == (cores >= 2)  # on one core nothing changes, and refresh says so
-    second.release()
-    assert first.live_trainings() == 1
-    first.refresh()
-    assert first.plan.threads == cores
-    first.release()
+    with first.held():
+        assert first.live_trainings() == 1 and first.plan.threads == cores
+        second = HostShare(None, workers=0, folder=tmp_path)
+        assert second.plan.threads == max(1, cores // 2)  # counted before it runs: the first and itself
+        with second.held():
+            assert second.live_trainings() == first.live_trainings() == 2
+            assert second.plan.threads == max(1, cores // 2)
+            changed = first.refresh()
+            assert first.plan.threads == max(1, cores // 2)
+            assert (changed is not None) == (cores >= 2)  # on one core nothing changes, and refresh says so
+        assert first.live_trainings() == 1
+        first.refresh()
+        assert first.plan.threads == cores
+    assert HostShare(None, workers=0, folder=tmp_path).live_trainings() == 1
+
+
+def test_a_share_that_is_not_running_is_not_counted(tmp_path):
+    """Built, not run (a Trainer made to validate, a federated client between rounds, one whose run raised):
+    the other trainings keep their cores."""
+    built = HostShare(None, workers=0, folder=tmp_path)
+    with pytest.raises(RuntimeError), built.held():
+        assert HostShare(None, workers=0, folder=tmp_path).live_trainings() == 2
+        raise RuntimeError("the run failed")
+    assert HostShare(None, workers=0, folder=tmp_path).live_trainings() == 1
+
+
+def test_a_built_trainer_holds_no_slot_until_it_runs(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*TINY, "trainer.max_steps=1"])
+    before = torch.get_num_threads()
+    try:
+        trainer = Trainer(cfg, tmp_path / "run")
+        assert trainer.cpu_share.counting
+        assert HostShare(None, workers=0).live_trainings() == 1  # the session's slot folder (conftest)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_training_that_dies_gives_its_slot_back(tmp_path):
@@ -87,7 +111,6 @@ def test_a_training_that_dies_gives_its_slot_back(tmp_path):
         holder.kill()  # no clean-up code runs: the kernel drops the lock with the process
         holder.wait(timeout=30)
         assert share.live_trainings() == 1
-        share.release()
     finally:
         holder.kill()
 
@@ -96,9 +119,9 @@ HOLD_A_SLOT = """
 import sys, time
 from pathlib import Path
 from segkit.engine.threads import HostShare
-share = HostShare(None, workers=0, folder=Path(sys.argv[1]))
-print("holding", flush=True)
-time.sleep(120)
+with HostShare(None, workers=0, folder=Path(sys.argv[1])).held():
+    print("holding", flush=True)
+    time.sleep(120)
 """
 
 
@@ -107,7 +130,8 @@ def test_a_planted_or_shared_slot_folder_is_not_used(tmp_path):
     elsewhere.mkdir()
     (tmp_path / "planted").symlink_to(elsewhere)
     share = HostShare(None, workers=0, folder=tmp_path / "planted")
-    assert share.slot is None and not list(elsewhere.iterdir())  # nothing written through the link
+    with share.held():
+        assert share.slot is None and not list(elsewhere.iterdir())  # nothing written through the link
     assert share.plan.threads == usable_cores()  # undivided, as before the slots existed
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
@@ -128,6 +152,7 @@ def test_the_run_logs_and_records_its_share(tmp_path, caplog):
             summary = fit(cfg, tmp_path / "run")
     finally:
         holder.kill()
+        holder.wait(timeout=30)
         torch.set_num_threads(before)
     expected = max(1, usable_cores() // 2)
     assert summary["torch_threads"] == expected

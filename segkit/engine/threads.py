@@ -20,6 +20,8 @@ import math
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -115,9 +117,23 @@ class HostShare:
         self.folder = folder or slots_folder()
         self.slot: IO[bytes] | None = None
         self.slot_path: Path | None = None
-        if requested is None and hasattr(os, "getuid") and _private_folder(self.folder):
-            self._take_slot()
+        # Slots are counted only when the division applies and the folder is a private one of ours.
+        self.counting = requested is None and hasattr(os, "getuid") and _private_folder(self.folder)
         self.plan = self._plan()
+
+    @contextmanager
+    def held(self) -> Iterator[ThreadPlan]:
+        """Hold a slot while the block runs (a run, not a Trainer merely built: the others count this one only
+        then) and apply the plan counted again; the slot is given back however the block ends."""
+        if self.counting:
+            self._take_slot()
+        try:
+            self.plan = self._plan()
+            yield self.apply()
+        finally:
+            if self.slot is not None:
+                self.slot.close()  # the kernel drops the lock; the empty file stays for the next training
+            self.slot, self.slot_path = None, None
 
     def _take_slot(self) -> None:
         for number in range(_MAX_SLOTS):
@@ -128,8 +144,8 @@ class HostShare:
                 return
 
     def live_trainings(self) -> int:
-        """Slots held by live processes, this one's included (1 when this one holds none)."""
-        if self.slot is None:
+        """Slots held by live processes, and this one (1 when the slots are not counted)."""
+        if not self.counting:
             return 1
         live = 1
         for path in self.folder.glob("slot-*"):
@@ -158,15 +174,10 @@ class HostShare:
 
     def refresh(self) -> ThreadPlan | None:
         """Count the live trainings again; the new plan when the thread count changed (and set it), else None."""
-        if self.slot is None:
+        if not self.counting:
             return None
         plan = self._plan()
         if plan.threads == self.plan.threads:
             return None
         self.plan = plan
         return self.apply()
-
-    def release(self) -> None:
-        if self.slot is not None:
-            self.slot.close()  # the kernel drops the lock; the empty file stays for the next training
-            self.slot = None

@@ -124,9 +124,9 @@ class Trainer:
         self.dist, self.device = init_distributed(resolve_device(self.tcfg.accelerator, "trainer.accelerator"),
                                                     self.tcfg.dist_timeout_s)
         # After init_distributed: a submitit task learns there how many ranks share its host.
+        # Counted among the host's trainings only while fit() runs (HostShare.held), not for being built.
         self.cpu_share = HostShare(self.tcfg.threads, workers=self.tcfg.num_workers)
-        plan = self.cpu_share.apply()
-        log.info("torch threads: %d (%s)", plan.threads, plan.reason)
+        self.cpu_share.apply()
         with peer_failures_as_errors(self.dist):
             # Each process's Hydra dates its own run directory; all follow rank 0's.
             self.output_dir = Path(broadcast_from_main(str(output_dir), self.dist))
@@ -190,6 +190,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
+        with self.cpu_share.held() as plan:  # the host's other trainings count this one until it ends
+            log.info("torch threads: %d (%s)", plan.threads, plan.reason)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             safe_files.write_text(self.run.config, OmegaConf.to_yaml(self.cfg, resolve=True))
@@ -209,7 +214,6 @@ class Trainer:
             summary = self.write_summary(status)
             self.trackers.log_artifact(self.run.metrics)
             self.trackers.finish({"STOPPED": "KILLED"}.get(status, status))
-            self.cpu_share.release()  # this host's other trainings take the cores back at their next count
         return summary
 
     def train_epochs(self, count: int) -> dict[str, Any]:
