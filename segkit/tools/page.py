@@ -15,7 +15,6 @@ import logging
 import multiprocessing
 import os
 import stat
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from PIL import Image
 
 from segkit import safe_files
 from segkit.data.readers.base import SegmentationDataset
+from segkit.engine.progress import Progress
 from segkit.engine.threads import usable_cores
 from segkit.errors import ConfigError, DataError
 from segkit.reporting.dataset_page import (
@@ -227,9 +227,9 @@ def write_dataset_page(
     jobs = [Job(report.split, index) for report in readable for index in report.readable_indices]
     settings = {"page_dir": str(page_dir), "palette": palette, "thumb_size": thumb_size, "image_size": image_size}
 
-    bar = _progress(len(jobs), progress_bar)
+    bar = Progress(len(jobs), "page images", enabled=progress_bar and bool(jobs))
     try:
-        images = _draw_all(jobs, page_workers(workers, len(jobs)), drawings, settings, bar.advance)
+        images = _draw_all(jobs, page_workers(workers, len(jobs)), drawings, settings, lambda: bar.advance(1))
     finally:
         bar.close()
 
@@ -260,31 +260,3 @@ def _findings(reports: Sequence[SplitReport]) -> list[Finding]:
         findings += [Finding(report.split, str(problem), is_warning(problem), owner.get(id(problem)))
                      for problem in report.problems]
     return findings
-
-
-class _Bar:
-    """A rich progress bar on stderr (silent when disabled)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.progress: Any = None
-        if enabled and total:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("page images"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
-            self.task = self.progress.add_task("page", total=total)
-            self.progress.start()
-
-    def advance(self) -> None:
-        if self.progress is not None:
-            self.progress.advance(self.task)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-
-def _progress(total: int, enabled: bool) -> _Bar:
-    return _Bar(total, enabled)
