@@ -20,12 +20,14 @@ make an ordinary write land wherever the link points. So:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import logging
 import os
 import secrets
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -134,12 +136,14 @@ def atomic_write(path: Path | str, mode: str = "wb", root: Path | str | None = N
         try:
             kwargs: dict[str, Any] = {} if "b" in mode else {"encoding": encoding or "utf-8", "newline": newline}
             with os.fdopen(fd, mode, **kwargs) as handle:
+                # Held until the temporary is renamed: another writer of the same file leaves it alone.
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
                 yield handle
                 handle.flush()
                 if sync:
                     os.fsync(handle.fileno())
-            _check_target(path.name, fd_dir, path)
-            os.replace(tmp, path.name, src_dir_fd=fd_dir, dst_dir_fd=fd_dir)
+                _check_target(path.name, fd_dir, path)
+                os.replace(tmp, path.name, src_dir_fd=fd_dir, dst_dir_fd=fd_dir)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=fd_dir)
@@ -151,12 +155,41 @@ def atomic_write(path: Path | str, mode: str = "wb", root: Path | str | None = N
         os.close(fd_dir)
 
 
+# A temporary younger than this may belong to a writer that has created it but not locked it yet.
+_STALE_AFTER_S = 60.0
+
+
 def _remove_stale_temporaries(name: str, dir_fd: int) -> None:
-    """Temporary files an interrupted write of `name` left behind (unlink removes a link, never its target)."""
+    """Temporary files an interrupted write of `name` left behind (unlink removes a link, never its target).
+
+    Another process may be writing the same file at this moment (two search workers, say): its temporary is
+    locked, or too young to tell, and stays."""
     for entry in os.listdir(dir_fd):
-        if entry.startswith(f".{name}.") and entry.endswith(".tmp"):
+        if entry.startswith(f".{name}.") and entry.endswith(".tmp") and _is_abandoned(entry, dir_fd):
             with contextlib.suppress(OSError):
                 os.unlink(entry, dir_fd=dir_fd)
+
+
+def _is_abandoned(entry: str, dir_fd: int) -> bool:
+    try:
+        info = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        return True  # planted: a writer only ever creates regular files
+    if time.time() - info.st_mtime < _STALE_AFTER_S:
+        return False
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # a live writer holds it
+    finally:
+        os.close(fd)
+    return True
 
 
 def write_bytes(path: Path | str, data: bytes, root: Path | str | None = None, sync: bool = True) -> Path:

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -121,6 +122,31 @@ def test_a_write_leaves_no_predictable_temporary_and_survives_a_planted_one(sand
     safe_files.write_text(target, "{}")
     assert target.read_text() == "{}" and not target.is_symlink()
     assert sorted(p.name for p in sandbox.root.iterdir()) == ["metrics.json"]
+
+
+@pytest.mark.parametrize("aged", [False, True], ids=["young", "aged"])
+def test_two_writers_of_one_file_both_land_and_leave_no_temporary(tmp_path, aged):
+    """Two search workers write the sweep's multirun.yaml at once: neither removes the other's temporary, whether
+    the first writer's is young or has been open long (then its lock is what keeps it)."""
+    target = tmp_path / "multirun.yaml"
+    with safe_files.atomic_write(target, "w") as first:
+        first.write("first")
+        (live,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        if aged:
+            os.utime(live, (time.time() - 3600,) * 2)
+        safe_files.write_text(target, "second")
+        assert live.exists()
+    assert target.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["multirun.yaml"]
+
+
+def test_an_abandoned_temporary_is_removed_by_the_next_write_and_a_young_one_is_not(tmp_path):
+    abandoned, young = tmp_path / ".out.txt.0a0a0a0a0a0a.tmp", tmp_path / ".out.txt.0b0b0b0b0b0b.tmp"
+    abandoned.write_text("left by a killed writer")
+    young.write_text("perhaps a writer that has not locked it yet")
+    os.utime(abandoned, (time.time() - 3600,) * 2)
+    safe_files.write_text(tmp_path / "out.txt", "ok")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [young.name, "out.txt"]
 
 
 def test_a_directory_the_user_named_may_be_a_link(tmp_path):
