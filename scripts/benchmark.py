@@ -6,7 +6,8 @@
     python scripts/benchmark.py data --windows 7 dataset.image_size=[512,512]
 
 <what> is train (ceiling / segkit / reference pipeline), eval (whole image / sliding window),
-data (decode + collate / + augmentation on the device / reference CPU augmentation) or all; or
+data (decode + collate / + augmentation on the device / reference CPU augmentation) or all;
+precision (the ceiling step in fp32 and bf16 autocast, each with and without channels_last); or
 side-by-side: --trainings whole trainings of the overrides started at once, with the default CPU
 threads and with every core each:
     python scripts/benchmark.py side-by-side experiment=camvid_cpu_unet \\
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from segkit import safe_files  # noqa: E402
-from segkit.benchmark import SECTIONS, append, run, side_by_side  # noqa: E402
+from segkit.benchmark import EXTRA_SECTIONS, SECTIONS, append, run, side_by_side  # noqa: E402
 from segkit.cli.common import register_configs  # noqa: E402
 from segkit.errors import SegkitError  # noqa: E402
 
@@ -39,7 +40,7 @@ DEFAULTS = ["augmentation=default", "logger=none", "trainer.progress_bar=false"]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=[*SECTIONS, "all", "side-by-side"])
+    parser.add_argument("what", choices=[*SECTIONS, *EXTRA_SECTIONS, "all", "side-by-side"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=camvid dataset.root=...")
     parser.add_argument("--windows", type=int, default=5, help="timed windows per variant (median reported)")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed window")

@@ -9,6 +9,7 @@ Figures are medians over windows; ratios are medians of the per-round ratios.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
@@ -29,13 +30,14 @@ from segkit import safe_files
 from segkit.config import validate_config
 from segkit.data.loading import build_loader
 from segkit.engine.build import TrainingParts, build_parts
-from segkit.engine.step import resolve_device, to_model_input
+from segkit.engine.step import autocast, resolve_device, to_model_input
 from segkit.engine.threads import usable_cores
 from segkit.models.sliding import forward_logits
 from segkit.reference_pipeline import reference_loader
 from segkit.reporting.plots import read_epochs_csv
 
-SECTIONS = ("train", "eval", "data")
+SECTIONS = ("train", "eval", "data")  # what `all` runs
+EXTRA_SECTIONS = ("precision",)  # on request only
 Step = Callable[[], int]  # runs one step, returns the number of images it processed
 
 
@@ -120,6 +122,34 @@ def ceiling_step(parts: TrainingParts, batch: int, crop: tuple[int, int]) -> Ste
             logits = train.forward(images)
         train.scaler.scale(train.loss_fn(logits.float(), masks)).backward()
         train.optimizer_step()
+        return batch
+
+    return step
+
+
+# trainer.precision x trainer.channels_last, the settings the precision table compares
+PRECISION_VARIANTS = {"fp32": ("32", False), "fp32 channels_last": ("32", True),
+                      "bf16": ("bf16-mixed", False), "bf16 channels_last": ("bf16-mixed", True)}
+
+
+def precision_step(parts: TrainingParts, batch: int, crop: tuple[int, int], precision: str,
+                   channels_last: bool) -> Step:
+    """The ceiling step (one synthetic batch, no data, no augmentation) at another precision and memory
+    layout, on its own copy of the model and optimizer: what the arithmetic alone
+    gains, whatever the trainer was configured with."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    # copied together, the optimizer's parameters are the copied model's
+    model, optimizer = copy.deepcopy((parts.model, parts.step.optimizer))
+    model.to(memory_format=layout).train()
+    images = to_model_input(torch.rand(batch, 3, *crop, device=parts.device), channels_last=channels_last)
+    masks = torch.randint(0, parts.train_set.num_classes, (batch, *crop), device=parts.device)
+
+    def step() -> int:
+        with autocast(parts.device, precision):
+            logits = model(images)
+        parts.step.loss_fn(logits.float(), masks).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return batch
 
     return step
@@ -251,6 +281,12 @@ def run(cfg: DictConfig, sections: Iterable[str], command: str, *, windows: int 
                       "slide": f"validation, sliding window {slide[0]}×{slide[1]} (1/3 overlap)"}
             steps_of = {"whole": eval_step(parts, parts.val_loader, "whole", crop),
                         "slide": eval_step(parts, second_source("val"), "slide", slide)}
+        elif section == "precision":
+            parts.model.train()
+            labels = {name: f"ceiling step, trainer.precision={precision}, channels_last {layout}"
+                      for name, (precision, layout) in PRECISION_VARIANTS.items()}
+            steps_of = {name: precision_step(parts, tcfg.batch_size, crop, precision, layout)
+                        for name, (precision, layout) in PRECISION_VARIANTS.items()}
         else:
             labels = {
                 "input": f"{'device cache gather' if cached else 'decode + letterbox + collate (CPU workers)'}",
@@ -357,6 +393,9 @@ def markdown(report: Report) -> str:
             values = timing.rows[name]
             peak = f"{timing.peak_memory[name]:.2f} GiB" if name in timing.peak_memory else "n/a (CPU)"
             lines.append(f"| {label} | {timing.median(name):.1f} | {min(values):.1f} – {max(values):.1f} | {peak} |")
+        if section == "precision":
+            lines += ["", ", ".join(f"{name} / fp32 = **{timing.ratio(name, 'fp32'):.2f}**"
+                                    for name in PRECISION_VARIANTS if name != "fp32")]
         if section == "train":
             lines += ["", ", ".join(f"segkit / {other} = **{timing.ratio('segkit', key):.2f}**" for key, other in
                                     (("ceiling", "ceiling"), ("bare", "bare loop"), ("reference", "reference")))]

@@ -92,6 +92,22 @@ def test_harness_runs_end_to_end_and_appends_well_formed_tables(tmp_path, capsys
     assert "segkit / ceiling" in capsys.readouterr().out
 
 
+def test_the_precision_table_times_each_precision_and_layout_against_fp32(tmp_path):
+    output = tmp_path / "benchmarks.md"
+    args = ["precision", *TINY, "--windows", "2", "--steps", "1", "--warmup", "1", "--output", str(output)]
+    assert _load_script().main(args) == 0
+    text = output.read_text()
+    rows = [row for line in text.splitlines() if (row := ROW.match(line)) is not None]
+    assert [row["label"] for row in rows] == [
+        "ceiling step, trainer.precision=32, channels_last False",
+        "ceiling step, trainer.precision=32, channels_last True",
+        "ceiling step, trainer.precision=bf16-mixed, channels_last False",
+        "ceiling step, trainer.precision=bf16-mixed, channels_last True"]
+    ratios = re.findall(r"(fp32 channels_last|bf16|bf16 channels_last) / fp32 = \*\*([\d.]+)\*\*", text)
+    assert [name for name, _ in ratios] == ["fp32 channels_last", "bf16", "bf16 channels_last"]
+    assert all(float(value) > 0 for _, value in ratios)
+
+
 def test_harness_times_the_device_cache_path(tmp_path):
     output = tmp_path / "benchmarks.md"
     args = ["train", *TINY, "dataset.cache=device", "--windows", "1", "--steps", "1", "--warmup", "0",

@@ -56,6 +56,18 @@ def test_every_precision_autocasts_to_its_dtype_and_scales_the_loss_on_the_devic
     assert scaled.item() == loss.item() * (2.0**16 if precision == "16-mixed" else 1.0)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_of(compose_cfg, tmp_path, monkeypatch, caplog, native):
+    """oneDNN runs bf16 natively only with AVX512-BF16 or AMX; elsewhere bf16 autocast is slower than fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cfg = compose_cfg(["trainer.accelerator=cpu", "trainer.precision=bf16-mixed"])
+    with caplog.at_level("WARNING", logger="segkit"):
+        Trainer(cfg, tmp_path / "run")
+    warned = "no native bf16 arithmetic (on a CPU: AVX512-BF16 or AMX)" in caplog.text
+    assert warned != native
+
+
 class HostReads(TorchFunctionMode):
     """Records every read of a tensor's value into Python (`item`, `bool`, `float`, `tolist`, `.cpu()`...):
     on CUDA each is a host sync. torch.cuda's sync-debug mode sees them too, but only on a GPU; this sees the

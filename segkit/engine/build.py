@@ -32,7 +32,7 @@ from segkit.engine.privacy import (
     training_batches,
 )
 from segkit.engine.seeding import seed_everything
-from segkit.engine.step import TrainStep, build_grad_scaler, use_channels_last
+from segkit.engine.step import TrainStep, build_grad_scaler, computes_bf16_natively, use_channels_last
 from segkit.errors import ConfigError
 from segkit.losses import fill_class_weights, needs_class_weights
 from segkit.metrics import SegmentationMetrics, build_metrics
@@ -100,6 +100,9 @@ def build_parts(cfg: DictConfig, device: torch.device, dist: DistContext | None 
         raise ConfigError("dataset.gpu_decode", f"nvjpeg needs a CUDA device, training runs on {device}; "
                           "set it to false")
     channels_last = use_channels_last(tcfg.channels_last, device)
+    if tcfg.precision == "bf16-mixed" and not computes_bf16_natively(device):
+        log.warning("trainer.precision=bf16-mixed: this %s has no native bf16 arithmetic (on a CPU: AVX512-BF16 "
+                    "or AMX), so bf16 will train slower than trainer.precision=32", device.type)
     # Rank 0 keeps the single-process random stream; other ranks draw their own augmentations.
     # (Their differently initialised weights are replaced by rank 0's when DDP wraps the model.)
     seed_everything(tcfg.seed + dist.rank, tcfg.deterministic)

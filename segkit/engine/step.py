@@ -68,6 +68,14 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
+def computes_bf16_natively(device: torch.device) -> bool:
+    """Whether bf16 autocast can run faster than fp32 on `device`: a CUDA GPU with bf16 support, or a CPU
+    with AVX512-BF16 or AMX (elsewhere oneDNN emulates bf16, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def build_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """fp16 needs loss scaling. Every precision gets GradScaler's on-device skip of non-finite
     steps (no host sync with fused optimizers); outside fp16 the scale starts at 1 and never grows."""
