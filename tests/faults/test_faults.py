@@ -87,7 +87,9 @@ def test_crash_inside_a_checkpoint_write_resumes_from_a_complete_one(compose_cfg
     """The two windows of save_checkpoint: temp file half written, and last.pt renamed away."""
     fit(compose_cfg(["trainer.max_epochs=2"]), tmp_path)
     checkpoints = tmp_path / "checkpoints"
-    (checkpoints / ".last.pt.tmp").write_bytes((checkpoints / "last.pt").read_bytes()[:1000])  # killed mid-write
+    stale = checkpoints / ".last.pt.tmp"
+    stale.write_bytes((checkpoints / "last.pt").read_bytes()[:1000])  # killed mid-write, a while ago:
+    os.utime(stale, (time.time() - 3600,) * 2)  # a temporary younger than a minute may be another writer's
     os.replace(checkpoints / "last.pt", checkpoints / "last.prev.pt")  # killed between the two renames
     caplog.set_level("INFO")
     summary = fit(compose_cfg(["trainer.max_epochs=3", "trainer.resume=auto"]), tmp_path)
