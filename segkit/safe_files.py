@@ -137,7 +137,9 @@ def atomic_write(path: Path | str, mode: str = "wb", root: Path | str | None = N
             kwargs: dict[str, Any] = {} if "b" in mode else {"encoding": encoding or "utf-8", "newline": newline}
             with os.fdopen(fd, mode, **kwargs) as handle:
                 # Held until the temporary is renamed: another writer of the same file leaves it alone.
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                # (A file system without locks still has the age rule of _is_abandoned.)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
                 yield handle
                 handle.flush()
                 if sync:
@@ -185,8 +187,10 @@ def _is_abandoned(entry: str, dir_fd: int) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         return False  # a live writer holds it
+    except OSError:
+        pass  # a file system without locks: the age alone decides
     finally:
         os.close(fd)
     return True
