@@ -43,7 +43,8 @@ def resolve_device(requested: str | torch.device | None = "auto", key: str = "de
 
 
 def use_channels_last(setting: bool | None, device: torch.device) -> bool:
-    """trainer.channels_last: null means on for CUDA (tensor cores like NHWC), off on the CPU (slower there)."""
+    """trainer.channels_last: null means on for CUDA (tensor cores like NHWC), off on the CPU, where the gain
+    depends on the CPU and the precision (`scripts/benchmark.py precision` measures it; docs/benchmarks.md)."""
     return device.type == "cuda" if setting is None else bool(setting)
 
 
