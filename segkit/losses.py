@@ -35,19 +35,39 @@ class CrossEntropy(nn.CrossEntropyLoss):
 
 @register("loss")
 class WeightedSum(nn.Module):
-    """sum_i weight_i * loss_i, e.g. ce + dice."""
+    """sum_i weight_i * loss_i, e.g. ce + dice.
 
-    def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None) -> None:
+    `from_epoch` switches a term on at a given epoch (counted from 0, as in epochs.csv), e.g. Lovász for
+    the last epochs only: `from_epoch: {lovasz: 84}`. Until then the term is not computed at all, so an
+    expensive term costs nothing before it starts. The trainer calls `set_epoch` before each pass (and a
+    resumed run at its epoch), so which terms count is a function of the epoch, never of the run's history.
+    """
+
+    def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None,
+                 from_epoch: Mapping[str, int] | None = None) -> None:
         super().__init__()
         self.terms = nn.ModuleDict(dict(terms))
-        weights = dict(weights or {})
-        unknown = set(weights) - set(self.terms)
-        if unknown:
-            raise ConfigError("loss.weights", f"names {sorted(unknown)} are not loss terms {sorted(self.terms)}")
+        weights, from_epoch = dict(weights or {}), dict(from_epoch or {})
+        for key, names in (("loss.weights", weights), ("loss.from_epoch", from_epoch)):
+            unknown = set(names) - set(self.terms)
+            if unknown:
+                raise ConfigError(key, f"names {sorted(unknown)} are not loss terms {sorted(self.terms)}")
+        if any(int(epoch) < 0 for epoch in from_epoch.values()):
+            raise ConfigError("loss.from_epoch", f"epochs count from 0; got {from_epoch}")
+        if from_epoch and all(name in from_epoch and int(from_epoch[name]) > 0 for name in self.terms):
+            raise ConfigError("loss.from_epoch", "at least one term must count from epoch 0")
         self.weights = {name: float(weights.get(name, 1.0)) for name in self.terms}
+        self.from_epoch = {name: int(from_epoch.get(name, 0)) for name in self.terms}
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def active_terms(self) -> list[str]:
+        return [name for name in self.terms if self.from_epoch[name] <= self.epoch]
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sum(self.weights[name] * term(logits, target) for name, term in self.terms.items())
+        return sum(self.weights[name] * self.terms[name](logits, target) for name in self.active_terms())
 
 
 def _valid_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:

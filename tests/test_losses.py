@@ -9,7 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from segkit.config import build
-from segkit.losses import BinaryCrossEntropy, GeneralizedDice, OhemCrossEntropy
+from segkit.errors import ConfigError
+from segkit.losses import BinaryCrossEntropy, GeneralizedDice, OhemCrossEntropy, WeightedSum
 
 from .conftest import CONF_DIR, TINY
 
@@ -94,7 +95,8 @@ def test_jaccard_config_by_hand():
     assert float(loss(logits, target)) == pytest.approx(1 - (iou0 + iou1) / 2, abs=TOL)
 
 
-MULTICLASS = ["ce", "ce_dice", "dice", "focal", "lovasz", "tversky", "jaccard", "generalized_dice", "ohem"]
+MULTICLASS = ["ce", "ce_dice", "ce_dice_lovasz", "dice", "focal", "lovasz", "tversky", "jaccard", "generalized_dice",
+              "ohem"]
 
 
 @pytest.mark.parametrize(("name", "channels"), [*((n, 3) for n in MULTICLASS), ("dice_bce", 1)])
@@ -119,3 +121,34 @@ def test_ignored_pixels_contribute_nothing(name, channels):
     changed = logits.detach().clone()
     changed[:, :, :2] = torch.randn(2, channels, 2, 6, generator=gen) * 10
     assert float(loss_fn(changed, target)) == pytest.approx(float(loss.detach()), abs=TOL)
+
+
+class CountingLoss(torch.nn.Module):
+    """A loss term that says how often it was computed."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value, self.calls = value, 0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return logits.sum() * 0 + self.value
+
+
+def test_a_term_counts_from_its_epoch_on_and_is_not_computed_before():
+    late = CountingLoss(5.0)
+    loss = WeightedSum({"early": CountingLoss(1.0), "late": late}, weights={"late": 0.5}, from_epoch={"late": 2})
+    logits, target = torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long)
+    for epoch, expected in [(0, 1.0), (1, 1.0), (2, 3.5), (3, 3.5)]:
+        loss.set_epoch(epoch)
+        assert float(loss(logits, target)) == expected, epoch
+    assert late.calls == 2  # epochs 2 and 3 only
+
+
+@pytest.mark.parametrize(
+    ("from_epoch", "message"),
+    [({"lovasz": 1}, "not loss terms"), ({"a": 1, "b": 2}, "from epoch 0"), ({"a": -1}, "count from 0")],
+)
+def test_from_epoch_mistakes_name_the_key(from_epoch, message):
+    with pytest.raises(ConfigError, match=f"loss.from_epoch.*{message}"):
+        WeightedSum({"a": CountingLoss(1.0), "b": CountingLoss(2.0)}, from_epoch=from_epoch)

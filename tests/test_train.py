@@ -112,6 +112,26 @@ def test_resume_from_an_epoch_end_with_an_unfinished_accumulation_window(compose
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_loss_term_switches_on_at_its_epoch_in_training(compose_cfg, tmp_path):
+    """Lovász from epoch 2 of 3: the weights after epoch 2 are those of CE + Dice alone, bit for bit (the
+    term is not even computed before), the final ones differ; a run stopped mid-epoch 1 resumes onto it."""
+    common = ["trainer.max_epochs=3", "trainer.deterministic=true", "augmentation=default"]
+    late = [*common, "loss=ce_dice_lovasz", "loss.from_epoch.lovasz=2"]
+    plain = fit(compose_cfg([*common, "loss=ce_dice"]), tmp_path / "plain")
+    straight = fit(compose_cfg(late), tmp_path / "late")
+    assert plain["steps"] == straight["steps"] == 12
+    for name, same in (("last.prev.pt", True), ("last.pt", False)):
+        a, b = _weights(tmp_path / "plain/checkpoints" / name), _weights(tmp_path / "late/checkpoints" / name)
+        assert all(torch.equal(a[key], b[key]) for key in a) == same, name
+
+    fit(compose_cfg([*late, "trainer.stop_after_steps=6"]), tmp_path / "split")
+    resumed = fit(compose_cfg([*late, "trainer.resume=auto"]), tmp_path / "split")
+    assert resumed["final"] == straight["final"]
+    a, b = _weights(tmp_path / "late/checkpoints/last.pt"), _weights(tmp_path / "split/checkpoints/last.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_precisions_train_on_cpu(compose_cfg, tmp_path):
     for precision in ("bf16-mixed", "16-mixed"):
         summary = fit(compose_cfg([f"trainer.precision={precision}", "trainer.max_steps=2"]), tmp_path / precision)

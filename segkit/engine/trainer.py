@@ -46,6 +46,7 @@ from segkit.engine.seeding import get_rng_state, seed_everything, set_rng_state
 from segkit.engine.step import resolve_device
 from segkit.engine.threads import HostShare
 from segkit.errors import ConfigError
+from segkit.losses import WeightedSum
 from segkit.reporting.plots import encode_png
 from segkit.runs.run_dir import LAST, RunDir
 from segkit.trackers.base import Trackers, build_trackers, flatten
@@ -291,6 +292,7 @@ class Trainer:
         # carried into the next epoch: a resumed run (which has no such leftovers) must match.
         parts.optimizer.zero_grad(set_to_none=True)
         parts.train_loader.sampler.set_epoch(self.epoch, start=self.samples_done_in_epoch)
+        self._set_loss_epoch()
         meter, progress = EpochMeter(self.device), self._progress_bar()
         stats = {"lr": parts.optimizer.param_groups[0]["lr"]}
         batches = 0  # in this pass; a pass starts on an optimizer-step boundary (resume points are)
@@ -317,6 +319,16 @@ class Trainer:
                                  "train/bad_steps": int(global_sum(self.bad_steps_total, self.dist)),
                                  "lr": parts.optimizer.param_groups[0]["lr"]}
         return True
+
+    def _set_loss_epoch(self) -> None:
+        """Terms that start later (`loss.from_epoch`) switch on here; logged once, when they start."""
+        loss_fn = self.parts.loss_fn
+        if not isinstance(loss_fn, WeightedSum):
+            return
+        before = set(loss_fn.active_terms())
+        loss_fn.set_epoch(self.epoch)
+        if self.epoch > 0 and set(loss_fn.active_terms()) != before:
+            log.info("epoch %d: loss terms %s", self.epoch, "+".join(loss_fn.active_terms()))
 
     def _progress_bar(self) -> Progress:
         """The pass's bar, advanced past the batches an interrupted epoch already did."""
