@@ -101,6 +101,40 @@ def test_crafted_checkpoint_is_refused_and_writes_nothing(compose_cfg, tmp_path,
     assert created.exists()  # so the check above is what stopped it
 
 
+def test_reproduce_trains_with_the_original_thread_count(compose_cfg, tmp_path, monkeypatch, caplog):
+    """The float sums of a CPU run depend on its torch thread count, so a re-run pins the original's count
+    when the original kept one throughout; it cannot when the count changed mid-run or the host has fewer cores."""
+    import json
+
+    from segkit.engine import reproduce as engine_reproduce
+
+    cfg = compose_cfg()
+    run_dir = run_dir_with(tmp_path, plain(cfg))
+    fit(cfg, run_dir)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    threads = summary["torch_threads"]
+    assert summary["torch_threads_by_step"] == [[0, threads]]
+
+    def threads_of_a_rerun(shares, name: str, overrides=()) -> object:
+        (run_dir / "metrics.json").write_text(json.dumps({**summary, "torch_threads_by_step": shares}))
+        again = engine_reproduce.reproduce(run_dir, overrides, out=tmp_path / name)
+        if shares == [[0, threads]]:
+            assert again.differ == []  # the same count: the same sums, the same metrics
+        return OmegaConf.load(again.run.config).trainer.threads
+
+    assert threads_of_a_rerun([[0, threads]], "same") == threads
+    other = threads + 1  # not what this host gives a lone training under the tests' OMP_NUM_THREADS=1
+    monkeypatch.setattr("segkit.engine.threads.usable_cores", lambda: other)
+    assert threads_of_a_rerun([[0, other]], "pinned") == other
+    assert threads_of_a_rerun([[0, other]], "yours", ["trainer.threads=1"]) == 1
+    with caplog.at_level("WARNING"):
+        assert threads_of_a_rerun([[0, threads], [2, other]], "changed") is None
+        assert threads_of_a_rerun([[0, other + 1]], "more_than_cores") is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("changed during the run" in w for w in warnings)
+    assert any(f"pass trainer.threads={other + 1}" in w for w in warnings)
+
+
 @pytest.mark.parametrize(("change", "key"), [
     (lambda c: c["model"].update(_partial_=True), "model._partial_"),
     (lambda c: c["model"].update(_args_=["x"]), "model._args_"),

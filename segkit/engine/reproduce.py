@@ -27,6 +27,8 @@ from segkit import safe_files
 from segkit.errors import ConfigError
 from segkit.runs.run_dir import RunDir
 
+log = logging.getLogger(__name__)
+
 COMPARED = ("status", "steps", "epochs", "best_score", "best_epoch", "final", "best")  # keys of metrics.json
 
 
@@ -85,6 +87,7 @@ def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Pat
     from segkit.runs.trusted import foreign_run_config
 
     job = foreign_run_config(original.hydra_config, overrides)
+    job.trainer.threads = _threads_as_the_original(original, job.trainer.threads, overrides) or job.trainer.threads
     if not any(o.partition("=")[0].lstrip("+~") == "output_root" for o in overrides):
         job.output_root = str(out)  # the trackers' stores (MLflow's database) go with the new run, not elsewhere
     again = RunDir(out)
@@ -94,6 +97,36 @@ def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Pat
         safe_files.write_text(again.hydra_overrides, OmegaConf.to_yaml(list(overrides)), root=out)
         fit(job, out)
     return _compared(original, again)
+
+
+def _threads_as_the_original(original: RunDir, configured: int | None, overrides: Sequence[str]) -> int | None:
+    """N when the original trained with N torch threads throughout and neither its config (`configured`) nor
+    the caller's overrides fixed a number. A CPU run's float sums depend on how many threads split them, and
+    the default share (the cores divided among the host's live trainings) would make the re-run's result
+    depend on what else runs beside it. None when the count changed during the original (the re-run cannot
+    follow that; it says so) or when this host has fewer cores (it says to pass trainer.threads=N: exact, slower).
+    """
+    from segkit.engine.threads import usable_cores
+
+    if configured is not None or any(o.partition("=")[0].lstrip("+~") == "trainer.threads" for o in overrides):
+        return None
+    shares = (original.read_metrics() or {}).get("torch_threads_by_step")
+    if not isinstance(shares, list):
+        return None
+    counts = {share[1] for share in shares
+              if isinstance(share, list) and len(share) == 2 and type(share[1]) is int and 0 < share[1] <= 4096}
+    if len(counts) > 1:
+        log.warning("%s: the torch thread count changed during the run (%s as [step, threads]); the re-run "
+                    "cannot follow that, so its last digits may differ", original.metrics, shares[:8])
+    if len(counts) != 1:
+        return None
+    threads = counts.pop()
+    if threads > usable_cores():
+        log.warning("%s: the run trained with %d torch threads, this host has %d usable cores; for an exact "
+                    "repetition pass trainer.threads=%d (slower)", original.metrics, threads, usable_cores(), threads)
+        return None
+    log.info("trainer.threads=%d, as the original trained (its float sums depend on it)", threads)
+    return threads
 
 
 def _compared(original: RunDir, again: RunDir) -> Reproduction:
@@ -130,6 +163,8 @@ def _reproduce_trusted(original: RunDir, overrides: Sequence[str], out: Path) ->
     from segkit.engine.trainer import fit
 
     cfg = compose_saved(original, out, overrides)
+    with open_dict(cfg):
+        cfg.trainer.threads = _threads_as_the_original(original, cfg.trainer.threads, overrides) or cfg.trainer.threads
     HydraConfig.instance().set_config(cfg)  # for `${hydra:...}` in the config and the trackers' run context
     again = RunDir(out)
     again.hydra.mkdir(parents=True, exist_ok=True)

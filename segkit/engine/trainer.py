@@ -155,6 +155,9 @@ class Trainer:
         self.bad_steps_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self.stop_reason: str | None = None  # set by SIGINT/SIGTERM or stop_after_steps
         self.last_train_stats: dict[str, Any] = {}
+        # [step, torch threads] at the start and at each change: float sums split over another number of
+        # threads round differently, so the same seed trains to other weights (segkit-reproduce reads this).
+        self.threads_by_step: list[list[int]] = []
         resumed_from = self.keeper.resume(self.tcfg.resume, self._restore)
         if resumed_from is not None:
             log.info("resumed from %s at epoch %d, step %d", resumed_from, self.epoch, self.global_step)
@@ -193,6 +196,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         with self.cpu_share.held() as plan:  # the host's other trainings count this one until it ends
             log.info("torch threads: %d (%s)", plan.threads, plan.reason)
+            self.threads_by_step.append([self.global_step, plan.threads])
             return self._run()
 
     def _run(self) -> dict[str, Any]:
@@ -368,6 +372,7 @@ class Trainer:
         changed = self.cpu_share.refresh()  # another training on this host started or ended
         if changed is not None:
             log.info("torch threads: %d (%s)", changed.threads, changed.reason)
+            self.threads_by_step.append([self.global_step, changed.threads])
         meter.new_window()
         return stats
 
@@ -455,6 +460,7 @@ class Trainer:
             "final": without_confusion(self.record.final),
             "class_names": self.parts.train_set.class_names,
             "torch_threads": self.cpu_share.plan.threads,  # the last share, when other trainings came or went
+            "torch_threads_by_step": self.threads_by_step,  # of this process (a resumed run: since its resume)
             "top_k": keeper.top_k,
             **privacy_summary(self.parts.private),
         }
