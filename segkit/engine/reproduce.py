@@ -87,12 +87,12 @@ def reproduce(run_dir: str | Path, overrides: Sequence[str] = (), out: str | Pat
     from segkit.runs.trusted import foreign_run_config
 
     job = foreign_run_config(original.hydra_config, overrides)
-    job.trainer.threads = _threads_as_the_original(original, job.trainer.threads, overrides) or job.trainer.threads
     if not any(o.partition("=")[0].lstrip("+~") == "output_root" for o in overrides):
         job.output_root = str(out)  # the trackers' stores (MLflow's database) go with the new run, not elsewhere
     again = RunDir(out)
     safe_files.make_dirs(again.hydra, root=out.parent)
     with _log_to(again.path / "train.log"):
+        job.trainer.threads = _threads_as_the_original(original, job.trainer.threads, overrides) or job.trainer.threads
         safe_files.write_text(again.hydra_config, OmegaConf.to_yaml(job), root=out)
         safe_files.write_text(again.hydra_overrides, OmegaConf.to_yaml(list(overrides)), root=out)
         fit(job, out)
@@ -163,13 +163,13 @@ def _reproduce_trusted(original: RunDir, overrides: Sequence[str], out: Path) ->
     from segkit.engine.trainer import fit
 
     cfg = compose_saved(original, out, overrides)
-    with open_dict(cfg):
-        cfg.trainer.threads = _threads_as_the_original(original, cfg.trainer.threads, overrides) or cfg.trainer.threads
     HydraConfig.instance().set_config(cfg)  # for `${hydra:...}` in the config and the trackers' run context
     again = RunDir(out)
     again.hydra.mkdir(parents=True, exist_ok=True)
     job_logging = cast(dict[str, Any], OmegaConf.to_container(cfg.hydra.job_logging, resolve=True))
     logging.config.dictConfig(job_logging)  # as the app logs
+    with open_dict(cfg):  # after the logging config, so what it decides is logged
+        cfg.trainer.threads = _threads_as_the_original(original, cfg.trainer.threads, overrides) or cfg.trainer.threads
     job = copy.deepcopy(cfg)  # the job's config, as Hydra hands it to the app: without its own node
     with open_dict(job):
         del job["hydra"]
