@@ -120,10 +120,10 @@ def _threads_as_the_original(original: RunDir, configured: int | None, overrides
                     "cannot follow that, so its last digits may differ", original.metrics, shares[:8])
     if len(counts) != 1:
         return None
-    threads = counts.pop()
-    if threads > usable_cores():
+    threads, cores = counts.pop(), usable_cores()
+    if threads > cores:
         log.warning("%s: the run trained with %d torch threads, this host has %d usable cores; for an exact "
-                    "repetition pass trainer.threads=%d (slower)", original.metrics, threads, usable_cores(), threads)
+                    "repetition pass trainer.threads=%d (slower)", original.metrics, threads, cores, threads)
         return None
     log.info("trainer.threads=%d, as the original trained (its float sums depend on it)", threads)
     return threads
