@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 from segkit import registry
 from segkit.errors import ConfigError, SegkitError
 
+INFERENCE_MODES = ("auto", "whole", "slide")  # trainer.inference_mode (segkit/data/geometry.py)
+
 # trainer.precision -> the autocast dtype (a torch attribute name; None: no autocast). The one table:
 # segkit.engine.step.autocast reads it for training, validation and the Predictor.
 PRECISIONS: dict[str, str | None] = {"32": None, "16-mixed": "float16", "bf16-mixed": "bfloat16"}
@@ -63,6 +65,10 @@ class TrainerConfig:
     # native: each validation image scored at its own size against its untouched mask (MMSeg's IoUMetric
     # protocol, every published figure) | input: at the letterboxed size, with the letterboxed mask (faster)
     score_at: str = "native"
+    # How validation and every inference path (evaluate, predict, segkit.load, ONNX) run a model trained on
+    # crops smaller than dataset.image_size: auto = sliding windows of the crop | whole = the whole letterboxed
+    # image at once | slide. Recorded in the checkpoint's geometry; their mode=auto follows it.
+    inference_mode: str = "auto"
     log_every_n_steps: int = 10
     # any logged value (val/miou, val/loss, val/<metrics name>, train/loss, ...): selects the best checkpoint
     # and drives early stopping
@@ -303,6 +309,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.precision", f"must be one of {', '.join(PRECISIONS)}; got {trainer.precision!r}")
     if trainer.score_at not in ("native", "input"):
         raise ConfigError("trainer.score_at", f"must be native or input; got {trainer.score_at!r}")
+    if trainer.inference_mode not in INFERENCE_MODES:
+        raise ConfigError("trainer.inference_mode", f"must be one of {', '.join(INFERENCE_MODES)}; got "
+                          f"{trainer.inference_mode!r}")
     if trainer.accelerator not in ("auto", "cpu", "cuda"):
         raise ConfigError("trainer.accelerator", f"must be auto, cpu or cuda; got {trainer.accelerator!r}")
     if 0 <= dataset.ignore_index < dataset.num_classes:
@@ -334,6 +343,10 @@ def validate_config(cfg: DictConfig) -> None:
                           f"{class_uniform}")
     if class_uniform and crop is None:
         raise ConfigError("augmentation.class_uniform", "centres crops: set augmentation.crop_size too")
+    if trainer.inference_mode == "slide" and (crop is None or (crop[0] >= dataset.image_size[0]
+                                                              and crop[1] >= dataset.image_size[1])):
+        raise ConfigError("trainer.inference_mode", "slide runs windows of augmentation.crop_size: set a crop "
+                          "smaller than dataset.image_size, or use auto / whole")
     if trainer.monitor_mode not in ("auto", "max", "min"):
         raise ConfigError("trainer.monitor_mode", f"must be auto, max or min; got {trainer.monitor_mode!r}")
     for key in ("log_images_every_n_val", "log_images_count"):

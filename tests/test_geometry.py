@@ -17,9 +17,11 @@ from torch import nn
 import segkit
 from segkit.cli import evaluate as evaluate_cli
 from segkit.cli import predict as predict_cli
+from segkit.config import validate_config
 from segkit.data.geometry import TrainingGeometry, fitted_size, letterbox, letterbox_images, restore_logits
 from segkit.data.loading import build_dataset, build_loader
 from segkit.engine.trainer import fit
+from segkit.errors import ConfigError
 from segkit.inference.evaluation import evaluate
 from segkit.inference.predictor import Predictor
 from segkit.runs.checkpoint import load_checkpoint
@@ -72,6 +74,26 @@ def test_geometry_from_the_config_decides_the_mode():
                                           "augmentation": {"crop_size": [352, 480]}})
     assert crops.mode == "slide" and crops.window == (352, 480)
     assert TrainingGeometry.from_dict(crops.as_dict()) == crops
+    # trainer.inference_mode=whole: the same crops, run on the whole box; recorded, and read back
+    whole_box = TrainingGeometry.from_config({"dataset": {"image_size": [360, 480]},
+                                              "augmentation": {"crop_size": [352, 480]},
+                                              "trainer": {"inference_mode": "whole"}})
+    assert whole_box.mode == "whole" and whole_box.window == (352, 480)
+    assert TrainingGeometry.from_dict(whole_box.as_dict()) == whole_box
+    # a geometry written before the key existed ran crop-trained models in windows
+    assert TrainingGeometry.from_dict({"image_size": [360, 480], "crop_size": [352, 480]}).mode == "slide"
+    with pytest.raises(ValueError, match="inference must be one of auto, whole, slide"):
+        TrainingGeometry.from_dict({"image_size": [360, 480], "crop_size": None, "inference": "tiles"})
+
+
+def test_inference_mode_slide_needs_a_crop_smaller_than_the_box():
+    cfg = compose_config("train", [*TINY, "trainer.inference_mode=slide"])
+    with pytest.raises(ConfigError, match=r"^trainer.inference_mode: slide runs windows of augmentation.crop_size"):
+        validate_config(cfg)
+    cfg = compose_config("train", [*TINY, "trainer.inference_mode=tiles"])
+    with pytest.raises(ConfigError, match=r"^trainer.inference_mode: must be one of auto, whole, slide"):
+        validate_config(cfg)
+    validate_config(compose_config("train", [*TINY, "trainer.inference_mode=slide", "augmentation.crop_size=[16,16]"]))
 
 
 # ------------------------------------------------------------------ scoring protocol, by hand
@@ -194,7 +216,8 @@ def agreement(a, b) -> float:
 def test_every_path_predicts_what_training_saw(reduced_run, tmp_path):
     base, root, _ = reduced_run
     checkpoint = base / "run" / "checkpoints" / "last.pt"
-    assert load_checkpoint(checkpoint)["geometry"] == {"image_size": [32, 32], "crop_size": [32, 32]}
+    assert load_checkpoint(checkpoint)["geometry"] == {"image_size": [32, 32], "crop_size": [32, 32],
+                                                       "inference": "auto"}
     predictor = segkit.load(checkpoint, device="cpu")
     files = sorted((root / "images" / "val").iterdir())
     originals = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1) for f in files]
@@ -227,6 +250,47 @@ def test_every_path_predicts_what_training_saw(reduced_run, tmp_path):
     assert metrics["confusion_matrix"] == confusion.tolist()  # every original pixel, none of the padding
 
     # onnxruntime on the original image, through the geometry stored in the exported file
+    pytest.importorskip("onnxruntime")
+    from segkit.inference.export import export_onnx, onnx_logits, onnx_session
+
+    path = export_onnx(predictor.model, tmp_path / "model.onnx", (48, 48), geometry=predictor.geometry)
+    session = onnx_session(path, threads=1)
+    for image, reference in zip(originals, expected, strict=True):
+        assert agreement(onnx_logits(session, image[None])[0].argmax(0), reference) >= 0.99
+
+
+def test_a_crop_trained_model_runs_whole_on_every_path_when_training_says_so(tmp_path):
+    """trainer.inference_mode=whole: validation, evaluate (mode=auto), segkit.load and ONNX all run the model
+    trained on 16x16 crops on the whole 32x32 letterbox, and scoring it in windows gives other figures."""
+    sizes = [(60, 80), (45, 90), (60, 80), (72, 48)]
+    root = write_pairs(tmp_path / "data", "train", sizes)
+    write_pairs(root, "val", sizes)
+    cfg = compose_config("train", [
+        *(o for o in TINY if not o.startswith("dataset.")), "dataset=folder", f"dataset.root={root}",
+        "dataset.num_classes=3", "dataset.image_size=[32,32]", "augmentation.crop_size=[16,16]",
+        "trainer.inference_mode=whole", "trainer.max_steps=3", "trainer.batch_size=2", "optimizer.lr=0.05",
+    ])
+    fit(cfg, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert load_checkpoint(checkpoint)["geometry"] == {"image_size": [32, 32], "crop_size": [16, 16],
+                                                       "inference": "whole"}
+    predictor = segkit.load(checkpoint, device="cpu")
+    files = sorted((root / "images" / "val").iterdir())
+    originals = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1) for f in files]
+    expected = [by_hand(predictor, image) for image in originals]  # the whole 32x32 box, no windows
+    assert any(len(e.unique()) > 1 for e in expected)
+    for image, reference in zip(originals, expected, strict=True):
+        assert agreement(one_tensor(predictor.predict(image)), reference) >= 0.99
+
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    evaluated = {mode: evaluate_cli.run(compose_config("evaluate", [
+        f"checkpoint={checkpoint}", f"output_dir={tmp_path / mode}", "progress_bar=false", "report=false",
+        f"mode={mode}"])) for mode in ("auto", "slide")}
+    assert evaluated["auto"]["miou"] == summary["final"]["miou"]  # validation ran it whole, as evaluate does
+    assert evaluated["auto"]["per_class_iou"] == summary["final"]["per_class_iou"]
+    assert evaluated["auto"]["geometry"]["inference"] == "whole"
+    assert evaluated["slide"]["confusion_matrix"] != evaluated["auto"]["confusion_matrix"]
+
     pytest.importorskip("onnxruntime")
     from segkit.inference.export import export_onnx, onnx_logits, onnx_session
 

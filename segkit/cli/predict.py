@@ -1,9 +1,9 @@
 """`segkit-predict checkpoint=best.pt input=<file|dir|glob> output=<dir>`: masks for new images.
 
 Every image is brought to the training scale, predicted as the model was trained (whole, or sliding
-windows for crop-trained models), and its scores are resized back to the image's own size: the masks
-are at the input's resolution (segkit/data/geometry.py). A file that cannot be read is reported on one
-line and skipped; the exit status is 1 if any file failed.
+windows for crop-trained models unless trainer.inference_mode=whole), and its scores are resized back to
+the image's own size: the masks are at the input's resolution (segkit/data/geometry.py). A file that
+cannot be read is reported on one line and skipped; the exit status is 1 if any file failed.
 """
 
 from __future__ import annotations

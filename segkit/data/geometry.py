@@ -7,6 +7,7 @@ inference path (validation, evaluate, predict, `segkit.load(...).predict`, ONNX)
 
     letterbox_images  the image at the training scale, padded to the box
     (the model)       whole box, or sliding windows of the crop size for crop-trained models
+                      (trainer.inference_mode: auto | whole | slide)
     restore_logits    strip the padding, resize the logits bilinearly to the original size
     argmax            the prediction at the original size, scored against the untouched mask
 """
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from segkit.config import INFERENCE_MODES
 
 Size = tuple[int, int]
 
@@ -92,18 +95,26 @@ def unletterbox(mask: torch.Tensor, original_size: Sequence[int], size: Sequence
 
 @dataclass(frozen=True)
 class TrainingGeometry:
-    """How training saw images: letterboxed into `image_size`, then (maybe) cropped to `crop_size`.
+    """How training saw images: letterboxed into `image_size`, then (maybe) cropped to `crop_size`,
+    and how the trained model is run on the box (`inference`, from `trainer.inference_mode`).
 
-    A model trained on crops smaller than the box is run on the box in sliding windows of the
-    crop size (MMSeg's `slide` after its test-time resize); otherwise on the whole box.
+    inference `auto`: a model trained on crops smaller than the box is run on the box in sliding
+    windows of the crop size (MMSeg's `slide` after its test-time resize), any other on the whole box.
+    `whole` runs a crop-trained model on the whole box at once (it is fully convolutional: each pixel
+    then sees the whole image's context, not one window's); `slide` insists on windows.
     """
 
     image_size: Size
     crop_size: Size | None = None
+    inference: str = "auto"  # one of INFERENCE_MODES
+
+    def __post_init__(self) -> None:
+        if self.inference not in INFERENCE_MODES:
+            raise ValueError(f"inference must be one of {', '.join(INFERENCE_MODES)}, got {self.inference!r}")
 
     @property
     def window(self) -> Size | None:
-        """The sliding window for crop-trained models; None when training saw the whole box."""
+        """The training crop when it is smaller than the box (the sliding window); None otherwise."""
         crop = self.crop_size
         if crop is None or (crop[0] >= self.image_size[0] and crop[1] >= self.image_size[1]):
             return None
@@ -111,24 +122,32 @@ class TrainingGeometry:
 
     @property
     def mode(self) -> str:
-        """What `mode=auto` resolves to: `slide` for crop-trained models, else `whole`."""
-        return "whole" if self.window is None else "slide"
+        """What `mode=auto` resolves to: `inference`, where `auto` means `slide` for crop-trained models."""
+        if self.window is None or self.inference == "whole":
+            return "whole"
+        return "slide"
 
     def as_dict(self) -> dict[str, Any]:
         return {"image_size": list(self.image_size),
-                "crop_size": list(self.crop_size) if self.crop_size is not None else None}
+                "crop_size": list(self.crop_size) if self.crop_size is not None else None,
+                "inference": self.inference}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingGeometry:
+        """As `as_dict` wrote it; files written before `inference` existed ran crop-trained models in windows."""
         crop = data.get("crop_size")
-        return cls(_size(data["image_size"]), _size(crop) if crop is not None else None)
+        return cls(_size(data["image_size"]), _size(crop) if crop is not None else None,
+                   str(data.get("inference", "auto")))
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> TrainingGeometry:
-        """From a run's config: `dataset.image_size` and `augmentation.crop_size` (null: no crop)."""
+        """From a run's config: `dataset.image_size`, `augmentation.crop_size` (null: no crop) and
+        `trainer.inference_mode` (absent: auto)."""
         augmentation = cfg.get("augmentation") or {}
         crop = augmentation.get("crop_size") if isinstance(augmentation, Mapping) else None
-        return cls(_size(cfg["dataset"]["image_size"]), _size(crop) if crop is not None else None)
+        trainer = cfg.get("trainer") or {}
+        inference = trainer.get("inference_mode", "auto") if isinstance(trainer, Mapping) else "auto"
+        return cls(_size(cfg["dataset"]["image_size"]), _size(crop) if crop is not None else None, str(inference))
 
 
 def _size(value: Sequence[int]) -> Size:

@@ -24,9 +24,10 @@ def validate(parts: TrainingParts, score_at: str, raw: bool = False) -> dict[str
     unless `raw` asks for the trained ones.
 
     The model runs on the letterboxed batch as inference does (whole, or sliding windows for a
-    crop-trained model); the loss is the training loss on that batch. With score_at=native each
-    image's scores are then resized to its own size and scored against its untouched mask, one
-    image at a time (memory stays bounded). The confusion matrix syncs across processes.
+    crop-trained model unless trainer.inference_mode=whole); the loss is the training loss on that
+    batch. With score_at=native each image's scores are then resized to its own size and scored
+    against its untouched mask, one image at a time (memory stays bounded). The confusion matrix
+    syncs across processes.
     """
     forward = validated_forward(parts, raw)
     parts.metrics.reset()
@@ -62,7 +63,9 @@ def window_logits(parts: TrainingParts, forward: Callable[[torch.Tensor], torch.
     sliding windows of the training crop, under the training precision."""
     window = parts.geometry.window
     with parts.step.autocast():
-        return slide_logits(forward, images, window) if window is not None else forward(images)
+        if parts.geometry.mode == "slide" and window is not None:
+            return slide_logits(forward, images, window)
+        return forward(images)
 
 
 def validation_record(result: dict[str, Any], raw: dict[str, Any] | None) -> dict[str, Any]:

@@ -104,7 +104,10 @@ def onnx_geometry(session) -> TrainingGeometry:
     stored = session.get_modelmeta().custom_metadata_map.get(GEOMETRY_KEY)
     if stored is None:
         raise ExportError(f"the ONNX file has no '{GEOMETRY_KEY}' metadata; export it again with segkit-export")
-    return TrainingGeometry.from_dict(json.loads(stored))
+    try:
+        return TrainingGeometry.from_dict(json.loads(stored))
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise ExportError(f"the ONNX file's '{GEOMETRY_KEY}' metadata is not valid ({error})") from None
 
 
 @torch.no_grad()

@@ -52,8 +52,8 @@ class Predictor:
 
     Options shared by `predict`, `logits`, `probabilities` and `uncertainty` (which also takes `method`
     softmax | tta_variance | mc_dropout and `mc_samples`, segkit/inference/uncertainty.py):
-      mode       auto (the training geometry decides: sliding windows for crop-trained models,
-                 else the whole letterboxed image) | whole | slide
+      mode       auto (the training geometry decides, trainer.inference_mode: by default sliding
+                 windows for crop-trained models, else the whole letterboxed image) | whole | slide
       tta        False | True (flips x scales 0.75/1.0/1.25) | {"scales": [...], "flip": bool};
                  scales are relative to the training scale
       crop_size  sliding window [H, W] (default: the training crop)

@@ -105,8 +105,11 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> CheckpointRecor
         weights, file_format, entries = stored["model"], PT, stored
     config = _training_config(text, path, trust)
     recorded = stored.get("geometry")  # older checkpoints have none: their config says it
-    geometry = (TrainingGeometry.from_dict(recorded) if isinstance(recorded, Mapping)
-                else TrainingGeometry.from_config(config))
+    try:
+        geometry = (TrainingGeometry.from_dict(recorded) if isinstance(recorded, Mapping)
+                    else TrainingGeometry.from_config(config))
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise CheckpointError(f"{path}: stored training geometry is not valid ({error})") from None
     privacy = stored.get("privacy")
     return CheckpointRecord(path, file_format, config, geometry, _temperature(stored, path),
                             _class_names(config, stored, path), privacy if isinstance(privacy, Mapping) else None,
