@@ -151,3 +151,22 @@ def test_export_metadata_nested_too_deep_is_refused_in_one_line_before_parsing(c
     with pytest.raises(CheckpointError, match=r"metadata segkit\.geometry: JSON nested more than 32 levels") as error:
         read_checkpoint(weights)
     assert "\n" not in str(error.value)
+
+
+def test_the_recorded_inference_mode_travels_and_a_foreign_one_is_refused_in_one_line(compose_cfg, tmp_path):
+    """trainer.inference_mode=whole is read back from the checkpoint and its safetensors export, and decides
+    what mode=auto runs; a value segkit does not know is named on one line before anything is built."""
+    checkpoint = write_run(compose_cfg, RunDir(tmp_path / "run"), geometry={**GEOMETRY, "inference": "whole"})
+    weights = export_safetensors(checkpoint, tmp_path / "shipped" / "model")
+    images = torch.rand(2, 3, 40, 60, generator=torch.Generator().manual_seed(0))
+    for path in (checkpoint, weights):
+        record = read_checkpoint(path)
+        assert record.geometry.mode == "whole" and record.geometry.window == (24, 24)
+        predictor = from_record(record, "cpu")
+        assert torch.equal(predictor.logits(images), predictor.logits(images, mode="whole"))
+        assert not torch.equal(predictor.logits(images), predictor.logits(images, mode="slide"))
+
+    foreign = write_run(compose_cfg, RunDir(tmp_path / "foreign"), geometry={**GEOMETRY, "inference": "tiles"})
+    with pytest.raises(CheckpointError, match=r"best\.pt: stored training geometry is not valid \(inference must "
+                                              r"be one of auto, whole, slide, got 'tiles'\)$"):
+        read_checkpoint(foreign)
