@@ -187,16 +187,31 @@ def test_crop_trained_models_slide_at_the_training_scale_and_agree_with_whole_wh
 def reduced_run(tmp_path_factory):
     """A few steps on 60x80 / 45x90 images letterboxed to 32x32 (mixed sizes in one split)."""
     base = tmp_path_factory.mktemp("geometry")
+    root, cfg = train_reduced(base)
+    return base, root, cfg
+
+
+def train_reduced(base, *overrides):
+    """Three steps on mixed-size pairs letterboxed to 32x32, into base / "run"; returns the data root and config."""
     sizes = [(60, 80), (45, 90), (60, 80), (72, 48)]
     root = write_pairs(base / "data", "train", sizes)
     write_pairs(root, "val", sizes)
     cfg = compose_config("train", [
         *(o for o in TINY if not o.startswith("dataset.")), "dataset=folder", f"dataset.root={root}",
         "dataset.num_classes=3", "dataset.image_size=[32,32]", "trainer.max_steps=3", "trainer.batch_size=2",
-        "optimizer.lr=0.05",
+        "optimizer.lr=0.05", *overrides,
     ])
     fit(cfg, base / "run")
-    return base, root, cfg
+    return root, cfg
+
+
+def predicted_by_hand(predictor, root):
+    """The val files, their original images, and the whole-box prediction of each (not a constant map)."""
+    files = sorted((root / "images" / "val").iterdir())
+    originals = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1) for f in files]
+    expected = [by_hand(predictor, image) for image in originals]
+    assert any(len(e.unique()) > 1 for e in expected)  # not a constant map: agreement below means something
+    return files, originals, expected
 
 
 def by_hand(predictor, image: torch.Tensor) -> torch.Tensor:
@@ -219,10 +234,7 @@ def test_every_path_predicts_what_training_saw(reduced_run, tmp_path):
     assert load_checkpoint(checkpoint)["geometry"] == {"image_size": [32, 32], "crop_size": [32, 32],
                                                        "inference": "auto"}
     predictor = segkit.load(checkpoint, device="cpu")
-    files = sorted((root / "images" / "val").iterdir())
-    originals = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1) for f in files]
-    expected = [by_hand(predictor, image) for image in originals]
-    assert any(len(e.unique()) > 1 for e in expected)  # not a constant map: agreement below means something
+    files, originals, expected = predicted_by_hand(predictor, root)
 
     # segkit.load(...).predict on the original image
     for image, reference in zip(originals, expected, strict=True):
@@ -262,23 +274,12 @@ def test_every_path_predicts_what_training_saw(reduced_run, tmp_path):
 def test_a_crop_trained_model_runs_whole_on_every_path_when_training_says_so(tmp_path):
     """trainer.inference_mode=whole: validation, evaluate (mode=auto), segkit.load and ONNX all run the model
     trained on 16x16 crops on the whole 32x32 letterbox, and scoring it in windows gives other figures."""
-    sizes = [(60, 80), (45, 90), (60, 80), (72, 48)]
-    root = write_pairs(tmp_path / "data", "train", sizes)
-    write_pairs(root, "val", sizes)
-    cfg = compose_config("train", [
-        *(o for o in TINY if not o.startswith("dataset.")), "dataset=folder", f"dataset.root={root}",
-        "dataset.num_classes=3", "dataset.image_size=[32,32]", "augmentation.crop_size=[16,16]",
-        "trainer.inference_mode=whole", "trainer.max_steps=3", "trainer.batch_size=2", "optimizer.lr=0.05",
-    ])
-    fit(cfg, tmp_path / "run")
+    root, _ = train_reduced(tmp_path, "augmentation.crop_size=[16,16]", "trainer.inference_mode=whole")
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     assert load_checkpoint(checkpoint)["geometry"] == {"image_size": [32, 32], "crop_size": [16, 16],
                                                        "inference": "whole"}
     predictor = segkit.load(checkpoint, device="cpu")
-    files = sorted((root / "images" / "val").iterdir())
-    originals = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1) for f in files]
-    expected = [by_hand(predictor, image) for image in originals]  # the whole 32x32 box, no windows
-    assert any(len(e.unique()) > 1 for e in expected)
+    _, originals, expected = predicted_by_hand(predictor, root)  # the whole 32x32 box, no windows
     for image, reference in zip(originals, expected, strict=True):
         assert agreement(one_tensor(predictor.predict(image)), reference) >= 0.99
 
