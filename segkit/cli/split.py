@@ -17,6 +17,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.2], help="train val [test] shares")
     parser.add_argument("--folds", type=int, default=0, help="k-fold lists fold{k}/{train,val}.txt")
     parser.add_argument("--stratify", action="store_true", help="spread every class over the splits")
+    parser.add_argument("--group", metavar="REGEX",
+                        help="keep images whose stems share REGEX's match (e.g. a video sequence) in one split")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

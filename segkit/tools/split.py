@@ -7,12 +7,20 @@ Stratification (`--stratify`) spreads every class over the splits in proportion:
 are grouped by their rarest present class, groups are taken rarest first, each shuffled,
 and each image goes to the split furthest below its share so far. A class present in a
 handful of images thus lands in validation too instead of by chance only in training.
+
+Grouping (`--group REGEX`) keeps images that belong together in one split: frames of one video
+sequence, slices of one scan, tiles of one scene. An image's group is the first match of REGEX in
+its stem (its first capture group, if REGEX has one); whole groups go, largest first, to the split
+(or fold) furthest below its share in images, so no validation image has a near-copy in training.
+CamVid's `0016E5_07959` and `0016E5_07961` are one second apart: split frame by frame, validation
+scores frames the model has all but seen (docs/results.md: the held-out sequence).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +79,45 @@ def assign(
     return result
 
 
+def group_names(stems: Sequence[str], pattern: str) -> list[str]:
+    """The group of each stem: the first match of `pattern` in it (its first capture group, if any)."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise SegkitError(f"--group: {pattern!r} is not a regular expression ({error})") from None
+    names = []
+    for stem in stems:
+        match = regex.search(stem)
+        if match is None or not (match.group(1) if regex.groups else match.group(0)):
+            raise SegkitError(f"--group: {pattern!r} does not name a group in '{stem}'; "
+                              "give a pattern every image stem matches, e.g. '^[^_]+' for the part before '_'")
+        names.append(match.group(1) if regex.groups else match.group(0))
+    return names
+
+
+def assign_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) -> list[int]:
+    """The split index of each item when whole groups go, largest first, to the split furthest below its share.
+
+    Equal sizes are taken in an order drawn from `seed`; a split gets no image when there are fewer groups
+    than splits (write_splits then says which list would be empty).
+    """
+    sizes = Counter(groups)
+    order = sorted(sizes)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda name: -sizes[name])  # stable: ties keep the drawn order
+    total = sum(fractions)
+    shares = [f / total for f in fractions]
+    counts = [0] * len(shares)
+    split_of: dict[str, int] = {}
+    placed = 0
+    for name in order:
+        placed += sizes[name]
+        target = max(range(len(shares)), key=lambda s: (shares[s] * placed - counts[s], -s))
+        counts[target] += sizes[name]
+        split_of[name] = target
+    return [split_of[name] for name in groups]
+
+
 def write_splits(
     stems: Sequence[str],
     out: Path,
@@ -79,8 +126,21 @@ def write_splits(
     folds: int = 0,
     seed: int = 0,
     labels: Sequence[frozenset[int]] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, list[str]]:
-    """Write the list files; return {relative list path: stems}. With folds, ratios[2] is the test share."""
+    """Write the list files; return {relative list path: stems}. With folds, ratios[2] is the test share.
+
+    `labels` (the classes of each stem) stratify; `groups` (the group of each stem) keep each group whole.
+    """
+    if labels is not None and groups is not None:
+        raise SegkitError("--stratify and --group: choose one (whole groups cannot also be spread per class)")
+
+    def split_of(indices: Sequence[int], fractions: Sequence[float], salt: int) -> list[int]:
+        if groups is not None:
+            return assign_groups([groups[i] for i in indices], fractions, seed + salt)
+        return assign([stems[i] for i in indices], fractions, seed + salt,
+                      [labels[i] for i in indices] if labels else None)
+
     if any(r < 0 for r in ratios) or not 1 <= len(ratios) <= 3 or sum(ratios) <= 0:
         raise SegkitError(f"--ratios: need 1 to 3 non-negative shares (train val [test]), got {list(ratios)}")
     lists: dict[str, list[str]] = {}
@@ -90,25 +150,24 @@ def write_splits(
         test_share = ratios[2] if len(ratios) == 3 else 0.0
         rest = list(range(len(stems)))
         if test_share > 0:
-            side = assign(stems, [1 - test_share, test_share], seed, labels)
+            side = split_of(rest, [1 - test_share, test_share], 0)
             lists["test.txt"] = [stems[i] for i in range(len(stems)) if side[i] == 1]
             rest = [i for i in range(len(stems)) if side[i] == 0]
-        fold_of = assign([stems[i] for i in rest], [1.0] * folds, seed + 1,
-                         [labels[i] for i in rest] if labels else None)
+        fold_of = split_of(rest, [1.0] * folds, 1)
         for k in range(folds):
             lists[f"fold{k}/train.txt"] = [stems[i] for i, f in zip(rest, fold_of, strict=True) if f != k]
             lists[f"fold{k}/val.txt"] = [stems[i] for i, f in zip(rest, fold_of, strict=True) if f == k]
     else:
         names = ["train.txt", "val.txt", "test.txt"][: len(ratios)]
-        side = assign(stems, ratios, seed, labels)
+        side = split_of(range(len(stems)), ratios, 0)
         for s, name in enumerate(names):
             if ratios[s] > 0:
                 lists[name] = [stems[i] for i in range(len(stems)) if side[i] == s]
     for name, members in lists.items():
         if not members:
-            raise SegkitError(
-                f"{out / name}: would be empty ({len(stems)} images); change --ratios or --folds"
-            )
+            count = f"{len(stems)} images" + (f" in {len(set(groups))} group(s)" if groups is not None else "")
+            raise SegkitError(f"{out / name}: would be empty ({count}); change --ratios or --folds")
+    for name, members in lists.items():  # only once every list is known to be good: no half-written set
         write_stem_list(out / name, sorted(members))
     return lists
 
@@ -135,10 +194,17 @@ def run(args: argparse.Namespace) -> dict[str, list[str]]:
         raise SegkitError("--stratify: needs --masks")
     if not stems:
         raise DataError(f"{args.images}: empty data set, no images ({', '.join(IMAGE_SUFFIXES)})")
+    groups = group_names(stems, args.group) if args.group is not None else None
     out = args.out or args.images.parent / "splits"
-    lists = write_splits(stems, out, ratios=args.ratios, folds=args.folds, seed=args.seed, labels=labels)
+    lists = write_splits(stems, out, ratios=args.ratios, folds=args.folds, seed=args.seed, labels=labels,
+                         groups=groups)
+    group_of = dict(zip(stems, groups, strict=True)) if groups is not None else {}
     for name, members in lists.items():
         line = f"{out / name}: {len(members)} images"
+        if group_of:
+            names = sorted({group_of[s] for s in members})
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} groups)" if len(names) > 5 else "")
+            line += f" from {shown}"
         if labels is not None:
             index = {s: i for i, s in enumerate(stems)}
             present = Counter(c for s in members for c in labels[index[s]])
