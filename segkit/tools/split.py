@@ -64,19 +64,29 @@ def assign(
         for i in order:
             keyed.setdefault(rarest(i), []).append(i)
         groups = [keyed[key] for key in sorted(keyed)]
-    total = sum(fractions)
-    shares = [f / total for f in fractions]
-    result = [0] * len(stems)
-    counts = [0] * len(shares)
-    placed = 0
     for group in groups:
         rng.shuffle(group)
-        for i in group:
-            placed += 1
-            target = max(range(len(shares)), key=lambda s: (shares[s] * placed - counts[s], -s))
-            counts[target] += 1
-            result[i] = target
+    ordered = [i for group in groups for i in group]
+    result = [0] * len(stems)
+    for i, target in zip(ordered, place([1] * len(ordered), fractions), strict=True):
+        result[i] = target
     return result
+
+
+def place(sizes: Sequence[int], fractions: Sequence[float]) -> list[int]:
+    """The split of each unit (an image, or a group of `size` images), taken in the order given: the one
+    furthest below its share of the images placed so far (ties: the first split)."""
+    total = sum(fractions)
+    shares = [f / total for f in fractions]
+    counts = [0] * len(shares)
+    placed = 0
+    targets = []
+    for size in sizes:
+        placed += size
+        target = max(range(len(shares)), key=lambda s: (shares[s] * placed - counts[s], -s))
+        counts[target] += size
+        targets.append(target)
+    return targets
 
 
 def group_names(stems: Sequence[str], pattern: str) -> list[str]:
@@ -88,10 +98,11 @@ def group_names(stems: Sequence[str], pattern: str) -> list[str]:
     names = []
     for stem in stems:
         match = regex.search(stem)
-        if match is None or not (match.group(1) if regex.groups else match.group(0)):
+        name = (match.group(1) if regex.groups else match.group(0)) if match else None
+        if not name:
             raise SegkitError(f"--group: {pattern!r} does not name a group in '{stem}'; "
                               "give a pattern every image stem matches, e.g. '^[^_]+' for the part before '_'")
-        names.append(match.group(1) if regex.groups else match.group(0))
+        names.append(name)
     return names
 
 
@@ -105,16 +116,7 @@ def assign_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) 
     order = sorted(sizes)
     random.Random(seed).shuffle(order)
     order.sort(key=lambda name: -sizes[name])  # stable: ties keep the drawn order
-    total = sum(fractions)
-    shares = [f / total for f in fractions]
-    counts = [0] * len(shares)
-    split_of: dict[str, int] = {}
-    placed = 0
-    for name in order:
-        placed += sizes[name]
-        target = max(range(len(shares)), key=lambda s: (shares[s] * placed - counts[s], -s))
-        counts[target] += sizes[name]
-        split_of[name] = target
+    split_of = dict(zip(order, place([sizes[name] for name in order], fractions), strict=True))
     return [split_of[name] for name in groups]
 
 
